@@ -1,0 +1,158 @@
+"""Tasks: what an item looks like in a prompt, and how a generated answer is read back.
+
+A task has a `kind`: `classification` (answer must be one of `labels`), `rating` (a number in
+`scale`) or `generation` (free text). Presets reproduce the six LaMP tasks Per-Pcs uses.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+if TYPE_CHECKING:  # only for type hints; data.py imports this module
+    from perpcs.data import Item, User
+
+Kind = Literal["classification", "rating", "generation"]
+
+
+class Task(BaseModel):
+    """The content of `task.json`."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    kind: Kind
+    instruction: str
+    input_name: str = "Input"
+    output_name: str = "Output"
+    labels: list[str] | None = None
+    scale: tuple[float, float] | None = None
+    max_new_tokens: int | None = None
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> "Task":
+        if self.kind == "classification" and not self.labels:
+            raise ValueError("a classification task needs 'labels'")
+        if self.kind == "rating":
+            if self.scale is None:
+                raise ValueError("a rating task needs 'scale' [min, max]")
+            if self.scale[0] >= self.scale[1]:
+                raise ValueError(f"'scale' must be [min, max] with min < max, got {list(self.scale)}")
+        return self
+
+    @property
+    def new_tokens(self) -> int:
+        """Generation budget: the task's, else a default by kind."""
+        if self.max_new_tokens:
+            return self.max_new_tokens
+        return {"classification": 8, "rating": 4, "generation": 32}[self.kind]
+
+    def check_user(self, user: "User", where: str) -> None:
+        """Reject outputs a task cannot score (e.g. a label outside the label set)."""
+        for field, items in (("history", user.history), ("queries", user.queries)):
+            for i, it in enumerate(items):
+                problem = self.output_problem(it.output)
+                if problem:
+                    raise ValueError(f"{where}: field '{field}.{i}.output': {problem}")
+
+    def output_problem(self, output: str) -> str | None:
+        if self.kind == "classification" and output.strip() not in self.labels:
+            return f"{output!r} is not one of the task's labels {self.labels}"
+        if self.kind == "rating":
+            value = parse_number(output)
+            if value is None or not (self.scale[0] <= value <= self.scale[1]):
+                return f"{output!r} is not a number in the scale {list(self.scale)}"
+        return None
+
+    def format_prompt(self, input: str, retrieved: Sequence["Item"] = (), profile: str | None = None) -> str:
+        """The prompt for one item, ending where the model must write the output.
+
+        Plain text (no chat template) so that any causal LM works; `retrieved` are the user's own
+        earlier items (BM25), `profile` a free-text user profile.
+        """
+        lines = [self.instruction.strip()]
+        if self.kind == "classification":
+            lines.append("Options: " + ", ".join(self.labels))
+        if self.kind == "rating":
+            lines.append(f"Answer with a number from {fmt_num(self.scale[0])} to {fmt_num(self.scale[1])}.")
+        if profile:
+            lines.append(f"About this user: {profile.strip()}")
+        for it in retrieved:
+            lines.append(f"Earlier, this user saw {self.input_name}: {it.input.strip()}")
+            lines.append(f"and answered {self.output_name}: {it.output.strip()}")
+        lines.append(f"{self.input_name}: {input.strip()}")
+        lines.append(f"{self.output_name}:")
+        return "\n".join(lines)
+
+    @staticmethod
+    def format_target(output: str) -> str:
+        """The text the model learns to write after the prompt (a space, then the output)."""
+        return " " + output.strip()
+
+    def parse_output(self, text: str) -> str:
+        """Read a generation back: the first line, stripped; ratings reduced to the number."""
+        first = text.strip().split("\n", 1)[0].strip() if text.strip() else ""
+        if self.kind == "rating":
+            value = parse_number(first)
+            return fmt_num(value) if value is not None else first
+        return first
+
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def parse_number(text: str) -> float | None:
+    """The first number in `text`, or None when there is none."""
+    m = _NUMBER.search(str(text))
+    return float(m.group()) if m else None
+
+
+def fmt_num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+LAMP2_TAGS = [
+    "sci-fi", "based on a book", "comedy", "action", "twist ending", "dystopia", "dark comedy",
+    "classic", "psychology", "fantasy", "romance", "thought-provoking", "social commentary",
+    "violence", "true story",
+]
+
+PRESETS: dict[str, Task] = {
+    t.name: t
+    for t in [
+        Task(name="LaMP-1", kind="classification", labels=["[1]", "[2]"],
+             instruction="For an author who has written the paper, which reference is related? "
+                         "Answer [1] or [2].",
+             input_name="Paper", output_name="Reference", max_new_tokens=4),
+        Task(name="LaMP-2", kind="classification", labels=LAMP2_TAGS,
+             instruction="Which tag does this movie relate to? Answer with the tag only.",
+             input_name="Movie", output_name="Tag", max_new_tokens=8),
+        Task(name="LaMP-3", kind="rating", scale=(1, 5),
+             instruction="What is the score of this review, from 1 to 5? Answer with the number only.",
+             input_name="Review", output_name="Score", max_new_tokens=3),
+        Task(name="LaMP-4", kind="generation",
+             instruction="Generate a headline for this article.",
+             input_name="Article", output_name="Headline", max_new_tokens=32),
+        Task(name="LaMP-5", kind="generation",
+             instruction="Generate a title for this paper abstract.",
+             input_name="Abstract", output_name="Title", max_new_tokens=32),
+        Task(name="LaMP-7", kind="generation",
+             instruction="Paraphrase this tweet in the user's own style.",
+             input_name="Tweet", output_name="Paraphrase", max_new_tokens=48),
+    ]
+}
+
+
+def _norm(name: str) -> str:
+    """LaMP's own spellings (LaMP_2, LaMP-2M, lamp2) name the same preset."""
+    n = re.sub(r"[^a-z0-9]", "", name.lower())
+    return n[:-1] if re.fullmatch(r"lamp\dm", n) else n
+
+
+def get_task(name: str) -> Task:
+    """A preset by name (`LaMP-1` .. `LaMP-7`, also `LaMP_3`, `lamp3`); unknown names list the known."""
+    for k, t in PRESETS.items():
+        if _norm(k) == _norm(name):
+            return t
+    raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(PRESETS)}")
