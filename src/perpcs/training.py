@@ -1,0 +1,178 @@
+"""Training examples and the one small training loop used by every step that trains.
+
+Step 0 (task LoRA), step 2 (sharer LoRA), step 3 (gates) and the OPPU baseline all train with
+the causal-LM loss on the *output* tokens only (prompt tokens are masked with -100); they differ
+only in which parameters are trainable. LoRA layers come from `peft`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from tqdm.auto import tqdm
+
+from perpcs.data import Item
+from perpcs.retrieval import bm25_top
+from perpcs.tasks import Task
+
+IGNORE = -100
+
+
+class LoraSettings(BaseModel):
+    """The LoRA shape. Pieces are only exchangeable between PEFTs of the same settings."""
+
+    model_config = ConfigDict(extra="forbid")
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+    def peft_config(self, r: int | None = None, alpha: float | None = None):
+        from peft import LoraConfig
+
+        return LoraConfig(r=r or self.r, lora_alpha=alpha or self.alpha, lora_dropout=self.dropout,
+                          target_modules=list(self.target_modules), bias="none", task_type="CAUSAL_LM")
+
+
+class TrainSettings(BaseModel):
+    """One training run: optimiser and budget. `steps` wins over `epochs` when both are given."""
+
+    model_config = ConfigDict(extra="forbid")
+    lr: float = 1e-3
+    steps: int | None = None
+    epochs: float = 1.0
+    batch_size: int = 4
+    grad_clip: float = 1.0
+    weight_decay: float = 0.0
+    max_len: int = 256
+    seed: int = 0
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def encode(tokenizer, prompt: str, target: str, max_len: int) -> Example:
+    """Prompt + target (+ EOS) with only the target tokens as labels; long prompts lose their start."""
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    t = tokenizer(target, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        t = t + [tokenizer.eos_token_id]
+    t = t[:max_len]
+    p = p[max(0, len(p) - (max_len - len(t))):]
+    return Example(p + t, [IGNORE] * len(p) + t)
+
+
+def history_examples(task: Task, tokenizer, history: Sequence[Item], max_len: int = 256,
+                     retrieval_copies: bool = False, profile: str | None = None) -> list[Example]:
+    """Training examples from a user's history, as in step 2 of the method.
+
+    Each item becomes one example; with `retrieval_copies`, each item but the first is added a
+    second time with the profile and its single most similar *earlier* item (BM25) in the prompt,
+    so the model also learns to use retrieved history.
+    """
+    out = [encode(tokenizer, task.format_prompt(it.input), task.format_target(it.output), max_len) for it in history]
+    if retrieval_copies:
+        for i in range(1, len(history)):
+            j = bm25_top([h.input for h in history[:i]], history[i].input, 1)[0]
+            prompt = task.format_prompt(history[i].input, [history[j]], profile)
+            out.append(encode(tokenizer, prompt, task.format_target(history[i].output), max_len))
+    return out
+
+
+def collate(batch: Sequence[Example], pad_id: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Right-pad a batch; padding is masked out of attention and loss."""
+    n = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), n), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), n), dtype=torch.long)
+    for i, e in enumerate(batch):
+        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        labels[i, : len(e.labels)] = torch.tensor(e.labels)
+        mask[i, : len(e.input_ids)] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def batches(examples: Sequence[Example], batch_size: int, steps: int, seed: int) -> Iterable[list[Example]]:
+    """`steps` batches drawn epoch by epoch from a seeded shuffle (the last partial batch is kept)."""
+    rng = random.Random(seed)
+    done = 0
+    while done < steps:
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        for i in range(0, len(order), batch_size):
+            if done == steps:
+                return
+            yield [examples[j] for j in order[i : i + batch_size]]
+            done += 1
+
+
+def n_steps(settings: TrainSettings, n_examples: int) -> int:
+    if settings.steps is not None:
+        return settings.steps
+    return max(1, math.ceil(settings.epochs * n_examples / settings.batch_size))
+
+
+def train(model, params: list[torch.nn.Parameter], examples: Sequence[Example], settings: TrainSettings,
+          pad_id: int, desc: str = "train") -> dict:
+    """AdamW on `params` only (everything else must already be frozen); returns loss and time."""
+    if not examples:
+        raise ValueError(f"{desc}: no training examples")
+    device = next(model.parameters()).device
+    steps = n_steps(settings, len(examples))
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    torch.manual_seed(settings.seed)  # dropout masks
+    model.train()
+    losses, t0 = [], time.perf_counter()
+    bar = tqdm(batches(examples, settings.batch_size, steps, settings.seed), total=steps, desc=desc, leave=False)
+    for batch in bar:
+        loss = model(**collate(batch, pad_id, device)).loss
+        loss.backward()
+        if settings.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    tail = losses[-max(1, len(losses) // 5):]
+    return {"steps": steps, "first_loss": losses[0], "final_loss": sum(tail) / len(tail),
+            "seconds": time.perf_counter() - t0}
+
+
+def add_lora(model, lora: LoraSettings, seed: int):
+    """Wrap `model` with a fresh peft LoRA (seeded init); only the LoRA weights are trainable."""
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    return get_peft_model(model, lora.peft_config())
+
+
+def train_lora(model, examples: Sequence[Example], lora: LoraSettings, settings: TrainSettings, pad_id: int,
+               desc: str = "lora"):
+    """Train a fresh LoRA on `model`; returns (peft model, stats). `peft_model.unload()` gives the base back."""
+    peft_model = add_lora(model, lora, settings.seed)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    stats = train(peft_model, params, examples, settings, pad_id, desc)
+    return peft_model, stats
+
+
+@torch.no_grad()
+def lora_state(peft_model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{position: (A, B)} of the active adapter; a position is the module name inside the base model."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for name, m in peft_model.named_modules():
+        if isinstance(m, LoraLayer) and "default" in m.lora_A:
+            pos = name.removeprefix("base_model.model.")
+            out[pos] = (m.lora_A["default"].weight.detach().clone(), m.lora_B["default"].weight.detach().clone())
+    return out
