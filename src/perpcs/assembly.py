@@ -1,0 +1,205 @@
+"""Assembling a target user's PEFT from the pool (step 5) - one forward pass, no gradient.
+
+At each piece position, in the order the forward pass reaches it, a forward pre-hook on the
+module: scores every candidate piece by LN(h) . LN(g) / sqrt(d) averaged over the tokens that
+predict the history's output tokens (per example, then over the batch), keeps the top-k, weighs
+them by softmax(s / tau), mixes them and installs the result in the module *before* it runs - so
+deeper positions are scored on activations that already use the assembled shallower pieces.
+History is processed in batches; as in the reference, the final PEFT is the plain average of the
+per-batch PEFTs, i.e. each sharer's weight at a position averaged over batches. The result is a
+`Recipe`: for each position the chosen sharers and weights.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
+
+from perpcs.data import Item
+from perpcs.gates import lora_layers
+from perpcs.recipe import Recipe, peft_lora_config
+from perpcs.tasks import Task
+from perpcs.training import IGNORE, Example, collate, history_examples
+
+
+class AssemblySettings(BaseModel):
+    """Reference defaults: top-k 3, tau 1, recent_k 2000, batches of 16."""
+
+    model_config = ConfigDict(extra="forbid")
+    top_k: int = 3
+    temperature: float = 1.0
+    recent_k: int = 2000
+    batch_size: int = 16
+    select: Literal["topk", "sample", "topp"] = "topk"
+    sample_topk: int = 10
+    sample_temperature: float = 1.0
+    top_p: float = 0.9
+    mix: Literal["linear", "cat"] = "linear"
+    retrieval_copies: bool = False
+    max_len: int = 256
+    seed: int = 0
+
+
+def predict_mask(labels: torch.Tensor) -> torch.Tensor:
+    """True at the positions whose *next* token is a label token (they predict the output)."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE
+    return mask
+
+
+def piece_scores(h: torch.Tensor, gates: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Score of each candidate piece [n] from module input h [B, T, d], gates [n, d], mask [B, T].
+
+    s_j(t) = LN(h_t) . LN(g_j) / sqrt(d), averaged over the masked tokens of each example, then
+    over the examples that have any (LN without learned affine).
+    """
+    d = h.shape[-1]
+    s = F.layer_norm(h.float(), (d,)) @ F.layer_norm(gates.float(), (d,)).T / math.sqrt(d)  # [B, T, n]
+    m = mask.to(s.dtype).unsqueeze(-1)
+    count = m.sum(1)  # [B, 1]
+    keep = count.squeeze(-1) > 0
+    if not keep.any():
+        raise ValueError("no token predicts an output token in this batch (are all targets truncated away?)")
+    return ((s * m).sum(1) / count.clamp(min=1))[keep].mean(0)
+
+
+def choose(scores: torch.Tensor, settings: AssemblySettings, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, weights) of the pieces to mix: top-k, sampled top-k, or nucleus (top-p)."""
+    n = scores.numel()
+    k = min(settings.top_k, n)
+    if settings.select == "topk":
+        idx = torch.topk(scores, k).indices
+    elif settings.select == "sample":
+        pool = torch.topk(scores, min(settings.sample_topk, n)).indices
+        probs = torch.softmax(scores[pool] / settings.sample_temperature, 0)
+        idx = pool[torch.multinomial(probs, min(k, pool.numel()), replacement=False, generator=generator)]
+    else:  # topp: the smallest set of best pieces whose softmax mass reaches p
+        probs = torch.softmax(scores / settings.temperature, 0)
+        order = torch.argsort(probs, descending=True)
+        cum = torch.cumsum(probs[order], 0)
+        idx = order[: int((cum < settings.top_p).sum().item()) + 1]
+    return idx, torch.softmax(scores[idx] / settings.temperature, 0)
+
+
+def mix_pieces(pieces: Sequence[tuple[torch.Tensor, torch.Tensor]], weights: Sequence[float], mix: str,
+               rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mix (A_j, B_j) with weights w_j.
+
+    `linear` (the paper): A = sum w_j A_j, B = sum w_j B_j (mixed separately).
+    `cat` (exact): A = [w_1 A_1; ...; w_k A_k], B = [B_1 ... B_k], so B A = sum w_j B_j A_j;
+    zero-padded to `rank` rows so every position has the same LoRA rank.
+    """
+    if mix == "linear":
+        return (sum(w * a for (a, _), w in zip(pieces, weights)), sum(w * b for (_, b), w in zip(pieces, weights)))
+    A = torch.cat([w * a for (a, _), w in zip(pieces, weights)], 0)
+    B = torch.cat([b for _, b in pieces], 1)
+    if rank is not None and A.shape[0] < rank:
+        A = torch.cat([A, A.new_zeros(rank - A.shape[0], A.shape[1])], 0)
+        B = torch.cat([B, B.new_zeros(B.shape[0], rank - B.shape[1])], 1)
+    return A, B
+
+
+class _Done(Exception):
+    """Raised after the last position is assembled: the rest of the forward (and the LM head) is not needed."""
+
+
+class Assembler:
+    """Assembles recipes for target users from one pool on a merged (task-adapted) model.
+
+    The model is wrapped in place with a working LoRA on the pool's positions, of rank r
+    (linear) or r times the most pieces one position can take (cat); `unload()` gives it back.
+    """
+
+    def __init__(self, model, pool, settings: AssemblySettings):
+        from peft import get_peft_model
+
+        self.pool, self.settings = pool, settings
+        most = max(len(pool.candidates(p)) for p in pool.positions) if settings.select == "topp" else settings.top_k
+        r = int(pool.lora_config["r"])
+        rank = r if settings.mix == "linear" else r * most
+        self.model = get_peft_model(model, peft_lora_config(pool.lora_config, rank)).eval()
+        self.layers = lora_layers(self.model)
+        missing = set(pool.positions) - set(self.layers)
+        if missing:
+            raise ValueError(f"the model has no module at pool positions {sorted(missing)[:5]}: pool from another architecture?")
+        self.gates = {pos: pool.gates(pos) for pos in pool.positions}
+        self._pieces: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def unload(self):
+        """The merged model without the working LoRA."""
+        return self.model.unload()
+
+    def piece(self, sharer: str, pos: str) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (sharer, pos)
+        if key not in self._pieces:
+            self._pieces[key] = self.pool.piece(sharer, pos)
+        return self._pieces[key]
+
+    def examples(self, task: Task, tokenizer, history: Sequence[Item], profile: str | None = None) -> list[Example]:
+        s = self.settings
+        return history_examples(task, tokenizer, list(history)[-s.recent_k:], s.max_len, s.retrieval_copies, profile)
+
+    @torch.no_grad()
+    def assemble(self, examples: Sequence[Example], pad_id: int, trace: list | None = None) -> dict[str, dict[str, float]]:
+        """{position: {sharer: weight}} averaged over history batches. `trace` collects per-batch scores."""
+        s = self.settings
+        if not examples:
+            raise ValueError("cannot assemble from an empty history")
+        device = next(self.model.parameters()).device
+        generator = torch.Generator().manual_seed(s.seed)
+        batches = [examples[i : i + s.batch_size] for i in range(0, len(examples), s.batch_size)]
+        totals: dict[str, dict[str, float]] = {pos: {} for pos in self.pool.positions}
+        for batch in batches:
+            inputs = collate(batch, pad_id, device)
+            mask = predict_mask(inputs.pop("labels"))
+            batch_trace: dict = {}
+            handles = [self.layers[pos].register_forward_pre_hook(self._hook(pos, mask, generator, totals, batch_trace))
+                       for pos in self.pool.positions]
+            try:
+                self.model(**inputs)
+            except _Done:
+                pass
+            finally:
+                for h in handles:
+                    h.remove()
+            if trace is not None:
+                trace.append(batch_trace)
+        return {pos: {sid: w / len(batches) for sid, w in sorted(ws.items())} for pos, ws in totals.items()}
+
+    def _hook(self, pos, mask, generator, totals, batch_trace):
+        def hook(module, args):
+            ids, gates = self.gates[pos]
+            if not ids:
+                raise ValueError(f"no sharer in the pool shares position {pos}")
+            scores = piece_scores(args[0], gates.to(args[0].device), mask)
+            idx, w = choose(scores, self.settings, generator)
+            chosen = [ids[i] for i in idx.tolist()]
+            install(module, mix_pieces([self.piece(c, pos) for c in chosen], w.tolist(), self.settings.mix,
+                                       module.lora_A["default"].weight.shape[0]))
+            for c, wi in zip(chosen, w.tolist()):
+                totals[pos][c] = totals[pos].get(c, 0.0) + wi
+            batch_trace[pos] = (list(ids), scores.cpu())
+            if len(batch_trace) == len(self.pool.positions):
+                raise _Done
+        return hook
+
+    def recipe(self, task: Task, tokenizer, history: Sequence[Item], profile: str | None = None,
+               user: str | None = None, trace: list | None = None) -> Recipe:
+        """The target user's recipe from their own history (only the `recent_k` newest items)."""
+        weights = self.assemble(self.examples(task, tokenizer, history, profile), tokenizer.pad_token_id, trace)
+        return Recipe(pool_id=self.pool.pool_id, base_fingerprint=self.pool.base_fingerprint,
+                      lora=self.pool.lora_config, mix=self.settings.mix, top_k=self.settings.top_k, user=user,
+                      settings=self.settings.model_dump(),
+                      pieces={p: [(sid, round(w, 7)) for sid, w in ws.items()] for p, ws in weights.items()})
+
+
+@torch.no_grad()
+def install(layer, piece: tuple[torch.Tensor, torch.Tensor], adapter: str = "default") -> None:
+    """Write (A, B) into a peft LoRA layer's adapter weights."""
+    A, B = piece
+    layer.lora_A[adapter].weight.copy_(A)
+    layer.lora_B[adapter].weight.copy_(B)

@@ -1,0 +1,474 @@
+"""Importers: public per-user data sets, in their original file formats, to the data contract.
+
+Each format reads its files into records (user, order, id, input, output); one shared step then
+cleans them (whitespace, empty texts, duplicates, truncation), splits each user into history and
+held-out queries (the newest `n_queries` items) and keeps the users with enough history. The
+`ImportReport` says what was dropped and why, because a silent filter is how leaks and tiny
+populations go unnoticed. See docs/data.md, "Importing public data sets".
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import random
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import IO, Callable, Iterable, Iterator, Literal, NamedTuple
+
+from pydantic import BaseModel, Field
+
+from perpcs.data import Dataset, Item, Query, User
+from perpcs.tasks import Task, fmt_num
+
+
+class ImportOptions(BaseModel):
+    min_history: int = Field(5, ge=0)  # users with fewer history items (after cleaning) are dropped
+    n_queries: int = Field(1, ge=0)  # held-out queries per user: its newest items
+    max_tokens: int | None = Field(256, ge=1)  # inputs cut to this many whitespace-separated words
+    seed: int = 0  # orders items that carry no time (annotator-csv)
+    target: Literal["rating", "title"] = "rating"  # amazon-reviews
+    label: str = "valence"  # annotator-csv: the label column
+    kind: Literal["rating", "classification"] = "rating"  # annotator-csv
+    top_tags: int = Field(15, ge=1)  # lastfm-tags: label set = the most used tags
+    max_users: int | None = Field(None, ge=1)  # keep the N most active users (ties by id)
+    task: str | None = None  # lamp / perpcs: a LaMP preset name
+
+
+class ImportReport(BaseModel):
+    format: str
+    records_read: int = 0
+    items_dropped: dict[str, int] = Field(default_factory=dict)  # reason -> count
+    users_found: int = 0
+    users_dropped: dict[str, int] = Field(default_factory=dict)  # reason -> count
+    users_kept: int = 0
+    history_items: int = 0
+    queries: int = 0
+
+    def drop_item(self, reason: str, n: int = 1) -> None:
+        self.items_dropped[reason] = self.items_dropped.get(reason, 0) + n
+
+    def drop_user(self, reason: str) -> None:
+        self.users_dropped[reason] = self.users_dropped.get(reason, 0) + 1
+
+
+class Record(NamedTuple):
+    user: str
+    order: tuple  # sort key within the user: time first, then a tie-breaker
+    id: str  # query id, unique in the data set
+    input: str
+    output: str
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def _raw(path: Path) -> IO[bytes]:
+    """A plain or gzip file (told apart by its magic bytes, not its name)."""
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rb") if gz else open(path, "rb")
+
+
+def _open(path: Path, encoding: str = "utf-8") -> IO[str]:
+    return io.TextIOWrapper(_raw(path), encoding=encoding, newline="")
+
+
+def _json_lines(path: Path) -> Iterator[tuple[str, dict]]:
+    with _open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}: line {n}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            yield where, obj
+
+
+def _field(obj: dict, name: str, where: str):
+    if obj.get(name) is None:
+        raise ValueError(f"{where}: missing field '{name}'")
+    return obj[name]
+
+
+def _int(value: str, name: str, where: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: field '{name}': {value!r} is not an integer") from None
+
+
+def _float(value, name: str, where: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: field '{name}': {value!r} is not a number") from None
+
+
+def _header(path: Path, delimiter: str, encoding: str = "utf-8") -> list[str]:
+    with _open(path, encoding) as f:
+        return [h.strip() for h in next(csv.reader(f, delimiter=delimiter), [])]
+
+
+def _rows(path: Path, required: Iterable[str], delimiter: str = ",", encoding: str = "utf-8",
+          ) -> Iterator[tuple[str, dict[str, str]]]:
+    """Rows of a CSV/TSV file with a header; a row lacking a required field is an error."""
+    tsv = delimiter == "\t"  # HetRec .dat files: no quoting, names may contain quotes
+    with _open(path, encoding) as f:
+        reader = csv.DictReader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+        reader.fieldnames = [h.strip() for h in reader.fieldnames or []]
+        try:
+            for row in reader:
+                where = f"{path}: line {reader.line_num}"
+                for name in required:
+                    if not (row.get(name) or "").strip():
+                        raise ValueError(f"{where}: missing field '{name}'")
+                yield where, row
+        except csv.Error as e:
+            raise ValueError(f"{path}: line {reader.line_num}: {e}") from None
+
+
+def _encoding(path: Path) -> str:
+    """HetRec ships tags.dat in Latin-1 and artists.dat in UTF-8: UTF-8 when the file decodes as it."""
+    with _raw(path) as f:
+        raw = f.read()
+    try:
+        raw.decode("utf-8")
+        return "utf-8"
+    except UnicodeDecodeError:
+        return "latin-1"
+
+
+def _exists(sources: list[Path]) -> list[Path]:
+    for p in sources:
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: not found")
+    return sources
+
+
+# ---------------------------------------------------------------- formats
+
+
+def amazon_reviews(sources: list[Path], opts: ImportOptions, report: ImportReport | None = None) -> Dataset:
+    """Amazon Review Data (2018) JSON lines: review text -> the reviewer's stars, or its summary."""
+    report = report or ImportReport(format="amazon-reviews")
+    records = []
+    for path in _exists(sources):
+        for where, r in _json_lines(path):
+            report.records_read += 1
+            user, asin = str(_field(r, "reviewerID", where)), str(_field(r, "asin", where))
+            time = _int(_field(r, "unixReviewTime", where), "unixReviewTime", where)
+            if opts.target == "rating":
+                stars = _float(_field(r, "overall", where), "overall", where)
+                if not 1 <= stars <= 5:
+                    raise ValueError(f"{where}: field 'overall': {stars} is not in [1, 5]")
+                output = fmt_num(stars)
+            else:
+                output = str(r.get("summary") or "")
+            records.append(Record(user, (time, asin), f"{user}/{asin}", str(r.get("reviewText") or ""), output))
+    name = re.sub(r"\.json(l)?(\.gz)?$", "", sources[0].name)
+    if opts.target == "rating":
+        task = Task(name=f"amazon-{name}-rating", kind="rating", scale=(1, 5), max_new_tokens=3,
+                    instruction="What is the score of this review, from 1 to 5? Answer with the number only.",
+                    input_name="Review", output_name="Score")
+    else:
+        task = Task(name=f"amazon-{name}-title", kind="generation", max_new_tokens=24,
+                    instruction="Write the title this reviewer gives to this review.",
+                    input_name="Review", output_name="Title")
+    return _build(task, records, None, opts, report)
+
+
+def annotator_csv(sources: list[Path], opts: ImportOptions, report: ImportReport | None = None) -> Dataset:
+    """PEFT-U/StudEmo tables: a text -> this annotator's value of `opts.label`; each annotator a user."""
+    report = report or ImportReport(format="annotator-csv")
+    if len(_exists(sources)) != 2:
+        raise ValueError(f"annotator-csv needs two files (texts and annotations), got {len(sources)}")
+    roles = {}
+    for p in sources:
+        cols = _header(p, ",")
+        role = "annotations" if "annotator_id" in cols else "texts" if {"text_id", "text"} <= set(cols) else None
+        if role is None:
+            raise ValueError(f"{p}: header {cols} is neither a texts table (text_id, text) "
+                             "nor an annotations table (text_id, annotator_id, <labels>)")
+        if role in roles:
+            raise ValueError(f"{roles[role]} and {p} are both {role} tables; give one texts and one annotations file")
+        roles[role] = p
+        if role == "annotations" and opts.label not in cols:
+            raise ValueError(f"{p}: no column '{opts.label}' (--label); columns: {', '.join(cols)}")
+    texts = {r["text_id"].strip(): r["text"] for _, r in _rows(roles["texts"], ["text_id"])}
+
+    values: dict[str, list[tuple[str, str]]] = defaultdict(list)  # annotator -> [(text_id, value)]
+    for where, r in _rows(roles["annotations"], ["text_id", "annotator_id"]):
+        report.records_read += 1
+        tid, value = r["text_id"].strip(), (r[opts.label] or "").strip()
+        if tid not in texts:
+            raise ValueError(f"{where}: field 'text_id': {tid!r} is not in {roles['texts']}")
+        if value and (opts.kind == "rating" or _value_order(value)[0] == 0):
+            value = fmt_num(_float(value, opts.label, where))  # "2.0" -> "2"
+        values[r["annotator_id"].strip()].append((tid, value))
+
+    records = []
+    for user, pairs in values.items():
+        # No timestamps: a per-user shuffle, seeded, makes the queries a random held-out part.
+        pairs.sort(key=lambda p: _natural(p[0]))
+        random.Random(f"{opts.seed}/{user}").shuffle(pairs)
+        records += [Record(user, (i,), f"{user}/{tid}", texts[tid] or "", v) for i, (tid, v) in enumerate(pairs)]
+
+    seen = sorted({r.output for r in records if r.output}, key=_value_order)
+    if not seen:
+        raise ValueError(f"{roles['annotations']}: column '{opts.label}' has no values")
+    label = opts.label.replace("_", " ")
+    if opts.kind == "rating":
+        lo, hi = float(seen[0]), float(seen[-1])
+        if lo == hi:
+            raise ValueError(f"{roles['annotations']}: column '{opts.label}' has a single value {seen[0]}; "
+                             "a rating needs a range (try --kind classification?)")
+        task = Task(name=f"annotator-{opts.label}", kind="rating", scale=(lo, hi), max_new_tokens=3,
+                    instruction=f"How does this annotator rate the {label} of this text, from {fmt_num(lo)} "
+                                f"to {fmt_num(hi)}? Answer with the number only.",
+                    input_name="Text", output_name=label.capitalize())
+    else:
+        task = Task(name=f"annotator-{opts.label}", kind="classification", labels=seen, max_new_tokens=4,
+                    instruction=f"Which {label} value does this annotator give this text? Answer with the value only.",
+                    input_name="Text", output_name=label.capitalize())
+    return _build(task, records, None, opts, report)
+
+
+_LASTFM = {
+    "artists": {"id", "name"},
+    "tags": {"tagID", "tagValue"},
+    "taggings": {"userID", "artistID", "tagID", "day", "month", "year"},
+}
+
+
+def lastfm_tags(sources: list[Path], opts: ImportOptions, report: ImportReport | None = None) -> Dataset:
+    """HetRec 2011 Last.fm: artist -> the tag this user gave it, among the `top_tags` most used tags.
+
+    A user who gave one artist several kept tags yields one item: the tag most used overall
+    (the others count as duplicates), dated by that tagging.
+    """
+    report = report or ImportReport(format="lastfm-tags")
+    files = _lastfm_files(_exists(sources))
+    enc = {role: _encoding(p) for role, p in files.items()}
+    artists = {r["id"].strip(): r["name"] for _, r in _rows(files["artists"], ["id"], "\t", enc["artists"])}
+    tags = {r["tagID"].strip(): r["tagValue"].strip() for _, r in _rows(files["tags"], ["tagID"], "\t", enc["tags"])}
+    rows = []
+    for where, r in _rows(files["taggings"], _LASTFM["taggings"], "\t", enc["taggings"]):
+        date = tuple(_int(r[k], k, where) for k in ("year", "month", "day"))
+        rows.append((r["userID"].strip(), r["artistID"].strip(), r["tagID"].strip(), date))
+
+    use = Counter(tag for _, _, tag, _ in rows)
+    top = sorted(use, key=lambda t: (-use[t], _natural(t)))[: opts.top_tags]
+    for t in top:
+        if not tags.get(t):
+            raise ValueError(f"{files['tags']}: tag {t} (among the {opts.top_tags} most used) has no name")
+    rank = {t: i for i, t in enumerate(top)}
+
+    best: dict[tuple[str, str], tuple] = {}  # (user, artist) -> its most used kept tag's row
+    for user, artist, tag, date in rows:
+        if tag not in rank:
+            report.drop_item("not_top_tag")
+        elif artist not in artists:
+            report.drop_item("unknown_artist")
+        else:
+            old = best.get((user, artist))
+            if old is not None:
+                report.drop_item("duplicate")
+            if old is None or rank[tag] < rank[old[0]]:
+                best[(user, artist)] = (tag, date)
+    records = [Record(user, (*date, _natural(artist)), f"{user}/{artist}", f"Artist: {artists[artist]}", tags[tag])
+               for (user, artist), (tag, date) in best.items()]
+    report.records_read = len(rows)
+    task = Task(name="lastfm-tags", kind="classification", labels=[tags[t] for t in top], max_new_tokens=8,
+                instruction="Which tag does this user give this music artist? Answer with the tag only.",
+                input_name="Item", output_name="Tag")
+    return _build(task, records, {u for u, *_ in rows}, opts, report)
+
+
+def _lastfm_files(sources: list[Path]) -> dict[str, Path]:
+    """Tell the HetRec files apart by their headers; a folder gives its .dat files."""
+    found: dict[str, Path] = {}
+    for src in sources:
+        for p in sorted(src.glob("*.dat")) if src.is_dir() else [src]:
+            cols = set(_header(p, "\t", "latin-1"))
+            role = next((r for r, need in _LASTFM.items() if need <= cols), None)
+            if role is None:
+                if src.is_dir():
+                    continue  # user_friends.dat, user_artists.dat, ... are not needed
+                raise ValueError(f"{p}: header {sorted(cols)} is not artists.dat, tags.dat or user_taggedartists.dat")
+            if role in found:
+                raise ValueError(f"{found[role]} and {p} are both {role} files; pass the one to use")
+            found[role] = p
+    missing = [f"{r} ({', '.join(sorted(_LASTFM[r]))})" for r in _LASTFM if r not in found]
+    if missing:
+        raise ValueError(f"{', '.join(map(str, sources))}: no file with the columns of {'; '.join(missing)}")
+    return found
+
+
+def papers_jsonl(sources: list[Path], opts: ImportOptions, report: ImportReport | None = None) -> Dataset:
+    """Paper metadata JSON lines: per author, abstract -> title (like LaMP-5).
+
+    A paper goes into each of its authors' histories; when records name `profile_authors`, only
+    those authors (over the whole file) become users.
+    """
+    report = report or ImportReport(format="papers-jsonl")
+    papers, profile = [], set()
+    for path in _exists(sources):
+        for where, r in _json_lines(path):
+            authors = _field(r, "authors", where)
+            if not isinstance(authors, list):
+                raise ValueError(f"{where}: field 'authors': expected a list of author ids")
+            year = _int(_field(r, "year", where), "year", where)
+            profile.update(map(str, r.get("profile_authors") or []))
+            report.records_read += 1
+            papers.append((where, r, [str(a) for a in authors], year))
+    records = []
+    for i, (where, r, authors, year) in enumerate(papers):
+        key = str(r.get("key") or i)
+        title, abstract = str(r.get("title") or ""), str(r.get("abstract") or "")
+        for a in authors:
+            if not profile or a in profile:
+                records.append(Record(a, (year, key, title), f"{a}/{key}", abstract, title))
+    task = Task(name="papers-titles", kind="generation", max_new_tokens=32,
+                instruction="Generate a title for this paper abstract.",
+                input_name="Abstract", output_name="Title")
+    return _build(task, records, profile or None, opts, report)
+
+
+def lamp(sources: list[Path], opts: ImportOptions, report: ImportReport | None = None) -> Dataset:
+    """LaMP questions (+ outputs) files; the split is LaMP's own, so only the user filters apply."""
+    from perpcs.lamp import import_lamp
+
+    if not opts.task:
+        raise ValueError("format 'lamp' needs --task (a LaMP preset, e.g. LaMP-3)")
+    if len(_exists(sources)) not in (1, 2):
+        raise ValueError(f"format 'lamp' takes questions.json and optionally outputs.json, got {len(sources)} files")
+    ds = import_lamp(sources[0], sources[1] if len(sources) == 2 else None, opts.task, n_queries=opts.n_queries)
+    return _select(ds, opts, _count_items(ds, report or ImportReport(format="lamp")))
+
+
+def perpcs(sources: list[Path], opts: ImportOptions, report: ImportReport | None = None) -> Dataset:
+    """The Per-Pcs release's own per-user files."""
+    from perpcs.lamp import import_perpcs
+
+    if not opts.task:
+        raise ValueError("format 'perpcs' needs --task (a LaMP preset, e.g. LaMP-3)")
+    if len(_exists(sources)) != 1:
+        raise ValueError(f"format 'perpcs' takes one file, got {len(sources)}")
+    ds = import_perpcs(sources[0], opts.task)
+    return _select(ds, opts, _count_items(ds, report or ImportReport(format="perpcs")))
+
+
+def _count_items(ds: Dataset, report: ImportReport) -> ImportReport:
+    report.records_read = sum(len(u.history) + len(u.queries) for u in ds.users)
+    return report
+
+
+FORMATS: dict[str, Callable[..., Dataset]] = {
+    "amazon-reviews": amazon_reviews,
+    "annotator-csv": annotator_csv,
+    "lastfm-tags": lastfm_tags,
+    "papers-jsonl": papers_jsonl,
+    "lamp": lamp,
+    "perpcs": perpcs,
+}
+
+
+def import_dataset(fmt: str, sources: list[Path], opts: ImportOptions) -> tuple[Dataset, ImportReport]:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; known formats: {', '.join(FORMATS)}")
+    report = ImportReport(format=fmt)
+    ds = FORMATS[fmt]([Path(s) for s in sources], opts, report)
+    return ds, report
+
+
+# ---------------------------------------------------------------- shared cleaning and split
+
+
+def _natural(s: str) -> tuple:
+    """Numeric ids sort as numbers (2 before 10), others as text after them."""
+    return (0, int(s), "") if s.isdigit() else (1, 0, s)
+
+
+def _value_order(v: str) -> tuple:
+    try:
+        return (0, float(v), v)
+    except ValueError:
+        return (1, 0.0, v)
+
+
+def clip(text: str, max_tokens: int | None) -> str:
+    """Collapse whitespace and keep the first `max_tokens` whitespace-separated words."""
+    words = text.split()
+    return " ".join(words if max_tokens is None else words[:max_tokens])
+
+
+def _build(task: Task, records: list[Record], found: set[str] | None, opts: ImportOptions,
+           report: ImportReport) -> Dataset:
+    """Clean, order and de-duplicate each user's items; the newest `n_queries` become queries.
+
+    Duplicates are items of one user with the same (cleaned, clipped) input: the oldest is kept, so
+    no query's input is ever in the same user's history.
+    """
+    items: dict[str, list[Record]] = defaultdict(list)
+    for r in records:
+        r = r._replace(input=clip(r.input, opts.max_tokens), output=" ".join(r.output.split()))
+        if not r.input:
+            report.drop_item("no_text")
+        elif not r.output:
+            report.drop_item("no_output")
+        else:
+            items[r.user].append(r)
+    users = []
+    for user in sorted(found if found is not None else {r.user for r in records}, key=_natural):
+        seen, ids, kept = set(), Counter(), []
+        for r in sorted(items.get(user, []), key=lambda r: r.order):
+            if r.input in seen:
+                report.drop_item("duplicate")
+            else:
+                seen.add(r.input)
+                ids[r.id] += 1  # e.g. two different reviews of one product: ids stay unique
+                kept.append(r if ids[r.id] == 1 else r._replace(id=f"{r.id}#{ids[r.id]}"))
+        cut = max(len(kept) - opts.n_queries, 0)
+        users.append(User(user_id=user, history=[Item(input=r.input, output=r.output) for r in kept[:cut]],
+                          queries=[Query(id=r.id, input=r.input, output=r.output) for r in kept[cut:]]))
+    return _select(Dataset(task=task, users=users), opts, report)
+
+
+def _select(ds: Dataset, opts: ImportOptions, report: ImportReport) -> Dataset:
+    """Keep users with `min_history` history items and `n_queries` queries; then the `max_users` most active."""
+    report.users_found = len(ds.users)
+    ok = []
+    for u in ds.users:
+        if not u.history and not u.queries:
+            report.drop_user("no_usable_items")
+        elif len(u.history) < opts.min_history or len(u.queries) < opts.n_queries:
+            report.drop_user("too_few_items")
+        else:
+            ok.append(u)
+    if opts.max_users is not None and len(ok) > opts.max_users:
+        active = sorted(ok, key=lambda u: (-(len(u.history) + len(u.queries)), _natural(u.user_id)))
+        keep = {u.user_id for u in active[: opts.max_users]}
+        for _ in range(len(ok) - len(keep)):
+            report.drop_user("max_users")
+        ok = [u for u in ok if u.user_id in keep]
+    report.users_kept = len(ok)
+    report.history_items = sum(len(u.history) for u in ok)
+    report.queries = sum(len(u.queries) for u in ok)
+    if len(ok) < 2:
+        raise ValueError(f"{report.format}: only {len(ok)} usable user(s) of {report.users_found} found "
+                         f"(users dropped: {_counts(report.users_dropped)}; items dropped: "
+                         f"{_counts(report.items_dropped)}); a data set needs at least 2 users "
+                         f"(min_history={opts.min_history}, n_queries={opts.n_queries})")
+    return Dataset(task=ds.task, users=ok)
+
+
+def _counts(d: dict[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(d.items())) or "none"

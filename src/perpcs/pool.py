@@ -1,0 +1,335 @@
+"""The piece pool (method step 4): the (A, B, gate) triples sharers contribute, on disk.
+
+A pool is a folder:
+
+    pool.sqlite                                   the manifest (tables meta, positions, sharers, shares)
+    sharers/<sharer id>-<sha256[:12]>.safetensors  A, B and gate of each piece that sharer shares
+
+One file and a few manifest rows per sharer, so adding or removing a sharer rewrites nothing else and
+a pool scales to thousands of sharers. Sharer files are named by their content hash and never
+rewritten in place, so cached memory-mapped handles can never see changed bytes. Sharer ids are
+salted pseudonyms; the pool holds no raw user id or text. The format is described in docs/pool.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import secrets
+import sqlite3
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as save_tensors
+
+from perpcs.utils import atomic_path, dir_bytes, sha256_file
+
+FORMAT_VERSION = 1
+MANIFEST = "pool.sqlite"
+SHARER_DIR = "sharers"
+_MAX_OPEN = 8192  # cached safe_open handles: one memory map each, no open file descriptor
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE positions (idx INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE,
+                        d_in INTEGER NOT NULL, d_out INTEGER NOT NULL);
+CREATE TABLE sharers (idx INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,
+                      file TEXT NOT NULL, sha256 TEXT NOT NULL, nbytes INTEGER NOT NULL);
+CREATE TABLE shares (position INTEGER NOT NULL REFERENCES positions(idx),
+                     sharer INTEGER NOT NULL REFERENCES sharers(idx),
+                     PRIMARY KEY (position, sharer)) WITHOUT ROWID;
+CREATE INDEX shares_by_sharer ON shares (sharer);
+"""
+
+
+def share_mask(positions: list[str], rho: float, seed: int, sharer_index: int | str | None = None) -> set[str]:
+    """The positions one sharer shares at sharing ratio `rho`: a seeded random subset of
+    round(rho * n) of them (half rounds up), at least one when rho > 0.
+
+    The reference instead draws, per position, floor(S * rho) sharers; drawing per sharer lets each
+    sharer decide alone, before the pool's size is known. `sharer_index` is any stable key of the
+    sharer (its index or user id); the subset depends only on (seed, sharer_index, positions).
+    """
+    if not 0.0 <= rho <= 1.0:
+        raise ValueError(f"sharing ratio must be in [0, 1], got {rho}")
+    k = min(len(positions), max(int(rho > 0), math.floor(rho * len(positions) + 0.5)))
+    return set(random.Random(f"{seed}:{sharer_index}").sample(list(positions), k))
+
+
+def _jsonable(cfg: dict) -> dict:
+    """LoRA config as plain JSON (peft's to_dict holds sets and enums), so that it compares as stored."""
+    def default(o: Any) -> Any:
+        if isinstance(o, (set, frozenset)):
+            return sorted(o)
+        raise TypeError(f"lora_config: value {o!r} of type {type(o).__name__} is not JSON-serialisable")
+    return json.loads(json.dumps(cfg, sort_keys=True, default=default))
+
+
+class Pool:
+    """A pool folder, opened. Build one with `Pool.create`, open one with `Pool.open`."""
+
+    def __init__(self, path: Path, db: sqlite3.Connection):
+        self.path, self._db = path, db
+        manifest = path / MANIFEST
+        try:
+            meta = dict(db.execute("SELECT key, value FROM meta"))
+        except sqlite3.DatabaseError as e:
+            raise ValueError(f"{manifest}: not a perpcs pool manifest ({e})") from e
+        if meta.get("format_version") != str(FORMAT_VERSION):
+            raise ValueError(f"{manifest}: pool format version {meta.get('format_version')!r}, "
+                             f"this perpcs reads version {FORMAT_VERSION}")
+        self.base_fingerprint: str = meta["base_fingerprint"]
+        self.lora_config: dict = json.loads(meta["lora_config"])
+        self.sharing_ratio = float(meta["sharing_ratio"])
+        self.seed = int(meta["seed"])
+        self._salt = meta["salt"]
+        rows = db.execute("SELECT idx, name, d_in, d_out FROM positions ORDER BY idx").fetchall()
+        self.shapes: dict[str, tuple[int, int]] = {name: (d_in, d_out) for _, name, d_in, d_out in rows}
+        self.positions: list[str] = list(self.shapes)
+        self._pos_idx = {name: idx for idx, name, _, _ in rows}
+        self._handles: OrderedDict[str, Any] = OrderedDict()
+
+    # --- create / open ---
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, base_fingerprint: str, lora_config: dict,
+               positions: dict[str, tuple[int, int]], seed: int = 0, sharing_ratio: float = 1.0) -> Pool:
+        """A new, empty pool. `positions` (position -> (d_in, d_out)) in forward order, layer 0 first;
+        `seed` and `sharing_ratio` choose the share mask of sharers added without an explicit one."""
+        path = Path(path)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise FileExistsError(f"{path}: exists and is not an empty folder; refusing to create a pool there")
+        lora_config = _jsonable(lora_config)
+        r = lora_config.get("r")
+        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+            raise ValueError(f"lora_config: 'r' must be a positive int, got {r!r}")
+        if not positions:
+            raise ValueError("positions: a pool needs at least one piece position")
+        for name, shape in positions.items():
+            if not (isinstance(name, str) and name and len(shape) == 2
+                    and all(isinstance(d, int) and d > 0 for d in shape)):
+                raise ValueError(f"positions: {name!r} -> {shape!r}: expected a module name -> (d_in, d_out) "
+                                 "of positive ints")
+        if not 0.0 < sharing_ratio <= 1.0:
+            raise ValueError(f"sharing_ratio must be in (0, 1], got {sharing_ratio}")
+        meta = {"format_version": str(FORMAT_VERSION), "base_fingerprint": base_fingerprint,
+                "lora_config": json.dumps(lora_config, sort_keys=True), "sharing_ratio": repr(float(sharing_ratio)),
+                "seed": str(seed), "salt": secrets.token_hex(16)}
+        path.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path / MANIFEST) as tmp:
+            db = sqlite3.connect(tmp)
+            try:
+                db.executescript(_SCHEMA)
+                with db:
+                    db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
+                    db.executemany("INSERT INTO positions VALUES (?, ?, ?, ?)",
+                                   [(i, name, d_in, d_out) for i, (name, (d_in, d_out)) in enumerate(positions.items())])
+            finally:
+                db.close()
+        return cls.open(path, verify=False)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, base_fingerprint: str | None = None,
+             lora_config: dict | None = None, verify: bool = True) -> Pool:
+        """Open a pool, refusing one built for another base model or LoRA config, and (if `verify`)
+        one whose sharer files do not match their manifest hashes."""
+        path = Path(path)
+        manifest = path / MANIFEST
+        if not manifest.is_file():
+            raise FileNotFoundError(f"{manifest}: no pool manifest here (make a pool with Pool.create)")
+        db = sqlite3.connect(manifest)
+        try:
+            db.execute("PRAGMA foreign_keys = ON")
+            pool = cls(path, db)
+            pool._check(base_fingerprint, lora_config, verify)
+        except BaseException:
+            db.close()
+            raise
+        return pool
+
+    def _check(self, base_fingerprint: str | None, lora_config: dict | None, verify: bool) -> None:
+        manifest = self.path / MANIFEST
+        if base_fingerprint is not None and base_fingerprint != self.base_fingerprint:
+            raise ValueError(f"{manifest}: pool was built on base model {self.base_fingerprint!r}, "
+                             f"not on the given {base_fingerprint!r}")
+        if lora_config is not None:  # only the keys the caller gives are compared
+            given = _jsonable(lora_config)
+            diff = [k for k in sorted(given) if self.lora_config.get(k, ...) != given[k]]
+            if diff:
+                raise ValueError(f"{manifest}: LoRA config differs from the pool's in {', '.join(diff)} ("
+                                 + "; ".join(f"{k}: pool {self.lora_config.get(k)!r}, given {given[k]!r}" for k in diff)
+                                 + ")")
+        if verify:
+            for sid, file, digest in self._db.execute("SELECT id, file, sha256 FROM sharers ORDER BY idx"):
+                f = self.path / file
+                if not f.is_file():
+                    raise FileNotFoundError(f"{f}: file of sharer {sid} is missing (listed in {manifest})")
+                if sha256_file(f) != digest:
+                    raise ValueError(f"{f}: sha256 does not match {manifest} (file changed or corrupted); "
+                                     f"restore it or remove sharer {sid}")
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._db.close()
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # --- sharers ---
+
+    @property
+    def pool_id(self) -> str:
+        """A stable id for this pool (derived from its secret salt), carried by recipes made from it."""
+        return "pool-" + hashlib.sha256(("pool:" + self._salt).encode()).hexdigest()[:16]
+
+    def pseudonym(self, user_id: str) -> str:
+        """The pool's sharer id for a user: salted, so it neither reveals nor links the user id across pools."""
+        return "s" + hashlib.sha256((self._salt + str(user_id)).encode()).hexdigest()[:12]
+
+    def add_sharer(self, user_id: str, pieces: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                   share: set[str] | None = None) -> str:
+        """Store the pieces (A [r, d_in], B [d_out, r], gate [d_in]) a user shares; returns its sharer id.
+
+        `share` defaults to `share_mask` at the pool's sharing ratio and seed; unshared pieces are not
+        stored. Re-adding a user replaces its pieces and keeps its place in the sharer order.
+        """
+        sid = self.pseudonym(user_id)
+        self._check_pieces(pieces)
+        if share is None:
+            share = share_mask([p for p in self.positions if p in pieces], self.sharing_ratio, self.seed, user_id)
+        missing = sorted(set(share) - pieces.keys())
+        if missing:
+            raise ValueError(f"sharer {sid}: shares {', '.join(missing)} but gives no piece there")
+        if not share:
+            raise ValueError(f"sharer {sid}: shares no piece")
+        shared = [p for p in self.positions if p in share]
+        tensors = {}
+        for p in shared:
+            for name, t in zip(("lora_A", "lora_B", "gate"), pieces[p]):
+                tensors[f"{p}.{name}"] = t.detach().cpu().contiguous()
+        data = save_tensors(tensors, metadata={"format": "pt", "perpcs_pool_format": str(FORMAT_VERSION),
+                                               "sharer": sid})
+        digest = hashlib.sha256(data).hexdigest()
+        file = f"{SHARER_DIR}/{sid}-{digest[:12]}.safetensors"
+        with atomic_path(self.path / file) as tmp:
+            tmp.write_bytes(data)
+        old = self._db.execute("SELECT idx, file FROM sharers WHERE id = ?", (sid,)).fetchone()
+        with self._db:
+            if old:
+                self._db.execute("UPDATE sharers SET file = ?, sha256 = ?, nbytes = ? WHERE idx = ?",
+                                 (file, digest, len(data), old[0]))
+                self._db.execute("DELETE FROM shares WHERE sharer = ?", (old[0],))
+                idx = old[0]
+            else:
+                idx = self._db.execute("INSERT INTO sharers (id, file, sha256, nbytes) VALUES (?, ?, ?, ?)",
+                                       (sid, file, digest, len(data))).lastrowid
+            self._db.executemany("INSERT INTO shares VALUES (?, ?)", [(self._pos_idx[p], idx) for p in shared])
+        if old and old[1] != file:
+            self._drop(old[1])
+        return sid
+
+    def _check_pieces(self, pieces: dict) -> None:
+        r = self.lora_config["r"]
+        for p, triple in pieces.items():
+            if p not in self.shapes:
+                raise ValueError(f"position {p!r} is not one of this pool's {len(self.positions)} positions "
+                                 f"(they look like {self.positions[0]!r})")
+            d_in, d_out = self.shapes[p]
+            want = [[r, d_in], [d_out, r], [d_in]]
+            got = [list(getattr(t, "shape", [])) for t in triple]
+            if len(triple) != 3 or got != want or not all(isinstance(t, torch.Tensor) for t in triple):
+                raise ValueError(f"position {p}: expected tensors (A, B, gate) of shapes {want}, got {got}")
+
+    def remove_sharer(self, sharer_id: str) -> None:
+        idx, file = self._sharer(sharer_id)
+        with self._db:
+            self._db.execute("DELETE FROM shares WHERE sharer = ?", (idx,))
+            self._db.execute("DELETE FROM sharers WHERE idx = ?", (idx,))
+        self._drop(file)
+
+    def _drop(self, file: str) -> None:
+        self._handles.pop(file, None)
+        (self.path / file).unlink(missing_ok=True)
+
+    def sharers(self) -> list[str]:
+        """Sharer ids in the order they were first added."""
+        return [sid for (sid,) in self._db.execute("SELECT id FROM sharers ORDER BY idx")]
+
+    def __len__(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM sharers").fetchone()[0]
+
+    def _sharer(self, sharer_id: str) -> tuple[int, str]:
+        row = self._db.execute("SELECT idx, file FROM sharers WHERE id = ?", (sharer_id,)).fetchone()
+        if row is None:
+            raise ValueError(f"{self.path}: no sharer {sharer_id!r} in this pool")
+        return row
+
+    def _position(self, position: str) -> int:
+        if position not in self._pos_idx:
+            raise ValueError(f"{self.path}: no position {position!r} in this pool")
+        return self._pos_idx[position]
+
+    # --- reading pieces ---
+
+    def _candidates(self, position: str) -> list[tuple[str, str]]:
+        return self._db.execute(
+            "SELECT s.id, s.file FROM shares JOIN sharers s ON s.idx = shares.sharer "
+            "WHERE shares.position = ? ORDER BY shares.sharer", (self._position(position),)).fetchall()
+
+    def candidates(self, position: str) -> list[str]:
+        """Ids of the sharers that share `position`, in the order they were first added."""
+        return [sid for sid, _ in self._candidates(position)]
+
+    def gates(self, position: str) -> tuple[list[str], torch.Tensor]:
+        """The candidates of `position` and their gates stacked [n, d_in]; reads only the gate tensors."""
+        rows = self._candidates(position)
+        if not rows:
+            return [], torch.empty(0, self.shapes[position][0])
+        return [sid for sid, _ in rows], torch.stack([self._open(f).get_tensor(f"{position}.gate") for _, f in rows])
+
+    def piece(self, sharer_id: str, position: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of one shared piece; reads only those two tensors."""
+        idx, file = self._sharer(sharer_id)
+        shared = self._db.execute("SELECT 1 FROM shares WHERE position = ? AND sharer = ?",
+                                  (self._position(position), idx)).fetchone()
+        if shared is None:
+            raise ValueError(f"{self.path}: sharer {sharer_id} does not share position {position}")
+        h = self._open(file)
+        return h.get_tensor(f"{position}.lora_A"), h.get_tensor(f"{position}.lora_B")
+
+    def sharer_pieces(self, sharer_id: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Every shared (A, B) of one sharer, in position order (the whole-PEFT retrieval baseline)."""
+        idx, file = self._sharer(sharer_id)
+        h = self._open(file)
+        shared = {p for (p,) in self._db.execute(
+            "SELECT p.name FROM shares JOIN positions p ON p.idx = shares.position WHERE shares.sharer = ?", (idx,))}
+        return {p: (h.get_tensor(f"{p}.lora_A"), h.get_tensor(f"{p}.lora_B")) for p in self.positions if p in shared}
+
+    def _open(self, file: str) -> Any:
+        """A cached safe_open handle (LRU): opening thousands of files per position is slow.
+        Correct because a sharer file's name carries its content hash and is never rewritten."""
+        h = self._handles.pop(file, None)
+        if h is None:
+            h = safe_open(self.path / file, framework="pt", device="cpu")
+        self._handles[file] = h
+        if len(self._handles) > _MAX_OPEN:
+            self._handles.popitem(last=False)
+        return h
+
+    # --- size ---
+
+    def nbytes(self) -> int:
+        """Bytes on disk of the whole pool folder (manifest and sharer files)."""
+        return dir_bytes(self.path)
+
+    def sharer_nbytes(self, sharer_id: str) -> int:
+        return self._db.execute("SELECT nbytes FROM sharers WHERE idx = ?", (self._sharer(sharer_id)[0],)).fetchone()[0]

@@ -1,0 +1,123 @@
+"""Recipes: a target user's assembled PEFT as a few KB of (sharer, weight) per position.
+
+A recipe names its pool and base fingerprint; with that pool it materialises into a standard
+PEFT LoRA adapter (`adapter_config.json` + `adapter_model.safetensors`) that plain
+`peft.PeftModel.from_pretrained(merged_base, folder)` loads, with no perpcs code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from safetensors.torch import save_file
+
+from perpcs.utils import write_text
+
+FORMAT = "perpcs-recipe/1"
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format: str = FORMAT
+    pool_id: str
+    base_fingerprint: str
+    lora: dict
+    mix: str = "linear"
+    top_k: int
+    user: str | None = None
+    settings: dict = {}
+    pieces: dict[str, list[tuple[str, float]]]
+
+    def save(self, path: str | Path) -> Path:
+        """Compact JSON (it is what a target user stores instead of a whole adapter)."""
+        return write_text(path, self.model_dump_json(exclude_none=True))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        path = Path(path)
+        try:
+            recipe = cls.model_validate(json.loads(path.read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, ValidationError) as e:
+            raise ValueError(f"{path}: not a perpcs recipe: {e}") from None
+        if recipe.format != FORMAT:
+            raise ValueError(f"{path}: recipe format {recipe.format!r}, this perpcs reads {FORMAT!r}")
+        return recipe
+
+    def rank(self) -> int:
+        """LoRA rank of the materialised adapter: r (linear), or r times the most pieces at a position (cat)."""
+        r = int(self.lora["r"])
+        return r if self.mix == "linear" else r * max(len(v) for v in self.pieces.values())
+
+    def peft_config(self, base_path: str | None = None):
+        return peft_lora_config(self.lora, self.rank(), base_path)
+
+
+def peft_lora_config(lora: dict, rank: int, base_path: str | None = None):
+    """A peft LoraConfig of `rank` whose scaling alpha / rank equals the sharers' alpha / r (no dropout: inference)."""
+    from peft import LoraConfig
+
+    alpha = float(lora["alpha"]) * rank / int(lora["r"])
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(lora["target_modules"]),
+                      bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_path)
+
+
+def materialize(recipe: Recipe, pool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{position: (A, B)} of the recipe's PEFT, reading only the selected pieces."""
+    from perpcs.assembly import mix_pieces
+
+    check_pool(recipe, pool)
+    rank = recipe.rank()
+    out = {}
+    for pos, chosen in recipe.pieces.items():
+        pieces = [pool.piece(sid, pos) for sid, _ in chosen]
+        out[pos] = mix_pieces(pieces, [w for _, w in chosen], recipe.mix, rank)
+    return out
+
+
+def check_pool(recipe: Recipe, pool) -> None:
+    if recipe.pool_id != pool.pool_id or recipe.base_fingerprint != pool.base_fingerprint:
+        raise ValueError(f"recipe was assembled from pool {recipe.pool_id} on base {recipe.base_fingerprint}, "
+                         f"not from this pool {pool.pool_id} on base {pool.base_fingerprint}")
+
+
+def peft_state_dict(weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """peft's on-disk key names for {position: (A, B)}."""
+    sd = {}
+    for pos, (A, B) in weights.items():
+        sd[f"base_model.model.{pos}.lora_A.weight"] = A.contiguous()
+        sd[f"base_model.model.{pos}.lora_B.weight"] = B.contiguous()
+    return sd
+
+
+def apply_recipe(model, recipe: Recipe, pool):
+    """Wrap a merged base in a peft model carrying the recipe's PEFT (in memory)."""
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    peft_model = get_peft_model(model, recipe.peft_config())
+    result = set_peft_model_state_dict(peft_model, peft_state_dict(materialize(recipe, pool)))
+    if result.unexpected_keys:
+        raise ValueError(f"recipe positions not in the model: {result.unexpected_keys[:5]}")
+    return peft_model.eval()
+
+
+def export_adapter(recipe: Recipe, pool, out: str | Path, base_path: str | None = None) -> Path:
+    """Write a standard PEFT adapter folder (atomically: temp folder, then rename)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        recipe.peft_config(base_path).save_pretrained(tmp)
+        save_file(peft_state_dict(materialize(recipe, pool)), tmp / "adapter_model.safetensors",
+                  metadata={"format": "pt", "perpcs_pool": recipe.pool_id, "base_fingerprint": recipe.base_fingerprint})
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
