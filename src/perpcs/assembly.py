@@ -173,16 +173,20 @@ class Assembler:
     def _hook(self, pos, mask, generator, totals, batch_trace):
         def hook(module, args):
             ids, gates = self.gates[pos]
-            if not ids:
-                raise ValueError(f"no sharer in the pool shares position {pos}")
-            scores = piece_scores(args[0], gates.to(args[0].device), mask)
-            idx, w = choose(scores, self.settings, generator)
-            chosen = [ids[i] for i in idx.tolist()]
-            install(module, mix_pieces([self.piece(c, pos) for c in chosen], w.tolist(), self.settings.mix,
-                                       module.lora_A["default"].weight.shape[0]))
-            for c, wi in zip(chosen, w.tolist()):
-                totals[pos][c] = totals[pos].get(c, 0.0) + wi
-            batch_trace[pos] = (list(ids), scores.cpu())
+            if not ids:  # no sharer shares this position (low sharing ratio): leave it without update
+                with torch.no_grad():
+                    module.lora_B["default"].weight.zero_()
+                batch_trace[pos] = ([], torch.empty(0))
+            else:
+                # chosen on the CPU: the seeded generator is a CPU one (multinomial refuses it for CUDA scores)
+                scores = piece_scores(args[0], gates.to(args[0].device), mask).cpu()
+                idx, w = choose(scores, self.settings, generator)
+                chosen = [ids[i] for i in idx.tolist()]
+                install(module, mix_pieces([self.piece(c, pos) for c in chosen], w.tolist(), self.settings.mix,
+                                           module.lora_A["default"].weight.shape[0]))
+                for c, wi in zip(chosen, w.tolist()):
+                    totals[pos][c] = totals[pos].get(c, 0.0) + wi
+                batch_trace[pos] = (list(ids), scores)
             if len(batch_trace) == len(self.pool.positions):
                 raise _Done
         return hook

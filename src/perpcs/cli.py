@@ -143,5 +143,152 @@ def model_prepare(base: Optional[str] = typer.Option(None, "--base", help="HF id
     print(json.dumps(asdict(describe(path)), indent=2))
 
 # --- pipeline steps (pipeline.py) ---
+def parse_overrides(pairs: list[str]) -> dict:
+    """`--set a.b=value` pairs into a nested dict (values parsed as JSON when they parse, else text)."""
+    out: dict = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {pair!r}: expected KEY=VALUE, e.g. sharer_train.lr=5e-4")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def build_config(data: Path, base: Optional[str], seed: int, targets: Optional[int], sharers: Optional[int],
+                 config: Optional[Path], overrides: list[str]):
+    """A RunConfig from defaults < --config file < flags < --set overrides."""
+    from perpcs.pipeline import RunConfig
+    from perpcs.utils import read_json
+
+    cfg = read_json(config) if config else {}
+    cfg.update({"data": str(data), "seed": seed})
+    if base:
+        cfg["base"] = base
+    if targets is not None:
+        cfg["n_targets"] = targets
+    if sharers is not None:
+        cfg["n_sharers"] = sharers
+    for key, value in parse_overrides(overrides).items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    return RunConfig.model_validate(cfg)
+
+
+def _run_command(all_steps: bool):
+    def command(
+        data: Path = typer.Option(..., "--data", help="data folder (task.json + users.jsonl)"),
+        run: Path = typer.Option(..., "--run", help="run folder to create or resume"),
+        base: Optional[str] = typer.Option(None, "--base", help="base model: HF id, folder or .gguf (default SmolLM2-135M-Instruct)"),
+        seed: int = typer.Option(0, "--seed"),
+        targets: Optional[int] = typer.Option(None, "--targets", help="number of target users (the most active)"),
+        sharers: Optional[int] = typer.Option(None, "--sharers", help="number of sharers S"),
+        config: Optional[Path] = typer.Option(None, "--config", help="JSON file of RunConfig fields"),
+        overrides: list[str] = typer.Option([], "--set", help="override a setting, e.g. --set assembly.top_k=5"),
+    ) -> None:
+        from pydantic import ValidationError
+
+        from perpcs.pipeline import Run
+
+        try:
+            r = Run.create(run, build_config(data, base, seed, targets, sharers, config, overrides))
+            if all_steps:
+                recipes = r.pipeline()
+                console.print(f"wrote {len(recipes)} recipes to {r.folder / 'recipes'}, pool at {r.pool_path}")
+        except (ValueError, FileNotFoundError, ValidationError) as e:
+            fail(str(e))
+        console.print(f"run folder: {r.folder} (settings in {r.folder / 'run.json'})")
+    command.__doc__ = ("Steps 0-5 for a data folder into a run folder (resumable): task LoRA, sharers, pool, recipes."
+                       if all_steps else "Create (or check) a run folder's settings without running any step.")
+    return command
+
+
+app.command("init")(_run_command(False))
+app.command("pipeline")(_run_command(True))
+
+
+def _step(name: str, doc: str):
+    def command(run: Path = typer.Option(..., "--run", help="run folder made by `perpcs init` or `perpcs pipeline`")) -> None:
+        from perpcs.pipeline import Run
+
+        try:
+            result = getattr(Run(run), name)()
+        except (ValueError, FileNotFoundError) as e:
+            fail(str(e))
+        console.print(f"{name}: done ({type(result).__name__}) in {run}")
+    command.__doc__ = doc
+    return command
+
+
+app.command("task-adapt")(_step("task_adapt", "Step 0: train the task LoRA on the base users and merge it."))
+app.command("select")(_step("select", "Step 1: choose the sharers (saved with the reason for each)."))
+app.command("share")(_step("build_pool", "Steps 2-4: each sharer's LoRA, its gates, its pieces into the pool."))
+app.command("assemble")(_step("assemble", "Step 5: a recipe per target user, from their history, no training."))
+
+
+@app.command("export")
+def export(run: Path = typer.Option(..., "--run"), user: str = typer.Option(..., "--user"),
+           out: Path = typer.Option(..., "--out", help="folder for the PEFT adapter")) -> None:
+    """Write one target user's assembled PEFT as a standard peft adapter folder."""
+    from perpcs.pipeline import Run
+
+    try:
+        path = Run(run).export(user, out)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        fail(str(e))
+    console.print(f"wrote PEFT adapter to {path} (load with peft.PeftModel.from_pretrained(merged_base, '{path}'))")
 
 # --- bench and demo (bench.py) ---
+QUICK = ["task_train.steps=4", "sharer_train.steps=3", "gate_train.steps=2", "n_targets=2", "n_sharers=3",
+         "min_sharer_items=1"]
+
+
+def _bench(data: Path, out: Path, config, methods: list[str]) -> None:
+    from perpcs.bench import BenchSettings, bench
+
+    settings = BenchSettings(**({"methods": methods} if methods else {}))
+    bench(data, out, config, settings)
+    console.print(f"wrote {out / 'results.json'}, {out / 'results.md'} and predictions in {out / 'preds'}")
+    print((out / "results.md").read_text())
+
+
+@app.command("bench")
+def bench_command(
+    data: Path = typer.Option(..., "--data", help="data folder (task.json + users.jsonl)"),
+    out: Path = typer.Option(..., "--out", help="output folder (results.json, results.md, preds/, run/)"),
+    methods: list[str] = typer.Option([], "--methods", help="methods to run (repeat); default: all"),
+    targets: Optional[int] = typer.Option(None, "--targets", help="number of target users (the most active)"),
+    sharers: Optional[int] = typer.Option(None, "--sharers", help="number of sharers S"),
+    seed: int = typer.Option(0, "--seed"),
+    base: Optional[str] = typer.Option(None, "--base", help="base model (default SmolLM2-135M-Instruct)"),
+    quick: bool = typer.Option(False, "--quick", help="tiny budgets: checks the harness, numbers mean nothing"),
+    config: Optional[Path] = typer.Option(None, "--config", help="JSON file of RunConfig fields"),
+    overrides: list[str] = typer.Option([], "--set", help="override a setting, e.g. --set sharer_train.lr=5e-4"),
+) -> None:
+    """Per-Pcs vs non-personalized, RAG, PEFT retrieval and OPPU on one data set, with costs."""
+    from pydantic import ValidationError
+
+    try:
+        cfg = build_config(data, base, seed, targets, sharers, config, (QUICK if quick else []) + overrides)
+        _bench(data, out, cfg, methods)
+    except (ValueError, FileNotFoundError, ValidationError) as e:
+        fail(str(e))
+
+
+@app.command("demo")
+def demo(out: Path = typer.Option(Path("runs/demo"), "--out"), seed: int = typer.Option(0, "--seed")) -> None:
+    """Synthesise the built-in collaborative data set and run the full bench on it (about 15 minutes on 2 CPU cores)."""
+    from perpcs.bench import DEMO_CONFIG
+    from perpcs.synth import save_synthetic, synthesize
+
+    data = out / "data"
+    save_synthetic(synthesize("classification", n_users=DEMO_CONFIG["users"], seed=seed), data)
+    console.print(f"wrote synthetic data to {data}")
+    cfg = build_config(data, None, seed, None, None, None, [f"{k}={json.dumps(v)}" for k, v in DEMO_CONFIG["run"].items()])
+    _bench(data, out, cfg, [])

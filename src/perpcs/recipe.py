@@ -8,16 +8,13 @@ PEFT LoRA adapter (`adapter_config.json` + `adapter_model.safetensors`) that pla
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors.torch import save_file
 
-from perpcs.utils import write_text
+from perpcs.utils import atomic_dir, write_text
 
 FORMAT = "perpcs-recipe/1"
 
@@ -52,7 +49,7 @@ class Recipe(BaseModel):
     def rank(self) -> int:
         """LoRA rank of the materialised adapter: r (linear), or r times the most pieces at a position (cat)."""
         r = int(self.lora["r"])
-        return r if self.mix == "linear" else r * max(len(v) for v in self.pieces.values())
+        return r if self.mix == "linear" else r * max(1, max(len(v) for v in self.pieces.values()))
 
     def peft_config(self, base_path: str | None = None):
         return peft_lora_config(self.lora, self.rank(), base_path)
@@ -75,6 +72,10 @@ def materialize(recipe: Recipe, pool) -> dict[str, tuple[torch.Tensor, torch.Ten
     rank = recipe.rank()
     out = {}
     for pos, chosen in recipe.pieces.items():
+        if not chosen:  # no sharer shares this position: no update there
+            d_in, d_out = pool.shapes[pos]
+            out[pos] = (torch.zeros(rank, d_in), torch.zeros(d_out, rank))
+            continue
         pieces = [pool.piece(sid, pos) for sid, _ in chosen]
         out[pos] = mix_pieces(pieces, [w for _, w in chosen], recipe.mix, rank)
     return out
@@ -95,29 +96,27 @@ def peft_state_dict(weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> di
     return sd
 
 
-def apply_recipe(model, recipe: Recipe, pool):
-    """Wrap a merged base in a peft model carrying the recipe's PEFT (in memory)."""
+def apply_lora(model, lora: dict, rank: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+    """Wrap a merged base (in place) in a peft model carrying the given LoRA weights; `.unload()` undoes it."""
     from peft import get_peft_model, set_peft_model_state_dict
 
-    peft_model = get_peft_model(model, recipe.peft_config())
-    result = set_peft_model_state_dict(peft_model, peft_state_dict(materialize(recipe, pool)))
+    peft_model = get_peft_model(model, peft_lora_config(lora, rank))
+    result = set_peft_model_state_dict(peft_model, peft_state_dict(weights))
     if result.unexpected_keys:
-        raise ValueError(f"recipe positions not in the model: {result.unexpected_keys[:5]}")
+        raise ValueError(f"LoRA positions not in the model: {result.unexpected_keys[:5]}")
     return peft_model.eval()
+
+
+def apply_recipe(model, recipe: Recipe, pool):
+    """The merged base carrying the recipe's PEFT, in memory."""
+    return apply_lora(model, recipe.lora, recipe.rank(), materialize(recipe, pool))
 
 
 def export_adapter(recipe: Recipe, pool, out: str | Path, base_path: str | None = None) -> Path:
     """Write a standard PEFT adapter folder (atomically: temp folder, then rename)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    weights = materialize(recipe, pool)  # refuses a foreign pool before anything is written
+    with atomic_dir(out) as tmp:
         recipe.peft_config(base_path).save_pretrained(tmp)
-        save_file(peft_state_dict(materialize(recipe, pool)), tmp / "adapter_model.safetensors",
+        save_file(peft_state_dict(weights), tmp / "adapter_model.safetensors",
                   metadata={"format": "pt", "perpcs_pool": recipe.pool_id, "base_fingerprint": recipe.base_fingerprint})
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out)

@@ -1,0 +1,211 @@
+"""`perpcs bench`: Per-Pcs and its baselines side by side, with their costs, in one run.
+
+Splits users (targets: the most active), runs the pipeline, personalises every target user with
+every method, generates greedy answers to their queries, scores them, and writes
+OUT/results.json, OUT/results.md (the table to read first) and OUT/preds/<method>.json.
+Seconds are `time.perf_counter` around the personalisation work only (model loading is reported
+separately); bytes are what must be stored for that user.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from tqdm.auto import tqdm
+
+from perpcs.baselines import METHODS, average_loras, generate, load_lora, prompts
+from perpcs.data import User
+from perpcs.evaluation import primary_metric, score, write_lamp_outputs
+from perpcs.pipeline import Run, RunConfig, safe_name
+from perpcs.recipe import Recipe, apply_lora, apply_recipe
+from perpcs.selection import history_embeddings, nearest_users
+from perpcs.training import train_lora
+from perpcs.utils import dir_bytes, write_json, write_text
+
+
+class BenchSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    methods: list[str] = list(METHODS)
+    rag_k: int = 1
+    retrieval_m: int = 1
+    gen_batch_size: int = 16
+
+
+class _Personalized:
+    """What a method gives one user: the model to generate with, the RAG depth, and its costs."""
+
+    def __init__(self, model, rag_k: int = 0, seconds: float = 0.0, nbytes: int = 0):
+        self.model, self.rag_k, self.seconds, self.nbytes = model, rag_k, seconds, nbytes
+
+
+class Bench:
+    def __init__(self, run: Run, settings: BenchSettings, out: Path):
+        unknown = set(settings.methods) - set(METHODS)
+        if unknown:
+            raise ValueError(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
+        self.run, self.settings, self.out = run, settings, out
+        self.model, self.tok = run.merged
+        self.task = run.data.task
+
+    @contextmanager
+    def personalize(self, method: str, user: User):
+        """Yield the user's personalised model for `method`; leave the merged model clean afterwards."""
+        s, run = self.settings, self.run
+        if method in ("non_personalized", "rag"):
+            yield _Personalized(self.model, s.rag_k if method == "rag" else 0)
+            return
+        if method in ("perpcs", "perpcs+rag"):
+            recipe_path = run.recipe_path(user.user_id)
+            seconds = run.stats()["assemble"]["seconds_per_user"][user.user_id]
+            peft_model = apply_recipe(self.model, Recipe.load(recipe_path), self.pool)
+            result = _Personalized(peft_model, s.rag_k if method == "perpcs+rag" else 0, seconds, recipe_path.stat().st_size)
+        elif method == "peft_retrieval":
+            t0 = time.perf_counter()
+            idx = nearest_users(history_embeddings([user])[0], self.sharer_embeddings, s.retrieval_m)
+            chosen = [self.sharers[i] for i in idx]
+            weights = average_loras([load_lora(run.sharer_dir(u) / "adapter") for u in chosen])
+            seconds = time.perf_counter() - t0
+            peft_model = apply_lora(self.model, run.config.lora.model_dump(), run.config.lora.r, weights)
+            result = _Personalized(peft_model, 0, seconds, len(json.dumps([self.pool.pseudonym(u) for u in chosen])))
+        else:  # oppu
+            peft_model, seconds, nbytes = self.oppu(user)
+            result = _Personalized(peft_model, 0, seconds, nbytes)
+        try:
+            yield result
+        finally:
+            peft_model.unload()
+
+    def oppu(self, user: User):
+        """Train (or reload) the user's own LoRA with the sharers' settings and budget."""
+        from peft import PeftModel
+
+        folder = self.run.folder / "oppu" / safe_name(user.user_id)
+        stats_path = folder / "stats.json"
+        if stats_path.exists():
+            peft_model = PeftModel.from_pretrained(self.model, folder / "adapter")
+            stats = json.loads(stats_path.read_text())
+        else:
+            c = self.run.config
+            examples = self.run.examples(user, self.tok)
+            torch.manual_seed(c.seed)
+            peft_model, stats = train_lora(self.model, examples, c.lora, c.sharer_train, self.tok.pad_token_id,
+                                           desc=f"oppu {user.user_id}")
+            peft_model.save_pretrained(folder / "adapter")
+            write_json(stats_path, stats)
+        return peft_model.eval(), stats["seconds"], dir_bytes(folder / "adapter")
+
+    def evaluate(self) -> dict:
+        run, task = self.run, self.task
+        targets = run.users(run.split["targets"])
+        self.pool = run.open_pool()
+        self.sharers = [sel.user_id for sel in run.select()]
+        self.sharer_embeddings = history_embeddings(run.users(self.sharers))
+        golds = {q.id: q.output for u in targets for q in u.queries}
+        write_lamp_outputs(self.out / "golds.json", task.name, golds)
+        results = {}
+        for method in self.settings.methods:
+            preds, seconds, nbytes = {}, [], []
+            for user in tqdm(targets, desc=f"bench: {method}"):
+                with self.personalize(method, user) as p:
+                    texts = generate(p.model, self.tok, prompts(task, user, p.rag_k), task.new_tokens,
+                                     self.settings.gen_batch_size)
+                preds.update({q.id: task.parse_output(t) for q, t in zip(user.queries, texts)})
+                seconds.append(p.seconds)
+                nbytes.append(p.nbytes)
+            write_lamp_outputs(self.out / "preds" / f"{method}.json", task.name, preds)
+            results[method] = {"metrics": score(task, golds, preds),
+                               "personalize_seconds_per_user": statistics.mean(seconds),
+                               "bytes_per_user": statistics.mean(nbytes)}
+        return results
+
+
+def bench(data: str | Path, out: str | Path, config: RunConfig, settings: BenchSettings) -> dict:
+    """Run the pipeline and every method; write OUT/results.json and OUT/results.md."""
+    out = Path(out)
+    run = Run.create(out / "run", config)
+    run.pipeline()
+    t0 = time.perf_counter()
+    b = Bench(run, settings, out)
+    load_seconds = time.perf_counter() - t0
+    methods = b.evaluate()
+    stats = run.stats()
+    name, higher = primary_metric(run.data.task)
+    results = {
+        "dataset": str(data), "task": run.data.task.name, "kind": run.data.task.kind,
+        "base_model": config.base or "SmolLM2-135M-Instruct (default)", "base_fingerprint": run.merged_fingerprint,
+        "seed": config.seed, "n_targets": len(run.split["targets"]), "n_sharers": len(run.select()),
+        "n_queries": sum(len(u.queries) for u in run.users(run.split["targets"])),
+        "primary_metric": {"name": name, "higher_is_better": higher},
+        "methods": methods,
+        "one_time": {"task_adapt_seconds": stats["task_adapt"]["seconds"],
+                     "sharer_lora_seconds": stats["build_pool"]["sharer_lora_seconds"],
+                     "gate_seconds": stats["build_pool"]["gate_seconds"],
+                     "pool_bytes": stats["build_pool"]["pool_bytes"],
+                     "model_load_seconds": stats["task_adapt"].get("base_load_seconds", 0.0) + load_seconds},
+        "machine": {"platform": platform.platform(), "processor": platform.machine(),
+                    "torch_threads": torch.get_num_threads(), "device": run.device},
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": config.model_dump(),
+    }
+    write_json(out / "results.json", results)
+    write_text(out / "results.md", results_table(results))
+    return results
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def results_table(r: dict) -> str:
+    """The markdown table a person reads first: method x metrics x cost, with ratios to OPPU."""
+    methods = r["methods"]
+    metric_names = [k for k in next(iter(methods.values()))["metrics"] if k != "n"]
+    primary = r["primary_metric"]["name"]
+    oppu, base = methods.get("oppu"), methods.get("non_personalized")
+    head = ["method", *metric_names, "personalize s/user", "bytes/user"]
+    if oppu:
+        head += ["time vs OPPU", "storage vs OPPU"]
+    if oppu and base:
+        head.append("share of OPPU's gain")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in methods.items():
+        row = [name, *(f"{m['metrics'][k]:.4f}" for k in metric_names),
+               f"{m['personalize_seconds_per_user']:.2f}", _fmt_bytes(m["bytes_per_user"])]
+        if oppu:
+            t, b = m["personalize_seconds_per_user"], m["bytes_per_user"]
+            row += [f"{oppu['personalize_seconds_per_user'] / t:.1f}x less" if t else "-",
+                    f"{oppu['bytes_per_user'] / b:.0f}x less" if b else "-"]
+        if oppu and base:
+            gain = oppu["metrics"][primary] - base["metrics"][primary]
+            row.append(f"{(m['metrics'][primary] - base['metrics'][primary]) / gain:.0%}" if gain else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    o = r["one_time"]
+    return "\n".join([
+        f"# perpcs bench: {r['task']} ({r['kind']}), {r['n_targets']} target users, {r['n_queries']} queries, "
+        f"{r['n_sharers']} sharers, seed {r['seed']}",
+        "",
+        f"Primary metric: {primary} ({'higher' if r['primary_metric']['higher_is_better'] else 'lower'} is better). "
+        f"Base: {r['base_model']} on {r['machine']['device']}, {r['date']}.",
+        "",
+        *lines,
+        "",
+        f"One-time costs: task adaptation {o['task_adapt_seconds']:.0f} s, sharer LoRAs {o['sharer_lora_seconds']:.0f} s, "
+        f"gates {o['gate_seconds']:.0f} s, pool {_fmt_bytes(o['pool_bytes'])}; model loading {o['model_load_seconds']:.0f} s.",
+        "",
+    ])
+
+
+# The demo's data size and budgets: chosen so that `perpcs demo` runs in about 15 minutes on 2 CPU cores.
+DEMO_CONFIG = {"users": 48, "run": {"n_targets": 8, "n_sharers": 8}}

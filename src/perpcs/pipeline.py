@@ -1,0 +1,285 @@
+"""The Per-Pcs pipeline over a run folder: steps 0-5 of the method, each resumable.
+
+    RUN/run.json                 the run's settings (RunConfig)
+    RUN/split.json               base users / sharer candidates / target users
+    RUN/task/adapter, merged/    step 0: task LoRA, and the base with it merged in
+    RUN/selection.json           step 1: the sharers, with the reason each was chosen
+    RUN/sharers/<id>/            step 2-3: a sharer's own LoRA (peft folder) and training stats
+    RUN/pool/                    step 4: the shared pieces and gates (see docs/pool.md)
+    RUN/recipes/<id>.json        step 5: each target user's recipe
+    RUN/stats.json               seconds and sizes of every step
+
+A step whose output exists is not redone (a finished sharer is not retrained).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+import time
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+from perpcs.assembly import Assembler, AssemblySettings
+from perpcs.data import Dataset, User, load_dataset
+from perpcs.gates import lora_layers, train_gates
+from perpcs.models import fingerprint, load_base, prepare_base
+from perpcs.pool import Pool, share_mask
+from perpcs.recipe import Recipe, export_adapter
+from perpcs.selection import Selection, load_selection, save_selection, select_sharers
+from perpcs.training import LoraSettings, TrainSettings, history_examples, lora_state, train_lora
+from perpcs.utils import atomic_dir, dir_bytes, read_json, seed_everything, write_json
+
+
+class RunConfig(BaseModel):
+    """Everything a run depends on. Defaults are sized for SmolLM2-135M on 2 CPU cores (docs/hyperparameters.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+    data: str
+    base: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    n_targets: int = 8
+    base_fraction: float = 0.3
+    n_sharers: int = 12
+    selection: str = "cluster"
+    min_sharer_items: int = 10
+    share_ratio: float = 1.0
+    retrieval_copies: bool = False
+    max_len: int = 256
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    task_train: TrainSettings = Field(default_factory=lambda: TrainSettings(lr=1e-3, steps=60, batch_size=8))
+    sharer_train: TrainSettings = Field(default_factory=lambda: TrainSettings(lr=1e-3, epochs=2, batch_size=4))
+    gate_train: TrainSettings = Field(default_factory=lambda: TrainSettings(lr=1e-2, epochs=1, batch_size=4))
+    assembly: AssemblySettings = Field(default_factory=AssemblySettings)
+
+
+def split_users(users: list[User], n_targets: int, base_fraction: float, seed: int) -> dict[str, list[str]]:
+    """Targets: the n most active users (as in the paper); the rest, seeded shuffle: base users first, then candidates."""
+    if n_targets >= len(users):
+        raise ValueError(f"n_targets={n_targets} leaves no base users or sharers among {len(users)} users")
+    by_activity = sorted(users, key=lambda u: (-len(u.history), u.user_id))
+    targets = [u.user_id for u in by_activity[:n_targets]]
+    rest = sorted(u.user_id for u in by_activity[n_targets:])
+    random.Random(seed).shuffle(rest)
+    n_base = max(1, round(base_fraction * len(rest))) if base_fraction > 0 else 0
+    if n_base >= len(rest):
+        raise ValueError(f"base_fraction={base_fraction} leaves no sharer candidates among {len(rest)} users")
+    return {"base": sorted(rest[:n_base]), "candidates": sorted(rest[n_base:]), "targets": targets}
+
+
+def safe_name(user_id: str) -> str:
+    """A file name for a user id (ids may hold slashes); a hash suffix keeps distinct ids distinct."""
+    clean = re.sub(r"[^A-Za-z0-9_.-]", "_", user_id)[:48]
+    return f"{clean}-{hashlib.sha256(user_id.encode()).hexdigest()[:8]}"
+
+
+def resolve_device(device: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+class Run:
+    """A run folder. `Run.create(folder, config)` starts or resumes one; the step methods fill it."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        if not (self.folder / "run.json").exists():
+            raise FileNotFoundError(f"{self.folder}: not a perpcs run folder (no run.json); start one with `perpcs pipeline`")
+        self.config = RunConfig.model_validate(read_json(self.folder / "run.json"))
+        self.device = resolve_device(self.config.device)
+
+    @classmethod
+    def create(cls, folder: str | Path, config: RunConfig) -> "Run":
+        """Start a run, or resume one whose saved settings are the same (else refuse: its outputs would mix)."""
+        folder = Path(folder)
+        path = folder / "run.json"
+        if path.exists():
+            saved = RunConfig.model_validate(read_json(path))
+            if saved != config:
+                diff = [k for k in config.model_fields if getattr(saved, k) != getattr(config, k)]
+                raise ValueError(f"{path}: this run folder was made with other settings ({', '.join(diff)}); "
+                                 "use a new --run folder")
+        else:
+            write_json(path, config.model_dump())
+        return cls(folder)
+
+    # --- shared state ---
+
+    @cached_property
+    def data(self) -> Dataset:
+        return load_dataset(self.config.data)
+
+    def users(self, ids: list[str]) -> list[User]:
+        return [self.data.user(i) for i in ids]
+
+    @cached_property
+    def split(self) -> dict[str, list[str]]:
+        path = self.folder / "split.json"
+        if not path.exists():
+            c = self.config
+            write_json(path, split_users(self.data.users, c.n_targets, c.base_fraction, c.seed))
+        return read_json(path)
+
+    def record(self, step: str, stats: dict) -> None:
+        path = self.folder / "stats.json"
+        all_stats = read_json(path) if path.exists() else {}
+        all_stats[step] = stats
+        write_json(path, all_stats)
+
+    def stats(self) -> dict:
+        path = self.folder / "stats.json"
+        return read_json(path) if path.exists() else {}
+
+    def examples(self, user: User, tokenizer) -> list:
+        c = self.config
+        return history_examples(self.data.task, tokenizer, user.history, c.max_len, c.retrieval_copies, user.profile)
+
+    @property
+    def merged_path(self) -> Path:
+        return self.folder / "task" / "merged"
+
+    @cached_property
+    def merged(self):
+        """(model, tokenizer) of the task-adapted base, loaded once per process."""
+        self.task_adapt()
+        return load_base(self.merged_path, device=self.device)
+
+    @cached_property
+    def merged_fingerprint(self) -> str:
+        return read_json(self.folder / "task" / "fingerprint.json")["fingerprint"]
+
+    # --- step 0 ---
+
+    def task_adapt(self) -> Path:
+        """Train the task LoRA on the base users' histories and merge it into the base (once)."""
+        if (self.merged_path / "config.json").exists():
+            return self.merged_path
+        c = self.config
+        seed_everything(c.seed)
+        t_load = time.perf_counter()
+        model, tok = load_base(prepare_base(c.base), device=self.device)
+        load_seconds = time.perf_counter() - t_load
+        examples = [e for u in self.users(self.split["base"]) for e in self.examples(u, tok)]
+        peft_model, stats = train_lora(model, examples, c.lora, c.task_train, tok.pad_token_id, desc="step 0: task LoRA")
+        peft_model.save_pretrained(self.folder / "task" / "adapter")
+        merged = peft_model.merge_and_unload()
+        with atomic_dir(self.merged_path) as tmp:
+            merged.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+        write_json(self.folder / "task" / "fingerprint.json", {"fingerprint": fingerprint(merged)})
+        self.record("task_adapt", {**stats, "examples": len(examples), "base_load_seconds": load_seconds})
+        return self.merged_path
+
+    # --- step 1 ---
+
+    def select(self) -> list[Selection]:
+        path = self.folder / "selection.json"
+        if not path.exists():
+            c = self.config
+            t0 = time.perf_counter()
+            sel = select_sharers(self.users(self.split["candidates"]), c.n_sharers, c.selection, c.seed, c.min_sharer_items)
+            save_selection(path, sel)
+            self.record("select", {"seconds": time.perf_counter() - t0, "sharers": len(sel)})
+        return load_selection(path)
+
+    # --- steps 2-4 ---
+
+    @property
+    def pool_path(self) -> Path:
+        return self.folder / "pool"
+
+    def sharer_dir(self, user_id: str) -> Path:
+        return self.folder / "sharers" / safe_name(user_id)
+
+    def build_pool(self) -> Pool:
+        """Each sharer: own LoRA (step 2), then gates with the LoRA frozen (step 3), then its pieces into the pool (step 4)."""
+        c = self.config
+        model, tok = self.merged
+        pool = Pool.open(self.pool_path, self.merged_fingerprint) if (self.pool_path / "pool.sqlite").exists() else None
+        for sel in tqdm(self.select(), desc="steps 2-4: sharers"):
+            done = self.sharer_dir(sel.user_id) / "stats.json"
+            if done.exists() and pool is not None and pool.pseudonym(sel.user_id) in pool.sharers():
+                continue
+            user = self.data.user(sel.user_id)
+            examples = self.examples(user, tok)
+            seed_everything(c.seed)
+            peft_model, lora_stats = train_lora(model, examples, c.lora, c.sharer_train, tok.pad_token_id,
+                                                desc=f"sharer {sel.user_id}: LoRA")
+            gates, gate_stats = train_gates(peft_model, examples, c.gate_train, tok.pad_token_id,
+                                            desc=f"sharer {sel.user_id}: gates")
+            peft_model.save_pretrained(self.sharer_dir(sel.user_id) / "adapter")
+            if pool is None:
+                shapes = {pos: (m.in_features, m.out_features) for pos, m in lora_layers(peft_model).items()}
+                pool = Pool.create(self.pool_path, self.merged_fingerprint, c.lora.model_dump(), shapes,
+                                   seed=c.seed, sharing_ratio=c.share_ratio)
+            pieces = {pos: (A, B, gates[pos]) for pos, (A, B) in lora_state(peft_model).items()}
+            sid = pool.add_sharer(sel.user_id, pieces, share_mask(pool.positions, c.share_ratio, c.seed, sel.user_id))
+            peft_model.unload()
+            write_json(done, {"sharer_id": sid, "lora": lora_stats, "gates": gate_stats, "examples": len(examples)})
+        self.record("build_pool", self._pool_stats(pool))
+        return pool
+
+    def _pool_stats(self, pool: Pool) -> dict:
+        per = [read_json(self.sharer_dir(s.user_id) / "stats.json") for s in self.select()]
+        return {"sharers": len(pool), "pool_bytes": pool.nbytes(),
+                "sharer_lora_seconds": sum(p["lora"]["seconds"] for p in per),
+                "gate_seconds": sum(p["gates"]["seconds"] for p in per)}
+
+    def open_pool(self) -> Pool:
+        return Pool.open(self.pool_path, self.merged_fingerprint, self.config.lora.model_dump())
+
+    # --- step 5 ---
+
+    def recipe_path(self, user_id: str) -> Path:
+        return self.folder / "recipes" / f"{safe_name(user_id)}.json"
+
+    def assemble(self, user_ids: list[str] | None = None) -> dict[str, Recipe]:
+        """A recipe for each target user (or the given users) from their own history; no training."""
+        c = self.config
+        model, tok = self.merged
+        pool = self.open_pool()
+        user_ids = self.split["targets"] if user_ids is None else user_ids
+        assembler = Assembler(model, pool, c.assembly)
+        recipes, seconds = {}, {}
+        try:
+            for uid in tqdm(user_ids, desc="step 5: assemble"):
+                path = self.recipe_path(uid)
+                if path.exists():
+                    recipes[uid] = Recipe.load(path)
+                    continue
+                user = self.data.user(uid)
+                t0 = time.perf_counter()
+                recipes[uid] = assembler.recipe(self.data.task, tok, user.history, user.profile, user=uid)
+                seconds[uid] = time.perf_counter() - t0
+                recipes[uid].save(path)
+        finally:
+            assembler.unload()
+        if seconds:
+            seconds = {**self.stats().get("assemble", {}).get("seconds_per_user", {}), **seconds}
+            self.record("assemble", {"seconds_per_user": seconds,
+                                     "recipe_bytes": {u: self.recipe_path(u).stat().st_size for u in seconds}})
+        return recipes
+
+    def export(self, user_id: str, out: str | Path) -> Path:
+        """Write the user's assembled PEFT as a standard peft adapter folder."""
+        path = self.recipe_path(user_id)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no recipe for user {user_id!r}; run `perpcs assemble` first")
+        return export_adapter(Recipe.load(path), self.open_pool(), out, str(self.merged_path.resolve()))
+
+    def pipeline(self) -> dict[str, Recipe]:
+        self.task_adapt()
+        self.select()
+        self.build_pool()
+        return self.assemble()
+
+
+def sizes(run: Run) -> dict:
+    """Bytes on disk of the main artefacts (for reports)."""
+    return {"merged_model": dir_bytes(run.merged_path), "pool": dir_bytes(run.pool_path),
+            "recipes": dir_bytes(run.folder / "recipes") if (run.folder / "recipes").exists() else 0}
