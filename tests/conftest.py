@@ -39,3 +39,46 @@ def tiny_model():
 @pytest.fixture
 def tokenizer():
     return ByteTokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """A tiny random Llama saved as an HF folder with the default base's real tokenizer: usable as `--base`."""
+    from transformers import AutoTokenizer
+
+    from perpcs.models import prepare_base
+
+    try:
+        source = prepare_base()
+    except FileNotFoundError as e:
+        pytest.skip(f"default base's tokenizer unavailable: {e}")
+    tok = AutoTokenizer.from_pretrained(str(source))
+    folder = tmp_path_factory.mktemp("tiny_base")
+    model = tiny_llama(vocab=len(tok))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    for cfg in (model.config, model.generation_config):
+        cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.eos_token_id, pad
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """12 synthetic classification users (6-10 history items, 2 queries each)."""
+    from perpcs.synth import save_synthetic, synthesize
+
+    return save_synthetic(synthesize("classification", n_users=12, seed=0, history=(6, 10), n_queries=2),
+                          tmp_path_factory.mktemp("tiny_data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_run_config(tiny_data, tiny_base):
+    """Make a RunConfig on the tiny base and data with tiny budgets (2 targets, 3 sharers, 1-2 steps)."""
+    from perpcs.pipeline import RunConfig
+
+    def make(**overrides) -> RunConfig:
+        cfg = dict(data=str(tiny_data), base=str(tiny_base), n_targets=2, n_sharers=3, min_sharer_items=1,
+                   task_train={"steps": 2}, sharer_train={"steps": 2}, gate_train={"steps": 1})
+        return RunConfig(**{**cfg, **overrides})
+    return make

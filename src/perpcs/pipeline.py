@@ -58,9 +58,19 @@ class RunConfig(BaseModel):
     gate_train: TrainSettings = Field(default_factory=lambda: TrainSettings(lr=1e-2, epochs=1, batch_size=4))
     assembly: AssemblySettings = Field(default_factory=AssemblySettings)
 
+    def training(self, which: str, user_id: str = "") -> TrainSettings:
+        """The settings of one training run, seeded from the run's seed, the step and the user
+        (so each LoRA has its own initialisation and batch order, and the same seed repeats them)."""
+        settings: TrainSettings = getattr(self, which)
+        key = f"{self.seed}:{which}:{user_id}".encode()
+        return settings.model_copy(update={"seed": int.from_bytes(hashlib.sha256(key).digest()[:4], "big")})
+
 
 def split_users(users: list[User], n_targets: int, base_fraction: float, seed: int) -> dict[str, list[str]]:
     """Targets: the n most active users (as in the paper); the rest, seeded shuffle: base users first, then candidates."""
+    if n_targets < 1 or not 0 <= base_fraction < 1:
+        raise ValueError(f"need n_targets >= 1 and 0 <= base_fraction < 1, got n_targets={n_targets}, "
+                         f"base_fraction={base_fraction}")
     if n_targets >= len(users):
         raise ValueError(f"n_targets={n_targets} leaves no base users or sharers among {len(users)} users")
     by_activity = sorted(users, key=lambda u: (-len(u.history), u.user_id))
@@ -101,7 +111,7 @@ class Run:
         if path.exists():
             saved = RunConfig.model_validate(read_json(path))
             if saved != config:
-                diff = [k for k in config.model_fields if getattr(saved, k) != getattr(config, k)]
+                diff = [k for k in RunConfig.model_fields if getattr(saved, k) != getattr(config, k)]
                 raise ValueError(f"{path}: this run folder was made with other settings ({', '.join(diff)}); "
                                  "use a new --run folder")
         else:
@@ -165,7 +175,8 @@ class Run:
         model, tok = load_base(prepare_base(c.base), device=self.device)
         load_seconds = time.perf_counter() - t_load
         examples = [e for u in self.users(self.split["base"]) for e in self.examples(u, tok)]
-        peft_model, stats = train_lora(model, examples, c.lora, c.task_train, tok.pad_token_id, desc="step 0: task LoRA")
+        peft_model, stats = train_lora(model, examples, c.lora, c.training("task_train"), tok.pad_token_id,
+                                       desc="step 0: task LoRA")
         peft_model.save_pretrained(self.folder / "task" / "adapter")
         merged = peft_model.merge_and_unload()
         with atomic_dir(self.merged_path) as tmp:
@@ -201,17 +212,20 @@ class Run:
         c = self.config
         model, tok = self.merged
         pool = Pool.open(self.pool_path, self.merged_fingerprint) if (self.pool_path / "pool.sqlite").exists() else None
-        for sel in tqdm(self.select(), desc="steps 2-4: sharers"):
+        selection = self.select()
+        if not selection:
+            raise ValueError(f"{self.folder / 'selection.json'}: no sharer was selected (every cluster skipped? "
+                             "lower min_sharer_items or use another selection strategy)")
+        for sel in tqdm(selection, desc="steps 2-4: sharers"):
             done = self.sharer_dir(sel.user_id) / "stats.json"
             if done.exists() and pool is not None and pool.pseudonym(sel.user_id) in pool.sharers():
                 continue
             user = self.data.user(sel.user_id)
             examples = self.examples(user, tok)
-            seed_everything(c.seed)
-            peft_model, lora_stats = train_lora(model, examples, c.lora, c.sharer_train, tok.pad_token_id,
-                                                desc=f"sharer {sel.user_id}: LoRA")
-            gates, gate_stats = train_gates(peft_model, examples, c.gate_train, tok.pad_token_id,
-                                            desc=f"sharer {sel.user_id}: gates")
+            peft_model, lora_stats = train_lora(model, examples, c.lora, c.training("sharer_train", sel.user_id),
+                                                tok.pad_token_id, desc=f"sharer {sel.user_id}: LoRA")
+            gates, gate_stats = train_gates(peft_model, examples, c.training("gate_train", sel.user_id),
+                                            tok.pad_token_id, desc=f"sharer {sel.user_id}: gates")
             peft_model.save_pretrained(self.sharer_dir(sel.user_id) / "adapter")
             if pool is None:
                 shapes = {pos: (m.in_features, m.out_features) for pos, m in lora_layers(peft_model).items()}

@@ -1,0 +1,161 @@
+"""The bench harness and `perpcs bench`, end to end on a tiny random Llama (numbers mean nothing; the accounting does)."""
+
+import statistics
+
+import pytest
+import torch
+
+from perpcs.baselines import METHODS
+from perpcs.bench import Bench, BenchSettings, bench, results_table
+from perpcs.data import load_dataset
+from perpcs.evaluation import read_lamp_outputs, score
+from perpcs.pipeline import Run, safe_name
+from perpcs.utils import read_json
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def benched(tmp_path_factory, tiny_data, tiny_run_config):
+    out = tmp_path_factory.mktemp("bench")
+    bench(tiny_data, out, tiny_run_config(), BenchSettings())
+    return out, Run(out / "run")
+
+
+def files_bytes(folder) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def test_results_schema(benched, tiny_data):
+    out, run = benched
+    r = read_json(out / "results.json")
+    assert {"dataset", "task", "kind", "base_model", "base_fingerprint", "seed", "n_targets", "n_sharers",
+            "primary_metric", "methods", "one_time"} <= set(r)
+    assert (r["dataset"], r["task"], r["kind"], r["seed"]) == (str(tiny_data), run.data.task.name, "classification", 0)
+    assert (r["n_targets"], r["n_sharers"], r["base_fingerprint"]) == (2, 3, run.merged_fingerprint)
+    assert r["primary_metric"] == {"name": "accuracy", "higher_is_better": True}
+    assert list(r["methods"]) == METHODS
+    for m in r["methods"].values():
+        assert {"metrics", "personalize_seconds_per_user", "bytes_per_user"} <= set(m)
+    stats = run.stats()
+    assert r["one_time"]["task_adapt_seconds"] == stats["task_adapt"]["seconds"]
+    for key in ("sharer_lora_seconds", "gate_seconds", "pool_bytes"):
+        assert r["one_time"][key] == stats["build_pool"][key] > 0
+    assert r["one_time"]["pool_bytes"] == files_bytes(run.pool_path)
+
+
+def test_preds_are_lamp_files_of_the_targets_queries_and_metrics_recompute(benched):
+    out, run = benched
+    r = read_json(out / "results.json")
+    task = load_dataset(run.config.data).task
+    targets = run.users(run.split["targets"])
+    golds = {q.id: q.output for u in targets for q in u.queries}
+    assert len(golds) == 4
+    assert read_lamp_outputs(out / "golds.json") == (task.name, golds)
+    for method in METHODS:
+        name, preds = read_lamp_outputs(out / "preds" / f"{method}.json")
+        assert name == task.name and sorted(preds) == sorted(golds)
+        assert r["methods"][method]["metrics"] == pytest.approx(score(task, golds, preds))
+        assert r["methods"][method]["metrics"]["n"] == 4
+
+
+def test_cost_accounting(benched):
+    out, run = benched
+    m = read_json(out / "results.json")["methods"]
+    targets = run.split["targets"]
+    for free in ("non_personalized", "rag"):
+        assert m[free]["personalize_seconds_per_user"] == 0 and m[free]["bytes_per_user"] == 0
+    recipe_bytes = statistics.mean(run.recipe_path(u).stat().st_size for u in targets)
+    assembly_seconds = statistics.mean(run.stats()["assemble"]["seconds_per_user"][u] for u in targets)
+    for method in ("perpcs", "perpcs+rag"):
+        assert m[method]["bytes_per_user"] == recipe_bytes
+        assert m[method]["personalize_seconds_per_user"] == pytest.approx(assembly_seconds)
+    oppu = [run.folder / "oppu" / safe_name(u) for u in targets]
+    assert m["oppu"]["bytes_per_user"] == statistics.mean(files_bytes(f / "adapter") for f in oppu)
+    assert m["oppu"]["personalize_seconds_per_user"] == pytest.approx(
+        statistics.mean(read_json(f / "stats.json")["seconds"] for f in oppu))
+    assert m["oppu"]["bytes_per_user"] > 10 * recipe_bytes > 0  # a whole adapter vs a few (sharer, weight) pairs
+    assert m["peft_retrieval"]["bytes_per_user"] > 0 and m["peft_retrieval"]["personalize_seconds_per_user"] > 0
+
+
+def test_results_md_has_a_row_per_method(benched):
+    out, _ = benched
+    md = (out / "results.md").read_text()
+    rows = [line.split(" | ")[0].removeprefix("| ") for line in md.splitlines() if line.startswith("| ")]
+    assert rows == ["method", *METHODS]
+    assert "One-time costs" in md
+
+
+def test_personalization_leaves_the_merged_model_clean(benched, tmp_path):
+    """Methods run one after another on one model: a second pass (OPPU reloaded, not retrained) gives the same answers."""
+    out, run = benched
+    again = Bench(run, BenchSettings(methods=["oppu", "perpcs", "non_personalized"]), tmp_path).evaluate()
+    first = read_json(out / "results.json")["methods"]
+    for method in again:
+        assert read_lamp_outputs(tmp_path / "preds" / f"{method}.json") == \
+               read_lamp_outputs(out / "preds" / f"{method}.json"), method
+    assert again["oppu"]["personalize_seconds_per_user"] == pytest.approx(first["oppu"]["personalize_seconds_per_user"])
+
+
+def test_unknown_or_no_methods_refused():
+    with pytest.raises(ValueError, match=r"unknown methods \['nope'\]; known: non_personalized"):
+        BenchSettings(methods=["rag", "nope"])
+    with pytest.raises(ValueError, match="no methods to run"):
+        BenchSettings(methods=[])
+
+
+def test_results_table_ratios_to_oppu():
+    """Hand-computed: OPPU 10 s / 1000 B, Per-Pcs 2 s / 10 B; accuracy 0.5 base, 0.7 OPPU, 0.6 Per-Pcs -> 50% of the gain."""
+    def method(acc, s, b):
+        return {"metrics": {"accuracy": acc, "f1": acc, "n": 4}, "personalize_seconds_per_user": s, "bytes_per_user": b}
+    r = {"task": "t", "kind": "classification", "n_targets": 2, "n_queries": 4, "n_sharers": 3, "seed": 0,
+         "primary_metric": {"name": "accuracy", "higher_is_better": True}, "base_model": "tiny",
+         "machine": {"device": "cpu"}, "date": "today",
+         "methods": {"non_personalized": method(0.5, 0, 0), "oppu": method(0.7, 10, 1000), "perpcs": method(0.6, 2, 10)},
+         "one_time": {"task_adapt_seconds": 1, "sharer_lora_seconds": 2, "gate_seconds": 3, "pool_bytes": 2048,
+                      "model_load_seconds": 4}}
+    lines = results_table(r).splitlines()
+    assert "| method | accuracy | f1 | personalize s/user | bytes/user | time vs OPPU | storage vs OPPU | " \
+           "share of OPPU's gain |" in lines
+    assert "| perpcs | 0.6000 | 0.6000 | 2.00 | 10 B | 5.0x less | 100x less | 50% |" in lines
+    assert "| non_personalized | 0.5000 | 0.5000 | 0.00 | 0 B | - | - | 0% |" in lines
+    assert "| oppu | 0.7000 | 0.7000 | 10.00 | 1000 B | - | - | 100% |" in lines
+    assert any("pool 2.0 KB" in line for line in lines)
+
+
+# --- the command ---
+
+
+def cli(*args):
+    from typer.testing import CliRunner
+
+    from perpcs.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, " ".join(result.output.split())
+
+
+def test_cli_bench_quick(tiny_base, tiny_data, tmp_path):
+    code, out = cli("bench", "--quick", "--base", tiny_base, "--data", tiny_data, "--out", tmp_path)
+    assert code == 0, out
+    r = read_json(tmp_path / "results.json")
+    assert list(r["methods"]) == METHODS
+    assert r["config"]["task_train"]["steps"] == 4 and r["config"]["n_sharers"] == 3  # --quick budgets
+    assert "| perpcs |" in out
+
+
+def test_cli_bench_bad_input_exits_2_before_any_work(tiny_base, tiny_data, tmp_path):
+    base = ("bench", "--quick", "--base", tiny_base, "--data", tiny_data, "--out", tmp_path / "o")
+    code, out = cli(*base, "--methods", "nope")
+    assert code == 2 and "unknown methods ['nope']" in out
+    code, out = cli(*base, "--set", "assembly.top_k")
+    assert code == 2 and "--set 'assembly.top_k': expected KEY=VALUE" in out
+    code, out = cli(*base, "--set", "assembly.no_such=1")
+    assert code == 2 and "assembly.no_such" in out
+    assert not (tmp_path / "o").exists()
