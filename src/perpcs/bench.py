@@ -236,4 +236,4 @@ def results_table(r: dict) -> str:
 
 
 # The demo's data size and budgets: chosen so that `perpcs demo` runs in about 15 minutes on 2 CPU cores.
-DEMO_CONFIG = {"users": 48, "run": {"n_targets": 8, "n_sharers": 8}}
+DEMO_CONFIG = {"users": 48, "queries": 12, "run": {"n_targets": 5, "n_sharers": 6, "task_train": {"steps": 25}}}

@@ -164,21 +164,26 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 def build_config(data: Path, base: Optional[str], seed: int, targets: Optional[int], sharers: Optional[int],
                  config: Optional[Path], overrides: list[str]):
-    """A RunConfig from defaults < --config file < flags < --set overrides."""
+    """A RunConfig from defaults < --config file < flags < --set overrides (nested sections merge key by key)."""
     from perpcs.pipeline import RunConfig
     from perpcs.utils import read_json
 
-    cfg = read_json(config) if config else {}
-    cfg.update({"data": str(data), "seed": seed})
-    if base:
-        cfg["base"] = base
-    if targets is not None:
-        cfg["n_targets"] = targets
-    if sharers is not None:
-        cfg["n_sharers"] = sharers
-    for key, value in parse_overrides(overrides).items():
-        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    flags = {"data": str(data), "seed": seed, "base": base, "n_targets": targets, "n_sharers": sharers}
+    cfg = RunConfig(data=str(data)).model_dump()
+    for layer in (read_json(config) if config else {}, {k: v for k, v in flags.items() if v is not None},
+                  parse_overrides(overrides)):
+        deep_merge(cfg, layer)
     return RunConfig.model_validate(cfg)
+
+
+def deep_merge(into: dict, layer: dict) -> dict:
+    """Merge `layer` into `into`: dicts key by key, anything else replaced."""
+    for key, value in layer.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            deep_merge(into[key], value)
+        else:
+            into[key] = value
+    return into
 
 
 def _run_command(all_steps: bool):
@@ -288,7 +293,7 @@ def demo(out: Path = typer.Option(Path("runs/demo"), "--out"), seed: int = typer
     from perpcs.synth import save_synthetic, synthesize
 
     data = out / "data"
-    save_synthetic(synthesize("classification", n_users=DEMO_CONFIG["users"], seed=seed), data)
+    save_synthetic(synthesize("classification", n_users=DEMO_CONFIG["users"], n_queries=DEMO_CONFIG["queries"], seed=seed), data)
     console.print(f"wrote synthetic data to {data}")
     cfg = build_config(data, None, seed, None, None, None, [f"{k}={json.dumps(v)}" for k, v in DEMO_CONFIG["run"].items()])
     _bench(data, out, cfg, [])

@@ -46,16 +46,16 @@ class RunConfig(BaseModel):
     device: str = "auto"
     n_targets: int = 8
     base_fraction: float = 0.3
-    n_sharers: int = 12
+    n_sharers: int = 6
     selection: str = "cluster"
     min_sharer_items: int = 10
     share_ratio: float = 1.0
     retrieval_copies: bool = False
     max_len: int = 256
     lora: LoraSettings = Field(default_factory=LoraSettings)
-    task_train: TrainSettings = Field(default_factory=lambda: TrainSettings(lr=1e-3, steps=60, batch_size=8))
-    sharer_train: TrainSettings = Field(default_factory=lambda: TrainSettings(lr=1e-3, epochs=2, batch_size=4))
-    gate_train: TrainSettings = Field(default_factory=lambda: TrainSettings(lr=1e-2, epochs=1, batch_size=4))
+    task_train: TrainSettings = Field(default_factory=lambda: TrainSettings(lr=2e-3, steps=30, batch_size=8))
+    sharer_train: TrainSettings = Field(default_factory=lambda: TrainSettings(lr=3e-3, steps=30, batch_size=4))
+    gate_train: TrainSettings = Field(default_factory=lambda: TrainSettings(lr=1e-2, steps=10, batch_size=4))
     assembly: AssemblySettings = Field(default_factory=AssemblySettings)
 
     def training(self, which: str, user_id: str = "") -> TrainSettings:
