@@ -82,3 +82,12 @@ def tiny_run_config(tiny_data, tiny_base):
                    task_train={"steps": 2}, sharer_train={"steps": 2}, gate_train={"steps": 1})
         return RunConfig(**{**cfg, **overrides})
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for modules that train many tiny models (less overhead, and leaves a core free)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

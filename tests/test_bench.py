@@ -3,7 +3,6 @@
 import statistics
 
 import pytest
-import torch
 
 from perpcs.baselines import METHODS
 from perpcs.bench import Bench, BenchSettings, bench, results_table
@@ -13,12 +12,7 @@ from perpcs.pipeline import Run, safe_name
 from perpcs.utils import read_json
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -273,6 +273,18 @@ def test_unshared_pieces_are_never_selected(tmp_path, tokenizer, select):
             assert {sid for sid, _ in chosen} == {sid for sid, q in shared if q == p}
 
 
+def test_position_no_sharer_shares_gets_no_update(tmp_path, tokenizer):
+    uncovered = L1[1]
+    shares = {u: set(POSITIONS) - {uncovered} for u in USERS[:2]}
+    pool = make_pool(tmp_path / "pool", {u: random_pieces(i) for i, u in enumerate(USERS[:2])}, shares)
+    recipe, trace = assemble(pool, tokenizer, top_k=2)
+    assert recipe.pieces[uncovered] == [] and trace[0][uncovered][0] == []
+    A, B = materialize(recipe, pool)[uncovered]
+    assert A.shape == (R, POSITIONS[uncovered][0]) and B.shape == (POSITIONS[uncovered][1], R)
+    assert not A.any() and not B.any()
+    assert all(recipe.pieces[p] for p in POSITIONS if p != uncovered)
+
+
 # 6. recipes: export, reload, round trip
 
 @pytest.mark.parametrize("mix", ["linear", "cat"])

@@ -9,18 +9,13 @@ import torch
 
 from perpcs.data import Item, User
 from perpcs.models import fingerprint, load_base
-from perpcs.pipeline import Run, safe_name, split_users
+from perpcs.pipeline import Run, RunConfig, safe_name, split_users
 from perpcs.pool import Pool
 from perpcs.recipe import Recipe, apply_recipe
 from perpcs.utils import read_json
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -242,6 +237,9 @@ def test_build_config_precedence(tmp_path):
     cfg = build_config(tmp_path / "d", "b", 3, targets=2, sharers=None, config=file, overrides=["sharer_train.lr=5e-4"])
     assert (cfg.data, cfg.base, cfg.seed, cfg.n_targets, cfg.n_sharers) == (str(tmp_path / "d"), "b", 3, 2, 4)
     assert (cfg.sharer_train.lr, cfg.sharer_train.steps) == (5e-4, 7)  # --set merges into the file's section
+    default = RunConfig(data="d")
+    assert cfg.sharer_train.batch_size == default.sharer_train.batch_size  # untouched keys keep the run's defaults
+    assert cfg.task_train == default.task_train
 
 
 def test_cli_refuses_bad_settings_and_foreign_run_folders(done_run, tiny_data, tmp_path):
