@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from perpcs.assembly import Assembler, AssemblySettings, choose, mix_pieces, piece_scores, predict_mask
+from perpcs.assembly import Assembler, AssemblySettings, activation_means, choose, mix_pieces, piece_scores, predict_mask
 from perpcs.data import Item
 from perpcs.gates import Gates, lora_layers, train_gates
 from perpcs.pool import Pool
@@ -67,8 +67,8 @@ def ln(v: torch.Tensor) -> torch.Tensor:
     return (v - mu) / torch.sqrt(((v - mu) ** 2).mean() + 1e-5)
 
 
-def hand_scores(h: torch.Tensor, examples: list[Example], gates: list[torch.Tensor]) -> list[float]:
-    """s_j = mean over examples (with any) of mean over predicting tokens t of LN(h_t).LN(g_j)/sqrt(d)."""
+def hand_scores(h: torch.Tensor, examples: list[Example], gates: list[torch.Tensor], center=0.0) -> list[float]:
+    """s_j = mean over examples (with any) of mean over predicting tokens t of (LN(h_t)-center).LN(g_j)/sqrt(d)."""
     d = h.shape[-1]
     out = []
     for g in gates:
@@ -76,9 +76,32 @@ def hand_scores(h: torch.Tensor, examples: list[Example], gates: list[torch.Tens
         for b, ex in enumerate(examples):
             tokens = [t for t in range(len(ex.labels) - 1) if ex.labels[t + 1] != IGNORE]
             if tokens:
-                per_example.append(sum(float(ln(h[b, t]) @ ln(g)) for t in tokens) / len(tokens) / math.sqrt(d))
+                per_example.append(sum(float((ln(h[b, t]) - center) @ ln(g)) for t in tokens) / len(tokens) / math.sqrt(d))
         out.append(sum(per_example) / len(per_example))
     return out
+
+
+def test_centered_scores_and_activation_means(tokenizer):
+    model = tiny_llama()
+    examples = history_examples(TASK, tokenizer, HISTORY[:4])
+    pos = L0[0]
+    seen = []
+    handle = model.get_submodule(pos).register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    means = activation_means(model, examples, [pos], tokenizer.pad_token_id, batch_size=4)
+    handle.remove()
+    h = seen[0]
+    per_example = []
+    for b, ex in enumerate(examples):  # mean LN(h) over predicting tokens, per example, then over examples
+        tokens = [t for t in range(len(ex.labels) - 1) if ex.labels[t + 1] != IGNORE]
+        per_example.append(torch.stack([ln(h[b, t]) for t in tokens]).mean(0))
+    center = torch.stack(per_example).mean(0)
+    assert torch.allclose(means[pos], center, atol=1e-5)
+    gates = torch.randn(3, h.shape[-1], generator=torch.Generator().manual_seed(0))
+    mask = predict_mask(collate(examples, tokenizer.pad_token_id)["labels"])
+    want = torch.tensor(hand_scores(h, examples, list(gates), center))
+    assert torch.allclose(piece_scores(h, gates, mask, center), want, atol=1e-5)
+    # centering on these very examples' mean leaves (almost) nothing to score
+    assert piece_scores(h, gates, mask, center).abs().max() < 1e-4
 
 
 def test_predict_mask_marks_tokens_before_labels():

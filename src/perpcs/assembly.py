@@ -51,20 +51,56 @@ def predict_mask(labels: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def piece_scores(h: torch.Tensor, gates: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def piece_scores(h: torch.Tensor, gates: torch.Tensor, mask: torch.Tensor,
+                 center: torch.Tensor | None = None) -> torch.Tensor:
     """Score of each candidate piece [n] from module input h [B, T, d], gates [n, d], mask [B, T].
 
     s_j(t) = LN(h_t) . LN(g_j) / sqrt(d), averaged over the masked tokens of each example, then
-    over the examples that have any (LN without learned affine).
+    over the examples that have any (LN without learned affine). `center` (an experimental option,
+    not in the paper) is subtracted from LN(h_t) first: a population mean of LN(h) at this position,
+    so that only how this user's activations *differ* from everybody's picks the pieces.
     """
     d = h.shape[-1]
-    s = F.layer_norm(h.float(), (d,)) @ F.layer_norm(gates.float(), (d,)).T / math.sqrt(d)  # [B, T, n]
+    hn = F.layer_norm(h.float(), (d,))
+    if center is not None:
+        hn = hn - center.to(hn.device, hn.dtype)
+    s = hn @ F.layer_norm(gates.float(), (d,)).T / math.sqrt(d)  # [B, T, n]
     m = mask.to(s.dtype).unsqueeze(-1)
     count = m.sum(1)  # [B, 1]
     keep = count.squeeze(-1) > 0
     if not keep.any():
         raise ValueError("no token predicts an output token in this batch (are all targets truncated away?)")
     return ((s * m).sum(1) / count.clamp(min=1))[keep].mean(0)
+
+
+@torch.no_grad()
+def activation_means(model, examples: Sequence[Example], positions: Sequence[str], pad_id: int,
+                     batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """Mean LN(h) at each position over the tokens that predict outputs (per example, then over
+    examples): a population reference for `piece_scores(center=...)`, e.g. from the base users."""
+    device = next(model.parameters()).device
+    sums = {pos: 0.0 for pos in positions}
+    n = 0
+
+    def hook(pos, mask):
+        def fn(module, args):
+            h = F.layer_norm(args[0].float(), (args[0].shape[-1],))
+            m = mask.to(h.dtype).unsqueeze(-1)
+            per_example = (h * m).sum(1) / m.sum(1).clamp(min=1)
+            sums[pos] = sums[pos] + per_example[mask.any(1)].sum(0)
+        return fn
+
+    for i in range(0, len(examples), batch_size):
+        inputs = collate(examples[i : i + batch_size], pad_id, device)
+        mask = predict_mask(inputs.pop("labels"))
+        handles = [model.get_submodule(pos).register_forward_pre_hook(hook(pos, mask)) for pos in positions]
+        try:
+            model(**inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        n += int(mask.any(1).sum())
+    return {pos: (v / n).cpu() for pos, v in sums.items()}
 
 
 def choose(scores: torch.Tensor, settings: AssemblySettings, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,10 +150,10 @@ class Assembler:
     (linear) or r times the most pieces one position can take (cat); `unload()` gives it back.
     """
 
-    def __init__(self, model, pool, settings: AssemblySettings):
+    def __init__(self, model, pool, settings: AssemblySettings, center: dict[str, torch.Tensor] | None = None):
         from peft import get_peft_model
 
-        self.pool, self.settings = pool, settings
+        self.pool, self.settings, self.center = pool, settings, center or {}
         most = max(len(pool.candidates(p)) for p in pool.positions) if settings.select == "topp" else settings.top_k
         r = int(pool.lora_config["r"])
         rank = r if settings.mix == "linear" else r * most
@@ -179,7 +215,7 @@ class Assembler:
                 batch_trace[pos] = ([], torch.empty(0))
             else:
                 # chosen on the CPU: the seeded generator is a CPU one (multinomial refuses it for CUDA scores)
-                scores = piece_scores(args[0], gates.to(args[0].device), mask).cpu()
+                scores = piece_scores(args[0], gates.to(args[0].device), mask, self.center.get(pos)).cpu()
                 idx, w = choose(scores, self.settings, generator)
                 chosen = [ids[i] for i in idx.tolist()]
                 install(module, mix_pieces([self.piece(c, pos) for c in chosen], w.tolist(), self.settings.mix,

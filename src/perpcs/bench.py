@@ -134,14 +134,14 @@ class Bench:
         return results
 
 
-def group_diagnostics(run: Run, groups: dict[str, int]) -> dict:
+def group_diagnostics(run: Run, groups: dict[str, int], recipes: dict[str, Recipe] | None = None) -> dict:
     """For data with known latent groups (synthetic): how much of each recipe's weight goes to sharers
     of the target's own group, against the share of such sharers in the pool (what random picking gives)."""
     pool = run.open_pool()
     group_of = {pool.pseudonym(s.user_id): groups[s.user_id] for s in run.select()}
     same, chance = [], []
     for uid in run.split["targets"]:
-        recipe = Recipe.load(run.recipe_path(uid))
+        recipe = recipes[uid] if recipes else Recipe.load(run.recipe_path(uid))
         weights = [(sid, w) for chosen in recipe.pieces.values() for sid, w in chosen]
         total = sum(w for _, w in weights)
         same.append(sum(w for sid, w in weights if group_of[sid] == groups[uid]) / total)
