@@ -29,6 +29,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        tmp.chmod(0o644)  # mkstemp makes it owner-only; the result is an ordinary shared file
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -44,6 +45,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp.chmod(0o755)  # mkdtemp makes it owner-only; the result is an ordinary shared folder
     try:
         yield tmp
+        for f in tmp.rglob("*"):
+            f.chmod(0o755 if f.is_dir() else 0o644)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
