@@ -16,7 +16,7 @@ from perpcs.baselines import generate, prompts
 from perpcs.bench import group_diagnostics
 from perpcs.evaluation import score
 from perpcs.pipeline import Run
-from perpcs.recipe import Recipe, apply_recipe
+from perpcs.recipe import apply_recipe
 
 
 def main(out: str) -> None:

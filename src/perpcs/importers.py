@@ -328,9 +328,9 @@ def papers_jsonl(sources: list[Path], opts: ImportOptions, report: ImportReport 
             year = _int(_field(r, "year", where), "year", where)
             profile.update(map(str, r.get("profile_authors") or []))
             report.records_read += 1
-            papers.append((where, r, [str(a) for a in authors], year))
+            papers.append((r, [str(a) for a in authors], year))
     records = []
-    for i, (where, r, authors, year) in enumerate(papers):
+    for i, (r, authors, year) in enumerate(papers):
         key = str(r.get("key") or i)
         title, abstract = str(r.get("title") or ""), str(r.get("abstract") or "")
         for a in authors:
