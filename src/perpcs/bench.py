@@ -215,7 +215,7 @@ def results_table(r: dict) -> str:
                     f"{oppu['bytes_per_user'] / b:.0f}x less" if b and name != "oppu" else "-"]
         if oppu and base:
             gain = oppu["metrics"][primary] - base["metrics"][primary]
-            row.append(f"{(m['metrics'][primary] - base['metrics'][primary]) / gain:.0%}" if gain else "-")
+            row.append(f"{(m['metrics'][primary] - base['metrics'][primary]) / gain + 0.0:.0%}" if gain else "-")  # + 0.0: no '-0%'
         lines.append("| " + " | ".join(row) + " |")
     o = r["one_time"]
     return "\n".join([
