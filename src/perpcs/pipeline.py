@@ -33,7 +33,7 @@ from perpcs.pool import Pool, share_mask
 from perpcs.recipe import Recipe, export_adapter
 from perpcs.selection import Selection, load_selection, save_selection, select_sharers
 from perpcs.training import LoraSettings, TrainSettings, history_examples, lora_state, train_lora
-from perpcs.utils import atomic_dir, dir_bytes, read_json, seed_everything, write_json
+from perpcs.utils import atomic_dir, read_json, seed_everything, write_json
 
 
 class RunConfig(BaseModel):
@@ -136,10 +136,7 @@ class Run:
         return read_json(path)
 
     def record(self, step: str, stats: dict) -> None:
-        path = self.folder / "stats.json"
-        all_stats = read_json(path) if path.exists() else {}
-        all_stats[step] = stats
-        write_json(path, all_stats)
+        write_json(self.folder / "stats.json", {**self.stats(), step: stats})
 
     def stats(self) -> dict:
         path = self.folder / "stats.json"
@@ -292,8 +289,3 @@ class Run:
         self.build_pool()
         return self.assemble()
 
-
-def sizes(run: Run) -> dict:
-    """Bytes on disk of the main artefacts (for reports)."""
-    return {"merged_model": dir_bytes(run.merged_path), "pool": dir_bytes(run.pool_path),
-            "recipes": dir_bytes(run.folder / "recipes") if (run.folder / "recipes").exists() else 0}
