@@ -76,6 +76,10 @@ def test_cost_accounting(benched):
         statistics.mean(read_json(f / "stats.json")["seconds"] for f in oppu))
     assert m["oppu"]["bytes_per_user"] > 10 * recipe_bytes > 0  # a whole adapter vs a few (sharer, weight) pairs
     assert m["peft_retrieval"]["bytes_per_user"] > 0 and m["peft_retrieval"]["personalize_seconds_per_user"] > 0
+    # retrieval in the prompt costs nothing more to personalise: OPPU is reloaded, not trained twice
+    assert m["oppu+rag"]["personalize_seconds_per_user"] == m["oppu"]["personalize_seconds_per_user"]
+    assert m["oppu+rag"]["bytes_per_user"] == m["oppu"]["bytes_per_user"]
+    assert m["peft_retrieval+rag"]["bytes_per_user"] == m["peft_retrieval"]["bytes_per_user"]
 
 
 def test_results_md_has_a_row_per_method(benched):
@@ -121,6 +125,13 @@ def test_results_table_ratios_to_oppu():
     assert "| non_personalized | 0.5000 | 0.5000 | 0.00 | 0 B | - | - | 0% |" in lines
     assert "| oppu | 0.7000 | 0.7000 | 10.00 | 1000 B | - | - | 100% |" in lines
     assert any("pool 2.0 KB" in line for line in lines)
+    # with retrieval rows, those are measured between rag (0.6) and oppu+rag (0.8): perpcs+rag 0.7 -> 50%
+    r["methods"].update({"rag": method(0.6, 0, 0), "oppu+rag": method(0.8, 10, 1000), "perpcs+rag": method(0.7, 2, 10)})
+    lines = results_table(r).splitlines()
+    assert "| perpcs+rag | 0.7000 | 0.7000 | 2.00 | 10 B | 5.0x less | 100x less | 50% |" in lines
+    assert "| oppu+rag | 0.8000 | 0.8000 | 10.00 | 1000 B | - | - | 100% |" in lines
+    assert "| rag | 0.6000 | 0.6000 | 0.00 | 0 B | - | - | 0% |" in lines
+    assert "| perpcs | 0.6000 | 0.6000 | 2.00 | 10 B | 5.0x less | 100x less | 50% |" in lines
 
 
 # --- the command ---

@@ -128,7 +128,8 @@ def test_piece_scores_match_hand_computation_and_trace(tmp_path, tokenizer):
     asm.unload()
 
     sids = [pool.pseudonym(u) for u in pieces]
-    batches = [examples[:3], examples[3:]]
+    ordered = sorted(examples, key=lambda e: len(e.input_ids))  # the assembler batches by length
+    batches = [ordered[:3], ordered[3:]]
     assert len(trace) == 2 and all(len(seen[p]) == 2 for p in watched)
     for b, batch in enumerate(batches):
         mask = predict_mask(collate(batch, tokenizer.pad_token_id)["labels"])

@@ -242,6 +242,15 @@ def test_build_config_precedence(tmp_path):
     assert cfg.task_train == default.task_train
 
 
+def test_assembly_formats_history_as_training_unless_told_otherwise():
+    assert RunConfig(data="d", retrieval_copies=True).assembly.retrieval_copies is True
+    assert RunConfig(data="d").assembly.retrieval_copies is False
+    explicit = RunConfig(data="d", retrieval_copies=True, assembly={"retrieval_copies": False})
+    assert explicit.assembly.retrieval_copies is False
+    saved = RunConfig.model_validate_json(explicit.model_dump_json())  # run.json keeps the choice
+    assert saved.assembly.retrieval_copies is False and saved.retrieval_copies is True
+
+
 def test_cli_refuses_bad_settings_and_foreign_run_folders(done_run, tiny_data, tmp_path):
     folder, _ = done_run
     code, out = cli("init", "--data", tiny_data, "--run", tmp_path / "r", "--set", "n_targets")

@@ -5,9 +5,9 @@ module: scores every candidate piece by LN(h) . LN(g) / sqrt(d) averaged over th
 predict the history's output tokens (per example, then over the batch), keeps the top-k, weighs
 them by softmax(s / tau), mixes them and installs the result in the module *before* it runs - so
 deeper positions are scored on activations that already use the assembled shallower pieces.
-History is processed in batches; as in the reference, the final PEFT is the plain average of the
-per-batch PEFTs, i.e. each sharer's weight at a position averaged over batches. The result is a
-`Recipe`: for each position the chosen sharers and weights.
+History is processed in batches (of similar lengths, to save padding); as in the reference, the
+final PEFT is the plain average of the per-batch PEFTs, i.e. each sharer's weight at a position
+averaged over batches. The result is a `Recipe`: for each position the chosen sharers and weights.
 """
 
 from __future__ import annotations
@@ -187,7 +187,10 @@ class Assembler:
             raise ValueError("cannot assemble from an empty history")
         device = next(self.model.parameters()).device
         generator = torch.Generator().manual_seed(s.seed)
-        batches = [examples[i : i + s.batch_size] for i in range(0, len(examples), s.batch_size)]
+        # Batches of similar length waste less compute on padding; scores are per-example means, so
+        # only which examples share a batch changes, not what any example contributes.
+        ordered = sorted(examples, key=lambda e: len(e.input_ids))
+        batches = [ordered[i : i + s.batch_size] for i in range(0, len(ordered), s.batch_size)]
         totals: dict[str, dict[str, float]] = {pos: {} for pos in self.pool.positions}
         for batch in batches:
             inputs = collate(batch, pad_id, device)

@@ -6,7 +6,9 @@ scoring are shared (see `evaluation` and `bench`):
 - rag: BM25 top-k of the user's own history items in the prompt, no user parameters;
 - peft_retrieval: the whole LoRA of the sharer(s) whose mean history embedding is closest;
 - oppu: a LoRA trained on the user's own history (One PEFT Per User), the quality reference;
-- perpcs / perpcs+rag: the assembled recipe (without / with retrieval in the prompt).
+- perpcs: the assembled recipe.
+`X+rag` is method X with the same BM25 retrieval in the prompt as `rag` (so a PEFT method is also
+compared where it can read the user's history, as the reference trains it to with retrieval copies).
 """
 
 from __future__ import annotations
@@ -21,7 +23,14 @@ from perpcs.data import User
 from perpcs.retrieval import bm25_top
 from perpcs.tasks import Task
 
-METHODS = ["non_personalized", "rag", "peft_retrieval", "oppu", "perpcs", "perpcs+rag"]
+METHODS = ["non_personalized", "rag", "peft_retrieval", "peft_retrieval+rag", "oppu", "oppu+rag", "perpcs", "perpcs+rag"]
+
+
+def split_method(method: str) -> tuple[str, bool]:
+    """('oppu', True) for 'oppu+rag'; 'rag' is the non-personalized model with retrieval."""
+    if method == "rag":
+        return "non_personalized", True
+    return method.removesuffix("+rag"), method.endswith("+rag")
 
 
 def prompts(task: Task, user: User, rag_k: int = 0) -> list[str]:

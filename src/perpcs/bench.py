@@ -21,7 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, field_validator
 from tqdm.auto import tqdm
 
-from perpcs.baselines import METHODS, average_loras, generate, load_lora, prompts
+from perpcs.baselines import METHODS, average_loras, generate, load_lora, prompts, split_method
 from perpcs.data import User
 from perpcs.evaluation import primary_metric, score, write_lamp_outputs
 from perpcs.pipeline import Run, RunConfig, safe_name
@@ -67,14 +67,16 @@ class Bench:
     def personalize(self, method: str, user: User):
         """Yield the user's personalised model for `method`; leave the merged model clean afterwards."""
         s, run = self.settings, self.run
-        if method in ("non_personalized", "rag"):
-            yield _Personalized(self.model, s.rag_k if method == "rag" else 0)
+        method, with_rag = split_method(method)
+        rag_k = s.rag_k if with_rag else 0
+        if method == "non_personalized":
+            yield _Personalized(self.model, rag_k)
             return
-        if method in ("perpcs", "perpcs+rag"):
+        if method == "perpcs":
             recipe_path = run.recipe_path(user.user_id)
             seconds = run.stats()["assemble"]["seconds_per_user"][user.user_id]
             peft_model = apply_recipe(self.model, Recipe.load(recipe_path), self.pool)
-            result = _Personalized(peft_model, s.rag_k if method == "perpcs+rag" else 0, seconds, recipe_path.stat().st_size)
+            result = _Personalized(peft_model, rag_k, seconds, recipe_path.stat().st_size)
         elif method == "peft_retrieval":
             t0 = time.perf_counter()
             idx = nearest_users(history_embeddings([user])[0], self.sharer_embeddings, s.retrieval_m)
@@ -82,10 +84,10 @@ class Bench:
             weights = average_loras([load_lora(run.sharer_dir(u) / "adapter") for u in chosen])
             seconds = time.perf_counter() - t0
             peft_model = apply_lora(self.model, run.config.lora.model_dump(), run.config.lora.r, weights)
-            result = _Personalized(peft_model, 0, seconds, len(json.dumps([self.pool.pseudonym(u) for u in chosen])))
+            result = _Personalized(peft_model, rag_k, seconds, len(json.dumps([self.pool.pseudonym(u) for u in chosen])))
         else:  # oppu
             peft_model, seconds, nbytes = self.oppu(user)
-            result = _Personalized(peft_model, 0, seconds, nbytes)
+            result = _Personalized(peft_model, rag_k, seconds, nbytes)
         try:
             yield result
         finally:
@@ -200,6 +202,7 @@ def results_table(r: dict) -> str:
     metric_names = [k for k in next(iter(methods.values()))["metrics"] if k != "n"]
     primary = r["primary_metric"]["name"]
     oppu, base = methods.get("oppu"), methods.get("non_personalized")
+    rag_pair = "rag" in methods and "oppu+rag" in methods
     head = ["method", *metric_names, "personalize s/user", "bytes/user"]
     if oppu:
         head += ["time vs OPPU", "storage vs OPPU"]
@@ -209,13 +212,16 @@ def results_table(r: dict) -> str:
     for name, m in methods.items():
         row = [name, *(f"{m['metrics'][k]:.4f}" for k in metric_names),
                f"{m['personalize_seconds_per_user']:.2f}", _fmt_bytes(m["bytes_per_user"])]
+        kind, with_rag = split_method(name)
         if oppu:
             t, b = m["personalize_seconds_per_user"], m["bytes_per_user"]
-            row += [f"{oppu['personalize_seconds_per_user'] / t:.1f}x less" if t and name != "oppu" else "-",
-                    f"{oppu['bytes_per_user'] / b:.0f}x less" if b and name != "oppu" else "-"]
+            row += [f"{oppu['personalize_seconds_per_user'] / t:.1f}x less" if t and kind != "oppu" else "-",
+                    f"{oppu['bytes_per_user'] / b:.0f}x less" if b and kind != "oppu" else "-"]
         if oppu and base:
-            gain = oppu["metrics"][primary] - base["metrics"][primary]
-            row.append(f"{(m['metrics'][primary] - base['metrics'][primary]) / gain + 0.0:.0%}" if gain else "-")  # + 0.0: no '-0%'
+            # a method with retrieval is measured between the two that also have it, when both ran
+            lo, hi = (methods["rag"], methods["oppu+rag"]) if with_rag and rag_pair else (base, oppu)
+            gain = hi["metrics"][primary] - lo["metrics"][primary]
+            row.append(f"{(m['metrics'][primary] - lo['metrics'][primary]) / gain + 0.0:.0%}" if gain else "-")  # + 0.0: no '-0%'
         lines.append("| " + " | ".join(row) + " |")
     o = r["one_time"]
     return "\n".join([
@@ -226,6 +232,8 @@ def results_table(r: dict) -> str:
         f"Base: {r['base_model']} on {r['machine']['device']}, {r['date']}.",
         "",
         *lines,
+        *(["", "Share of OPPU's gain: from non_personalized to oppu; for methods with retrieval (+rag), "
+               "from rag to oppu+rag."] if oppu and base and rag_pair else []),
         "",
         f"One-time costs: task adaptation {o['task_adapt_seconds']:.0f} s, sharer LoRAs {o['sharer_lora_seconds']:.0f} s, "
         f"gates {o['gate_seconds']:.0f} s, pool {_fmt_bytes(o['pool_bytes'])}; model loading {o['model_load_seconds']:.0f} s.",

@@ -22,7 +22,7 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from perpcs.assembly import Assembler, AssemblySettings
@@ -57,6 +57,13 @@ class RunConfig(BaseModel):
     sharer_train: TrainSettings = Field(default_factory=lambda: TrainSettings(lr=3e-3, steps=30, batch_size=4))
     gate_train: TrainSettings = Field(default_factory=lambda: TrainSettings(lr=1e-2, steps=10, batch_size=4))
     assembly: AssemblySettings = Field(default_factory=AssemblySettings)
+
+    @model_validator(mode="after")
+    def _assembly_formats_history_as_training(self) -> "RunConfig":
+        """Step 5 formats the history as step 2 did, unless `assembly.retrieval_copies` is set explicitly."""
+        if "retrieval_copies" not in self.assembly.model_fields_set:
+            self.assembly = self.assembly.model_copy(update={"retrieval_copies": self.retrieval_copies})
+        return self
 
     def training(self, which: str, user_id: str = "") -> TrainSettings:
         """The settings of one training run, seeded from the run's seed, the step and the user
