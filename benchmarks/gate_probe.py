@@ -88,7 +88,7 @@ def main(parent: str, items: int, gate_steps: int | None, gate_lr: float) -> Non
     sharers = [s["user_id"] for s in json.loads((parent / "run" / "selection.json").read_text())]
     by_pseudonym = {pool.pseudonym(u): u for u in sharers}
     positions = pool.positions
-    ids, G = zip(*(pool.gates(p) for p in positions))
+    ids, G = zip(*(pool.keys(p) for p in positions))
     order = [by_pseudonym[s] for s in ids[0]]
     assert all(list(x) == list(ids[0]) for x in ids), "probe assumes every sharer shares every position"
     if gate_steps:

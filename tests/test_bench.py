@@ -18,8 +18,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def benched(tmp_path_factory, tiny_data, tiny_run_config):
     out = tmp_path_factory.mktemp("bench")
-    bench(tiny_data, out, tiny_run_config(), BenchSettings())
+    bench(tiny_data, out, tiny_run_config(), BenchSettings(variants=VARIANTS))
     return out, Run(out / "run")
+
+
+VARIANTS = {"act": {"key": "activation", "assembly": {"mix": "cat"}}}
+ROWS = [*METHODS, "act", "act+rag"]
 
 
 def files_bytes(folder) -> int:
@@ -34,7 +38,8 @@ def test_results_schema(benched, tiny_data):
     assert (r["dataset"], r["task"], r["kind"], r["seed"]) == (str(tiny_data), run.data.task.name, "classification", 0)
     assert (r["n_targets"], r["n_sharers"], r["base_fingerprint"]) == (2, 3, run.merged_fingerprint)
     assert r["primary_metric"] == {"name": "accuracy", "higher_is_better": True}
-    assert list(r["methods"]) == METHODS
+    assert list(r["methods"]) == ROWS
+    assert r["variants"]["act"]["settings"] == VARIANTS["act"] and r["variants"]["act"]["pool_bytes"] > 0
     for m in r["methods"].values():
         assert {"metrics", "personalize_seconds_per_user", "bytes_per_user"} <= set(m)
     stats = run.stats()
@@ -52,7 +57,7 @@ def test_preds_are_lamp_files_of_the_targets_queries_and_metrics_recompute(bench
     golds = {q.id: q.output for u in targets for q in u.queries}
     assert len(golds) == 4
     assert read_lamp_outputs(out / "golds.json") == (task.name, golds)
-    for method in METHODS:
+    for method in ROWS:
         name, preds = read_lamp_outputs(out / "preds" / f"{method}.json")
         assert name == task.name and sorted(preds) == sorted(golds)
         assert r["methods"][method]["metrics"] == pytest.approx(score(task, golds, preds))
@@ -86,8 +91,22 @@ def test_results_md_has_a_row_per_method(benched):
     out, _ = benched
     md = (out / "results.md").read_text()
     rows = [line.split(" | ")[0].removeprefix("| ") for line in md.splitlines() if line.startswith("| ")]
-    assert rows == ["method", *METHODS]
+    assert rows == ["method", *ROWS]
+    assert 'Variant act: {"key": "activation", "assembly": {"mix": "cat"}}' in md
     assert "One-time costs" in md
+
+
+def test_variant_reuses_the_sharers_and_costs_its_own_assembly(benched):
+    out, run = benched
+    m = read_json(out / "results.json")["methods"]
+    vrun = Run(out / "variants" / "act" / "run")
+    assert vrun.open_pool().key == "activation" and vrun.config.assembly.mix == "cat"
+    for s in run.select():  # the variant's sharer LoRAs are the run's own, linked
+        assert (vrun.sharer_dir(s.user_id) / "adapter").resolve() == (run.sharer_dir(s.user_id) / "adapter").resolve()
+    targets = run.split["targets"]
+    assert m["act"]["personalize_seconds_per_user"] == pytest.approx(
+        statistics.mean(vrun.stats()["assemble"]["seconds_per_user"][u] for u in targets))
+    assert m["act"]["bytes_per_user"] == statistics.mean(vrun.recipe_path(u).stat().st_size for u in targets)
 
 
 def test_personalization_leaves_the_merged_model_clean(benched, tmp_path):
@@ -99,6 +118,12 @@ def test_personalization_leaves_the_merged_model_clean(benched, tmp_path):
         assert read_lamp_outputs(tmp_path / "preds" / f"{method}.json") == \
                read_lamp_outputs(out / "preds" / f"{method}.json"), method
     assert again["oppu"]["personalize_seconds_per_user"] == pytest.approx(first["oppu"]["personalize_seconds_per_user"])
+
+
+def test_variant_names_refused_when_they_clash():
+    for bad in ("oppu", "a+rag", "a b", ""):
+        with pytest.raises(ValueError, match="variant name"):
+            BenchSettings(variants={bad: {}})
 
 
 def test_unknown_or_no_methods_refused():

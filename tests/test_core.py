@@ -38,8 +38,9 @@ def random_pieces(seed: int, positions=POSITIONS, scale: float = 0.3) -> dict:
                 torch.randn(d_in, generator=g)) for p, (d_in, d_out) in positions.items()}
 
 
-def make_pool(path, pieces: dict[str, dict], shares: dict[str, set] | None = None, fingerprint: str = "base-0") -> Pool:
-    pool = Pool.create(path, fingerprint, lora_config=LORA.model_dump(), positions=POSITIONS)
+def make_pool(path, pieces: dict[str, dict], shares: dict[str, set] | None = None, fingerprint: str = "base-0",
+              key: str = "gate") -> Pool:
+    pool = Pool.create(path, fingerprint, lora_config=LORA.model_dump(), positions=POSITIONS, key=key)
     for user, p in pieces.items():
         pool.add_sharer(user, p, share=(shares or {}).get(user, set(POSITIONS)))
     return pool
@@ -67,41 +68,51 @@ def ln(v: torch.Tensor) -> torch.Tensor:
     return (v - mu) / torch.sqrt(((v - mu) ** 2).mean() + 1e-5)
 
 
-def hand_scores(h: torch.Tensor, examples: list[Example], gates: list[torch.Tensor], center=0.0) -> list[float]:
-    """s_j = mean over examples (with any) of mean over predicting tokens t of (LN(h_t)-center).LN(g_j)/sqrt(d)."""
+def hand_scores(h: torch.Tensor, examples: list[Example], keys: list[torch.Tensor], key: str = "gate") -> list[float]:
+    """Gate keys: s_j = mean over examples (with any) of mean over predicting tokens t of LN(h_t).LN(g_j)/sqrt(d).
+    Activation keys: m = that same mean of LN(h_t); s_j = sqrt(d) cos(m - c, k_j - c), c = the mean key."""
     d = h.shape[-1]
-    out = []
-    for g in gates:
-        per_example = []
-        for b, ex in enumerate(examples):
-            tokens = [t for t in range(len(ex.labels) - 1) if ex.labels[t + 1] != IGNORE]
-            if tokens:
-                per_example.append(sum(float((ln(h[b, t]) - center) @ ln(g)) for t in tokens) / len(tokens) / math.sqrt(d))
-        out.append(sum(per_example) / len(per_example))
-    return out
+    per_example = []
+    for b, ex in enumerate(examples):
+        tokens = [t for t in range(len(ex.labels) - 1) if ex.labels[t + 1] != IGNORE]
+        if tokens:
+            per_example.append([ln(h[b, t]) for t in tokens])
+    if key == "gate":
+        return [sum(sum(float(x @ ln(g)) for x in xs) / len(xs) for xs in per_example) / len(per_example) / math.sqrt(d)
+                for g in keys]
+    m = sum(sum(xs) / len(xs) for xs in per_example) / len(per_example)
+    c = sum(keys) / len(keys)
+    return [math.sqrt(d) * float((m - c) @ (k - c) / ((m - c).norm() * (k - c).norm())) for k in keys]
 
 
-def test_centered_scores_and_activation_means(tokenizer):
+def test_activation_means_and_activation_key_scores(tokenizer):
     model = tiny_llama()
     examples = history_examples(TASK, tokenizer, HISTORY[:4])
     pos = L0[0]
     seen = []
-    handle = model.get_submodule(pos).register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
-    means = activation_means(model, examples, [pos], tokenizer.pad_token_id, batch_size=4)
+    module = model.get_submodule(pos)
+    handle = module.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    means = activation_means(model, {pos: module}, examples, tokenizer.pad_token_id, batch_size=4)
     handle.remove()
     h = seen[0]
     per_example = []
     for b, ex in enumerate(examples):  # mean LN(h) over predicting tokens, per example, then over examples
         tokens = [t for t in range(len(ex.labels) - 1) if ex.labels[t + 1] != IGNORE]
         per_example.append(torch.stack([ln(h[b, t]) for t in tokens]).mean(0))
-    center = torch.stack(per_example).mean(0)
-    assert torch.allclose(means[pos], center, atol=1e-5)
-    gates = torch.randn(3, h.shape[-1], generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(means[pos], torch.stack(per_example).mean(0), atol=1e-5)
+    keys = torch.randn(3, h.shape[-1], generator=torch.Generator().manual_seed(0))
     mask = predict_mask(collate(examples, tokenizer.pad_token_id)["labels"])
-    want = torch.tensor(hand_scores(h, examples, list(gates), center))
-    assert torch.allclose(piece_scores(h, gates, mask, center), want, atol=1e-5)
-    # centering on these very examples' mean leaves (almost) nothing to score
-    assert piece_scores(h, gates, mask, center).abs().max() < 1e-4
+    got = piece_scores(h, keys, mask, "activation")
+    assert torch.allclose(got, torch.tensor(hand_scores(h, examples, list(keys), "activation")), atol=1e-5)
+    # a sharer whose key is this user's own mean activation scores the most possible, sqrt(d)
+    keys[1] = means[pos]
+    got = piece_scores(h, keys, mask, "activation")
+    assert got.argmax() == 1 and got[1] <= math.sqrt(h.shape[-1]) + 1e-4
+    two = torch.stack([means[pos], 2 * keys.mean(0) - means[pos]])  # mirror images around their mean
+    assert torch.allclose(piece_scores(h, two, mask, "activation"), torch.tensor([1.0, -1.0]) * math.sqrt(h.shape[-1]), atol=1e-4)
+    # identical keys say nothing: every piece gets the same score
+    same = piece_scores(h, keys[:1].repeat(3, 1), mask, "activation")
+    assert torch.allclose(same, same[0].expand(3))
 
 
 def test_predict_mask_marks_tokens_before_labels():
@@ -111,9 +122,10 @@ def test_predict_mask_marks_tokens_before_labels():
 
 # 1. piece scores from the real module input
 
-def test_piece_scores_match_hand_computation_and_trace(tmp_path, tokenizer):
+@pytest.mark.parametrize("key", ["gate", "activation"])
+def test_piece_scores_match_hand_computation_and_trace(tmp_path, tokenizer, key):
     pieces = {u: random_pieces(i) for i, u in enumerate(USERS[:3])}
-    pool = make_pool(tmp_path / "pool", pieces)
+    pool = make_pool(tmp_path / "pool", pieces, key=key)
     asm = Assembler(tiny_llama(), pool, AssemblySettings(top_k=2, batch_size=3))
     examples = history_examples(TASK, tokenizer, HISTORY[:5])
     examples.append(Example(examples[0].input_ids[:9], [IGNORE] * 9))  # no label: left out of the mean
@@ -135,10 +147,10 @@ def test_piece_scores_match_hand_computation_and_trace(tmp_path, tokenizer):
         mask = predict_mask(collate(batch, tokenizer.pad_token_id)["labels"])
         for p in watched:
             h = seen[p][b]
-            want = torch.tensor(hand_scores(h, batch, [pieces[u][p][2] for u in pieces]))
+            want = torch.tensor(hand_scores(h, batch, [pieces[u][p][2] for u in pieces], key))
             ids, traced = trace[b][p]
             assert ids == sids
-            assert torch.allclose(piece_scores(h, torch.stack([pieces[u][p][2] for u in pieces]), mask), want, atol=1e-5)
+            assert torch.allclose(piece_scores(h, torch.stack([pieces[u][p][2] for u in pieces]), mask, key), want, atol=1e-5)
             assert torch.allclose(traced, want, atol=1e-5)
 
 

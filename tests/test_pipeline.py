@@ -144,6 +144,40 @@ def test_second_pipeline_retrains_nothing(done_run, tiny_run_config, monkeypatch
     assert seconds < first_seconds
 
 
+def test_derived_run_with_activation_keys_reuses_the_sharers_loras(done_run, tmp_path, tiny_run_config, monkeypatch):
+    """A run derived with key=activation links the task model and sharer LoRAs, trains nothing, and
+    keys each piece by its sharer's mean activation there, with its own LoRA on."""
+    from peft import PeftModel
+
+    from perpcs.assembly import activation_means
+    from perpcs.gates import lora_layers
+
+    for name in ("train_lora", "train_gates"):
+        monkeypatch.setattr(f"perpcs.pipeline.{name}", lambda *a, **k: pytest.fail("trained again"))
+    old = Run(done_run[0])
+    run = old.derive(tmp_path / "run", tiny_run_config(key="activation", assembly={"mix": "cat"}))
+    recipes = run.pipeline()
+    assert set(recipes) == set(run.split["targets"]) and run.split == old.split and run.select() == old.select()
+    assert run.merged_fingerprint == old.merged_fingerprint
+    pool = run.open_pool()
+    assert pool.key == "activation" and old.open_pool().key == "gate"
+    model, tok = run.merged
+    user = run.select()[0].user_id
+    peft_model = PeftModel.from_pretrained(model, run.sharer_dir(user) / "adapter")
+    want = activation_means(peft_model, lora_layers(peft_model), run.examples(run.data.user(user), tok), tok.pad_token_id)
+    peft_model.unload()
+    for pos in pool.positions:
+        ids, keys = pool.keys(pos)
+        assert torch.allclose(keys[ids.index(pool.pseudonym(user))], want[pos], atol=1e-6)
+    assert Recipe.load(run.recipe_path(run.split["targets"][0])).mix == "cat"
+
+
+def test_derived_run_refuses_settings_of_steps_0_to_2(done_run, tmp_path, tiny_run_config):
+    with pytest.raises(ValueError, match="these would need steps 0-2 again: n_sharers, sharer_train"):
+        Run(done_run[0]).derive(tmp_path / "run", tiny_run_config(n_sharers=2, sharer_train={"steps": 5}))
+    assert not (tmp_path / "run").exists()
+
+
 def test_lost_recipe_is_reassembled_alone(done_run, monkeypatch):
     folder, _ = done_run
     run = Run(folder)
@@ -227,6 +261,16 @@ def test_parse_overrides_nests_keys_and_reads_json():
     for bad in ("top_k", "=3"):
         with pytest.raises(ValueError, match="expected KEY=VALUE"):
             parse_overrides([bad])
+
+
+def test_parse_variants():
+    from perpcs.cli import parse_variants
+
+    assert parse_variants(["act:key=activation,assembly.mix=cat", "k5:assembly.top_k=5"]) == \
+        {"act": {"key": "activation", "assembly": {"mix": "cat"}}, "k5": {"assembly": {"top_k": 5}}}
+    for bad in ("act", "act:", ":key=gate"):
+        with pytest.raises(ValueError, match="expected NAME:KEY=VALUE"):
+            parse_variants([bad])
 
 
 def test_build_config_precedence(tmp_path):

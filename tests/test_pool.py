@@ -33,7 +33,7 @@ def test_round_trip_bitwise(tmp_path, pool):
         assert back.positions == list(POSITIONS) and back.shapes == POSITIONS
         assert back.lora_config == CONFIG and back.base_fingerprint == "base-abc"
         for p in POSITIONS:
-            cands, gates = back.gates(p)
+            cands, gates = back.keys(p)
             assert cands == ids == back.candidates(p)
             assert torch.equal(gates, torch.stack([pieces[u][p][2] for u in pieces]))
         for sid, u in zip(ids, pieces):
@@ -49,7 +49,7 @@ def test_share_mask_respected_and_unshared_not_stored(pool):
     a = pool.add_sharer("alice", make_pieces(0), share={q0, v1})
     b = pool.add_sharer("bob", make_pieces(1), share={v1})
     assert pool.candidates(q0) == [a] and pool.candidates(v1) == [a, b]
-    assert pool.candidates(v0) == [] and pool.gates(v0)[1].shape == (0, 8)
+    assert pool.candidates(v0) == [] and pool.keys(v0)[1].shape == (0, 8)
     assert list(pool.sharer_pieces(a)) == [q0, v1]
     with pytest.raises(ValueError, match="does not share position"):
         pool.piece(b, q0)

@@ -1,7 +1,8 @@
 """Assembling a target user's PEFT from the pool (step 5) - one forward pass, no gradient.
 
 At each piece position, in the order the forward pass reaches it, a forward pre-hook on the
-module: scores every candidate piece by LN(h) . LN(g) / sqrt(d) averaged over the tokens that
+module: scores every candidate piece by LN(h) . LN(g) / sqrt(d) (or, for a pool with activation
+keys, see `piece_scores`) averaged over the tokens that
 predict the history's output tokens (per example, then over the batch), keeps the top-k, weighs
 them by softmax(s / tau), mixes them and installs the result in the module *before* it runs - so
 deeper positions are scored on activations that already use the assembled shallower pieces.
@@ -51,35 +52,41 @@ def predict_mask(labels: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def piece_scores(h: torch.Tensor, gates: torch.Tensor, mask: torch.Tensor,
-                 center: torch.Tensor | None = None) -> torch.Tensor:
-    """Score of each candidate piece [n] from module input h [B, T, d], gates [n, d], mask [B, T].
+def piece_scores(h: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, key: str = "gate") -> torch.Tensor:
+    """Score of each candidate piece [n] from module input h [B, T, d], piece keys [n, d], mask [B, T].
 
-    s_j(t) = LN(h_t) . LN(g_j) / sqrt(d), averaged over the masked tokens of each example, then
-    over the examples that have any (LN without learned affine). `center` (an experimental option,
-    not in the paper) is subtracted from LN(h_t) first: a population mean of LN(h) at this position,
-    so that only how this user's activations *differ* from everybody's picks the pieces.
+    Both kinds average over the masked tokens of each example, then over the examples that have any
+    (LN: layer norm without learned affine):
+    - key="gate" (the paper): s_j = mean_t LN(h_t) . LN(g_j) / sqrt(d);
+    - key="activation" (not in the paper): the keys are the sharers' mean LN(h) and the user's is
+      m = mean_t LN(h_t); both are centred on the candidates' mean key c and compared by direction,
+      s_j = sqrt(d) * cos(m - c, k_j - c): a piece scores by how much this user's activations differ
+      from the pool's in the way its owner's do. The sqrt(d) puts it on the gate score's scale
+      (|LN(x)| is about sqrt(d), so that one is sqrt(d) times a cosine too), so tau means the same.
     """
     d = h.shape[-1]
     hn = F.layer_norm(h.float(), (d,))
-    if center is not None:
-        hn = hn - center.to(hn.device, hn.dtype)
-    s = hn @ F.layer_norm(gates.float(), (d,)).T / math.sqrt(d)  # [B, T, n]
-    m = mask.to(s.dtype).unsqueeze(-1)
+    keys = keys.to(hn.device, hn.dtype)
+    m = mask.to(hn.dtype).unsqueeze(-1)
     count = m.sum(1)  # [B, 1]
     keep = count.squeeze(-1) > 0
     if not keep.any():
         raise ValueError("no token predicts an output token in this batch (are all targets truncated away?)")
-    return ((s * m).sum(1) / count.clamp(min=1))[keep].mean(0)
+    if key == "gate":
+        s = hn @ F.layer_norm(keys, (d,)).T / math.sqrt(d)  # [B, T, n]
+        return ((s * m).sum(1) / count.clamp(min=1))[keep].mean(0)
+    mean = ((hn * m).sum(1) / count.clamp(min=1))[keep].mean(0)  # [d]
+    c = keys.mean(0)
+    return math.sqrt(d) * F.cosine_similarity((mean - c).unsqueeze(0), keys - c, dim=-1)
 
 
 @torch.no_grad()
-def activation_means(model, examples: Sequence[Example], positions: Sequence[str], pad_id: int,
+def activation_means(model, modules: dict[str, torch.nn.Module], examples: Sequence[Example], pad_id: int,
                      batch_size: int = 16) -> dict[str, torch.Tensor]:
-    """Mean LN(h) at each position over the tokens that predict outputs (per example, then over
-    examples): a population reference for `piece_scores(center=...)`, e.g. from the base users."""
+    """Mean LN(h) of each module's input over the tokens that predict outputs (per example, then
+    over examples) while `model` runs over `examples`: a sharer's activation keys."""
     device = next(model.parameters()).device
-    sums = {pos: 0.0 for pos in positions}
+    sums = {pos: 0.0 for pos in modules}
     n = 0
 
     def hook(pos, mask):
@@ -93,13 +100,15 @@ def activation_means(model, examples: Sequence[Example], positions: Sequence[str
     for i in range(0, len(examples), batch_size):
         inputs = collate(examples[i : i + batch_size], pad_id, device)
         mask = predict_mask(inputs.pop("labels"))
-        handles = [model.get_submodule(pos).register_forward_pre_hook(hook(pos, mask)) for pos in positions]
+        handles = [m.register_forward_pre_hook(hook(pos, mask)) for pos, m in modules.items()]
         try:
             model(**inputs)
         finally:
             for h in handles:
                 h.remove()
         n += int(mask.any(1).sum())
+    if n == 0:
+        raise ValueError("no example has an output token to average over")
     return {pos: (v / n).cpu() for pos, v in sums.items()}
 
 
@@ -150,10 +159,10 @@ class Assembler:
     (linear) or r times the most pieces one position can take (cat); `unload()` gives it back.
     """
 
-    def __init__(self, model, pool, settings: AssemblySettings, center: dict[str, torch.Tensor] | None = None):
+    def __init__(self, model, pool, settings: AssemblySettings):
         from peft import get_peft_model
 
-        self.pool, self.settings, self.center = pool, settings, center or {}
+        self.pool, self.settings = pool, settings
         most = max(len(pool.candidates(p)) for p in pool.positions) if settings.select == "topp" else settings.top_k
         r = int(pool.lora_config["r"])
         rank = r if settings.mix == "linear" else r * most
@@ -162,7 +171,7 @@ class Assembler:
         missing = set(pool.positions) - set(self.layers)
         if missing:
             raise ValueError(f"the model has no module at pool positions {sorted(missing)[:5]}: pool from another architecture?")
-        self.gates = {pos: pool.gates(pos) for pos in pool.positions}
+        self.keys = {pos: pool.keys(pos) for pos in pool.positions}
         self._pieces: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def unload(self):
@@ -211,14 +220,14 @@ class Assembler:
 
     def _hook(self, pos, mask, generator, totals, batch_trace):
         def hook(module, args):
-            ids, gates = self.gates[pos]
+            ids, keys = self.keys[pos]
             if not ids:  # no sharer shares this position (low sharing ratio): leave it without update
                 with torch.no_grad():
                     module.lora_B["default"].weight.zero_()
                 batch_trace[pos] = ([], torch.empty(0))
             else:
                 # chosen on the CPU: the seeded generator is a CPU one (multinomial refuses it for CUDA scores)
-                scores = piece_scores(args[0], gates.to(args[0].device), mask, self.center.get(pos)).cpu()
+                scores = piece_scores(args[0], keys, mask, self.pool.key).cpu()
                 idx, w = choose(scores, self.settings, generator)
                 chosen = [ids[i] for i in idx.tolist()]
                 install(module, mix_pieces([self.piece(c, pos) for c in chosen], w.tolist(), self.settings.mix,

@@ -28,7 +28,7 @@ from perpcs.pipeline import Run, RunConfig, safe_name
 from perpcs.recipe import Recipe, apply_lora, apply_recipe
 from perpcs.selection import history_embeddings, nearest_users
 from perpcs.training import train_lora
-from perpcs.utils import dir_bytes, write_json, write_text
+from perpcs.utils import deep_merge, dir_bytes, write_json, write_text
 
 
 class BenchSettings(BaseModel):
@@ -37,6 +37,9 @@ class BenchSettings(BaseModel):
     rag_k: int = 1
     retrieval_m: int = 1
     gen_batch_size: int = 16
+    # name -> settings of steps 3-5 (e.g. {"key": "activation"}): each variant reuses the run's task
+    # model and sharer LoRAs (`Run.derive`) and is reported as rows `name` and `name+rag`
+    variants: dict[str, dict] = {}
 
     @field_validator("methods")
     @classmethod
@@ -48,6 +51,14 @@ class BenchSettings(BaseModel):
         if not methods:
             raise ValueError(f"no methods to run; known: {', '.join(METHODS)}")
         return methods
+
+    @field_validator("variants")
+    @classmethod
+    def _variant_names(cls, variants: dict[str, dict]) -> dict[str, dict]:
+        for name in variants:
+            if name in METHODS or "+" in name or not name.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(f"variant name {name!r}: use letters, digits, - and _, and not a method's name")
+        return variants
 
 
 class _Personalized:
@@ -111,8 +122,10 @@ class Bench:
             write_json(stats_path, stats)
         return peft_model.eval(), stats["seconds"], dir_bytes(folder / "adapter")
 
-    def evaluate(self) -> dict:
+    def evaluate(self, methods: dict[str, str] | None = None) -> dict:
+        """{row name: results} for each method (`methods`: row name -> method; default: the settings')."""
         run, task = self.run, self.task
+        methods = methods or {m: m for m in self.settings.methods}
         targets = run.users(run.split["targets"])
         self.pool = run.open_pool()
         self.sharers = [sel.user_id for sel in run.select()]
@@ -120,17 +133,17 @@ class Bench:
         golds = {q.id: q.output for u in targets for q in u.queries}
         write_lamp_outputs(self.out / "golds.json", task.name, golds)
         results = {}
-        for method in self.settings.methods:
+        for name, method in methods.items():
             preds, seconds, nbytes = {}, [], []
-            for user in tqdm(targets, desc=f"bench: {method}"):
+            for user in tqdm(targets, desc=f"bench: {name}"):
                 with self.personalize(method, user) as p:
                     texts = generate(p.model, self.tok, prompts(task, user, p.rag_k), task.new_tokens,
                                      self.settings.gen_batch_size)
                 preds.update({q.id: task.parse_output(t) for q, t in zip(user.queries, texts)})
                 seconds.append(p.seconds)
                 nbytes.append(p.nbytes)
-            write_lamp_outputs(self.out / "preds" / f"{method}.json", task.name, preds)
-            results[method] = {"metrics": score(task, golds, preds),
+            write_lamp_outputs(self.out / "preds" / f"{name}.json", task.name, preds)
+            results[name] = {"metrics": score(task, golds, preds),
                                "personalize_seconds_per_user": statistics.mean(seconds),
                                "bytes_per_user": statistics.mean(nbytes)}
         return results
@@ -181,8 +194,20 @@ def bench(data: str | Path, out: str | Path, config: RunConfig, settings: BenchS
         "config": config.model_dump(),
     }
     groups_file = Path(data) / "groups.json"
-    if groups_file.exists():
-        results["diagnostics"] = group_diagnostics(run, json.loads(groups_file.read_text()))
+    groups = json.loads(groups_file.read_text()) if groups_file.exists() else None
+    if groups:
+        results["diagnostics"] = group_diagnostics(run, groups)
+    if settings.variants:
+        results["variants"] = {}
+    for vname, overrides in settings.variants.items():
+        vrun = run.derive(out / "variants" / vname / "run",
+                          RunConfig.model_validate(deep_merge(config.model_dump(), overrides)))
+        vrun.pipeline()
+        methods.update(Bench(vrun, settings, out).evaluate({vname: "perpcs", f"{vname}+rag": "perpcs+rag"}))
+        vstats = vrun.stats()["build_pool"]
+        results["variants"][vname] = {
+            "settings": overrides, "gate_seconds": vstats["gate_seconds"], "pool_bytes": vstats["pool_bytes"],
+            **({"diagnostics": group_diagnostics(vrun, groups)} if groups else {})}
     write_json(out / "results.json", results)
     write_text(out / "results.md", results_table(results))
     return results
@@ -239,9 +264,16 @@ def results_table(r: dict) -> str:
         f"gates {o['gate_seconds']:.0f} s, pool {_fmt_bytes(o['pool_bytes'])}; model loading {o['model_load_seconds']:.0f} s.",
         *([f"Known latent groups: {d['same_group_weight']:.0%} of the assembled weight comes from sharers of the "
            f"target's own group (random picking: {d['same_group_chance']:.0%})."] if (d := r.get("diagnostics")) else []),
+        *(f"Variant {name}: {json.dumps(v['settings'])}, same task model and sharer LoRAs; piece keys "
+          f"{v['gate_seconds']:.0f} s, pool {_fmt_bytes(v['pool_bytes'])}"
+          + (f"; {v['diagnostics']['same_group_weight']:.0%} of its assembled weight from the target's own group."
+             if "diagnostics" in v else ".")
+          for name, v in r.get("variants", {}).items()),
         "",
     ])
 
 
 # The demo's data size and budgets: chosen so that `perpcs demo` runs in about 15 minutes on 2 CPU cores.
-DEMO_CONFIG = {"users": 48, "queries": 12, "run": {"n_targets": 5, "n_sharers": 6, "task_train": {"steps": 25}}}
+# The variant: Per-Pcs with activation keys and the exact (cat) mix, next to the paper's rule (see README).
+DEMO_CONFIG = {"users": 48, "queries": 12, "run": {"n_targets": 5, "n_sharers": 6, "task_train": {"steps": 25}},
+               "variants": {"perpcs-act-cat": {"key": "activation", "assembly": {"mix": "cat"}}}}

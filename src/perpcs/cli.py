@@ -166,7 +166,7 @@ def build_config(data: Path, base: Optional[str], seed: int, targets: Optional[i
                  config: Optional[Path], overrides: list[str]):
     """A RunConfig from defaults < --config file < flags < --set overrides (nested sections merge key by key)."""
     from perpcs.pipeline import RunConfig
-    from perpcs.utils import read_json
+    from perpcs.utils import deep_merge, read_json
 
     flags = {"data": str(data), "seed": seed, "base": base, "n_targets": targets, "n_sharers": sharers}
     cfg = RunConfig(data=str(data)).model_dump()
@@ -174,16 +174,6 @@ def build_config(data: Path, base: Optional[str], seed: int, targets: Optional[i
                   parse_overrides(overrides)):
         deep_merge(cfg, layer)
     return RunConfig.model_validate(cfg)
-
-
-def deep_merge(into: dict, layer: dict) -> dict:
-    """Merge `layer` into `into`: dicts key by key, anything else replaced."""
-    for key, value in layer.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            deep_merge(into[key], value)
-        else:
-            into[key] = value
-    return into
 
 
 def _run_command(all_steps: bool):
@@ -254,10 +244,21 @@ QUICK = ["task_train.steps=4", "sharer_train.steps=3", "gate_train.steps=2", "n_
          "min_sharer_items=1"]
 
 
-def _bench(data: Path, out: Path, config, methods: list[str]) -> None:
+def parse_variants(specs: list[str]) -> dict[str, dict]:
+    """'NAME:KEY=VALUE,KEY=VALUE' -> {NAME: nested settings}, e.g. 'act:key=activation,assembly.mix=cat'."""
+    out = {}
+    for spec in specs:
+        name, sep, pairs = spec.partition(":")
+        if not sep or not name or not pairs:
+            raise ValueError(f"--variant {spec!r}: expected NAME:KEY=VALUE[,KEY=VALUE...]")
+        out[name] = parse_overrides(pairs.split(","))
+    return out
+
+
+def _bench(data: Path, out: Path, config, methods: list[str], variants: dict[str, dict]) -> None:
     from perpcs.bench import BenchSettings, bench
 
-    settings = BenchSettings(**({"methods": methods} if methods else {}))
+    settings = BenchSettings(**({"methods": methods} if methods else {}), variants=variants)
     bench(data, out, config, settings)
     console.print(f"wrote {out / 'results.json'}, {out / 'results.md'} and predictions in {out / 'preds'}")
     print((out / "results.md").read_text())
@@ -275,13 +276,15 @@ def bench_command(
     quick: bool = typer.Option(False, "--quick", help="tiny budgets: checks the harness, numbers mean nothing"),
     config: Optional[Path] = typer.Option(None, "--config", help="JSON file of RunConfig fields"),
     overrides: list[str] = typer.Option([], "--set", help="override a setting, e.g. --set sharer_train.lr=5e-4"),
+    variants: list[str] = typer.Option([], "--variant", help="also Per-Pcs with other step 3-5 settings on the same "
+                                       "sharers (repeat), e.g. --variant act:key=activation,assembly.mix=cat"),
 ) -> None:
     """Per-Pcs vs non-personalized, RAG, PEFT retrieval and OPPU on one data set, with costs."""
     from pydantic import ValidationError
 
     try:
         cfg = build_config(data, base, seed, targets, sharers, config, (QUICK if quick else []) + overrides)
-        _bench(data, out, cfg, methods)
+        _bench(data, out, cfg, methods, parse_variants(variants))
     except (ValueError, FileNotFoundError, ValidationError) as e:
         fail(str(e))
 
@@ -296,4 +299,4 @@ def demo(out: Path = typer.Option(Path("runs/demo"), "--out"), seed: int = typer
     save_synthetic(synthesize("classification", n_users=DEMO_CONFIG["users"], n_queries=DEMO_CONFIG["queries"], seed=seed), data)
     console.print(f"wrote synthetic data to {data}")
     cfg = build_config(data, None, seed, None, None, None, [f"{k}={json.dumps(v)}" for k, v in DEMO_CONFIG["run"].items()])
-    _bench(data, out, cfg, [])
+    _bench(data, out, cfg, [], DEMO_CONFIG["variants"])

@@ -17,15 +17,17 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+import shutil
 import time
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
-from perpcs.assembly import Assembler, AssemblySettings
+from perpcs.assembly import Assembler, AssemblySettings, activation_means
 from perpcs.data import Dataset, User, load_dataset
 from perpcs.gates import lora_layers, train_gates
 from perpcs.models import fingerprint, load_base, prepare_base
@@ -34,6 +36,10 @@ from perpcs.recipe import Recipe, export_adapter
 from perpcs.selection import Selection, load_selection, save_selection, select_sharers
 from perpcs.training import LoraSettings, TrainSettings, history_examples, lora_state, train_lora
 from perpcs.utils import atomic_dir, read_json, seed_everything, write_json
+
+
+# Settings of steps 3-5 only: a derived run (`Run.derive`) may change these and reuse steps 0-2.
+LATER_STEPS = ("device", "key", "share_ratio", "gate_train", "assembly")
 
 
 class RunConfig(BaseModel):
@@ -50,6 +56,7 @@ class RunConfig(BaseModel):
     selection: str = "cluster"
     min_sharer_items: int = 10
     share_ratio: float = 1.0
+    key: Literal["gate", "activation"] = "gate"
     retrieval_copies: bool = False
     max_len: int = 256
     lora: LoraSettings = Field(default_factory=LoraSettings)
@@ -124,6 +131,34 @@ class Run:
         else:
             write_json(path, config.model_dump())
         return cls(folder)
+
+    def derive(self, folder: str | Path, config: RunConfig) -> "Run":
+        """A run that reuses this run's steps 0-2 (task model, split, selection, sharer LoRAs: linked,
+        not copied) and does steps 3-5 with `config`, which may differ only in their settings - to
+        compare piece keys, sharing ratios or assembly settings on the very same sharers."""
+        changed = [k for k in RunConfig.model_fields
+                   if k not in LATER_STEPS and getattr(config, k) != getattr(self.config, k)]
+        if changed:
+            raise ValueError(f"a derived run may change only {', '.join(LATER_STEPS)}; "
+                             f"these would need steps 0-2 again: {', '.join(changed)}")
+        selection = self.select()
+        unfinished = [s.user_id for s in selection if not (self.sharer_dir(s.user_id) / "lora.json").exists()]
+        if not self.merged_path.exists() or unfinished:
+            raise ValueError(f"{self.folder}: steps 0-2 are not finished (sharers without a LoRA: {unfinished})")
+        new = Run.create(folder, config)
+        links = [("task", "task")] + [(f"sharers/{safe_name(s.user_id)}/{f}",) * 2 for s in selection
+                                      for f in ("adapter", "lora.json")]
+        for src, dst in links:
+            if not (new.folder / dst).exists():
+                (new.folder / dst).parent.mkdir(parents=True, exist_ok=True)
+                (new.folder / dst).symlink_to((self.folder / src).resolve())
+        for name in ("split.json", "selection.json"):
+            if not (new.folder / name).exists():
+                shutil.copy(self.folder / name, new.folder / name)
+        for step in ("task_adapt", "select"):
+            if step in self.stats():
+                new.record(step, self.stats()[step])
+        return new
 
     # --- shared state ---
 
@@ -224,29 +259,48 @@ class Run:
             done = self.sharer_dir(sel.user_id) / "stats.json"
             if done.exists() and pool is not None and pool.pseudonym(sel.user_id) in pool.sharers():
                 continue
-            user = self.data.user(sel.user_id)
-            examples = self.examples(user, tok)
-            peft_model, lora_stats = train_lora(model, examples, c.lora, c.training("sharer_train", sel.user_id),
-                                                tok.pad_token_id, desc=f"sharer {sel.user_id}: LoRA")
-            gates, gate_stats = train_gates(peft_model, examples, c.training("gate_train", sel.user_id),
-                                            tok.pad_token_id, desc=f"sharer {sel.user_id}: gates")
-            peft_model.save_pretrained(self.sharer_dir(sel.user_id) / "adapter")
+            examples = self.examples(self.data.user(sel.user_id), tok)
+            peft_model, lora_stats = self.sharer_lora(sel.user_id, model, examples, tok.pad_token_id)
+            keys, key_stats = self.piece_keys(sel.user_id, peft_model, examples, tok.pad_token_id)
             if pool is None:
                 shapes = {pos: (m.in_features, m.out_features) for pos, m in lora_layers(peft_model).items()}
                 pool = Pool.create(self.pool_path, self.merged_fingerprint, c.lora.model_dump(), shapes,
-                                   seed=c.seed, sharing_ratio=c.share_ratio)
-            pieces = {pos: (A, B, gates[pos]) for pos, (A, B) in lora_state(peft_model).items()}
+                                   seed=c.seed, sharing_ratio=c.share_ratio, key=c.key)
+            pieces = {pos: (A, B, keys[pos]) for pos, (A, B) in lora_state(peft_model).items()}
             sid = pool.add_sharer(sel.user_id, pieces, share_mask(pool.positions, c.share_ratio, c.seed, sel.user_id))
             peft_model.unload()
-            write_json(done, {"sharer_id": sid, "lora": lora_stats, "gates": gate_stats, "examples": len(examples)})
+            write_json(done, {"sharer_id": sid, "lora": lora_stats, "keys": key_stats, "examples": len(examples)})
         self.record("build_pool", self._pool_stats(pool))
         return pool
+
+    def sharer_lora(self, user_id: str, model, examples: list, pad_id: int):
+        """Step 2: the sharer's own LoRA, trained once and kept (a pool rebuilt with other keys reuses it)."""
+        from peft import PeftModel
+
+        folder = self.sharer_dir(user_id)
+        if (folder / "lora.json").exists():
+            return PeftModel.from_pretrained(model, folder / "adapter"), read_json(folder / "lora.json")
+        peft_model, stats = train_lora(model, examples, self.config.lora, self.config.training("sharer_train", user_id),
+                                       pad_id, desc=f"sharer {user_id}: LoRA")
+        peft_model.save_pretrained(folder / "adapter")
+        write_json(folder / "lora.json", stats)
+        return peft_model, stats
+
+    def piece_keys(self, user_id: str, peft_model, examples: list, pad_id: int) -> tuple[dict, dict]:
+        """Step 3: each piece's key - its gate trained with the LoRA frozen (the paper), or the
+        sharer's mean activation at its position over its own history with its LoRA on (`key=activation`)."""
+        if self.config.key == "gate":
+            return train_gates(peft_model, examples, self.config.training("gate_train", user_id), pad_id,
+                               desc=f"sharer {user_id}: gates")
+        t0 = time.perf_counter()
+        keys = activation_means(peft_model, lora_layers(peft_model), examples, pad_id, self.config.assembly.batch_size)
+        return keys, {"seconds": time.perf_counter() - t0}
 
     def _pool_stats(self, pool: Pool) -> dict:
         per = [read_json(self.sharer_dir(s.user_id) / "stats.json") for s in self.select()]
         return {"sharers": len(pool), "pool_bytes": pool.nbytes(),
                 "sharer_lora_seconds": sum(p["lora"]["seconds"] for p in per),
-                "gate_seconds": sum(p["gates"]["seconds"] for p in per)}
+                "gate_seconds": sum(p["keys"]["seconds"] for p in per)}
 
     def open_pool(self) -> Pool:
         return Pool.open(self.pool_path, self.merged_fingerprint, self.config.lora.model_dump())

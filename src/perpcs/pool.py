@@ -1,9 +1,11 @@
-"""The piece pool (method step 4): the (A, B, gate) triples sharers contribute, on disk.
+"""The piece pool (method step 4): the (A, B, key) triples sharers contribute, on disk.
 
+A piece's key is what assembly scores it by: its trained gate (the paper), or, in a pool made with
+`key="activation"`, the sharer's mean activation at that position (see `assembly.piece_scores`).
 A pool is a folder:
 
     pool.sqlite                                   the manifest (tables meta, positions, sharers, shares)
-    sharers/<sharer id>-<sha256[:12]>.safetensors  A, B and gate of each piece that sharer shares
+    sharers/<sharer id>-<sha256[:12]>.safetensors  A, B and key of each piece that sharer shares
 
 One file and a few manifest rows per sharer, so adding or removing a sharer rewrites nothing else and
 a pool scales to thousands of sharers. Sharer files are named by their content hash and never
@@ -31,6 +33,7 @@ from safetensors.torch import save as save_tensors
 from perpcs.utils import atomic_path, dir_bytes, sha256_file
 
 FORMAT_VERSION = 1
+KEYS = ("gate", "activation")
 MANIFEST = "pool.sqlite"
 SHARER_DIR = "sharers"
 _MAX_OPEN = 8192  # cached safe_open handles: one memory map each, no open file descriptor
@@ -88,6 +91,9 @@ class Pool:
         self.lora_config: dict = json.loads(meta["lora_config"])
         self.sharing_ratio = float(meta["sharing_ratio"])
         self.seed = int(meta["seed"])
+        self.key: str = meta.get("key", "gate")  # pools written before activation keys have gates
+        if self.key not in KEYS:
+            raise ValueError(f"{manifest}: unknown piece key {self.key!r} (known: {', '.join(KEYS)})")
         self._salt = meta["salt"]
         rows = db.execute("SELECT idx, name, d_in, d_out FROM positions ORDER BY idx").fetchall()
         self.shapes: dict[str, tuple[int, int]] = {name: (d_in, d_out) for _, name, d_in, d_out in rows}
@@ -99,9 +105,11 @@ class Pool:
 
     @classmethod
     def create(cls, path: str | os.PathLike, base_fingerprint: str, lora_config: dict,
-               positions: dict[str, tuple[int, int]], seed: int = 0, sharing_ratio: float = 1.0) -> Pool:
+               positions: dict[str, tuple[int, int]], seed: int = 0, sharing_ratio: float = 1.0,
+               key: str = "gate") -> Pool:
         """A new, empty pool. `positions` (position -> (d_in, d_out)) in forward order, layer 0 first;
-        `seed` and `sharing_ratio` choose the share mask of sharers added without an explicit one."""
+        `seed` and `sharing_ratio` choose the share mask of sharers added without an explicit one;
+        `key` says what the pieces' keys are (a trained gate, or the sharer's mean activation)."""
         path = Path(path)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise FileExistsError(f"{path}: exists and is not an empty folder; refusing to create a pool there")
@@ -118,9 +126,11 @@ class Pool:
                                  "of positive ints")
         if not 0.0 < sharing_ratio <= 1.0:
             raise ValueError(f"sharing_ratio must be in (0, 1], got {sharing_ratio}")
+        if key not in KEYS:
+            raise ValueError(f"key must be one of {', '.join(KEYS)}, got {key!r}")
         meta = {"format_version": str(FORMAT_VERSION), "base_fingerprint": base_fingerprint,
                 "lora_config": json.dumps(lora_config, sort_keys=True), "sharing_ratio": repr(float(sharing_ratio)),
-                "seed": str(seed), "salt": secrets.token_hex(16)}
+                "seed": str(seed), "salt": secrets.token_hex(16), "key": key}
         path.mkdir(parents=True, exist_ok=True)
         with atomic_path(path / MANIFEST) as tmp:
             db = sqlite3.connect(tmp)
@@ -197,7 +207,7 @@ class Pool:
 
     def add_sharer(self, user_id: str, pieces: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
                    share: set[str] | None = None) -> str:
-        """Store the pieces (A [r, d_in], B [d_out, r], gate [d_in]) a user shares; returns its sharer id.
+        """Store the pieces (A [r, d_in], B [d_out, r], key [d_in]) a user shares; returns its sharer id.
 
         `share` defaults to `share_mask` at the pool's sharing ratio and seed; unshared pieces are not
         stored. Re-adding a user replaces its pieces and keeps its place in the sharer order.
@@ -214,7 +224,7 @@ class Pool:
         shared = [p for p in self.positions if p in share]
         tensors = {}
         for p in shared:
-            for name, t in zip(("lora_A", "lora_B", "gate"), pieces[p]):
+            for name, t in zip(("lora_A", "lora_B", self.key), pieces[p]):
                 tensors[f"{p}.{name}"] = t.detach().cpu().contiguous()
         data = save_tensors(tensors, metadata={"format": "pt", "perpcs_pool_format": str(FORMAT_VERSION),
                                                "sharer": sid})
@@ -247,7 +257,7 @@ class Pool:
             want = [[r, d_in], [d_out, r], [d_in]]
             got = [list(getattr(t, "shape", [])) for t in triple]
             if len(triple) != 3 or got != want or not all(isinstance(t, torch.Tensor) for t in triple):
-                raise ValueError(f"position {p}: expected tensors (A, B, gate) of shapes {want}, got {got}")
+                raise ValueError(f"position {p}: expected tensors (A, B, {self.key}) of shapes {want}, got {got}")
 
     def remove_sharer(self, sharer_id: str) -> None:
         idx, file = self._sharer(sharer_id)
@@ -289,12 +299,12 @@ class Pool:
         """Ids of the sharers that share `position`, in the order they were first added."""
         return [sid for sid, _ in self._candidates(position)]
 
-    def gates(self, position: str) -> tuple[list[str], torch.Tensor]:
-        """The candidates of `position` and their gates stacked [n, d_in]; reads only the gate tensors."""
+    def keys(self, position: str) -> tuple[list[str], torch.Tensor]:
+        """The candidates of `position` and their keys stacked [n, d_in]; reads only the key tensors."""
         rows = self._candidates(position)
         if not rows:
             return [], torch.empty(0, self.shapes[position][0])
-        return [sid for sid, _ in rows], torch.stack([self._open(f).get_tensor(f"{position}.gate") for _, f in rows])
+        return [sid for sid, _ in rows], torch.stack([self._open(f).get_tensor(f"{position}.{self.key}") for _, f in rows])
 
     def piece(self, sharer_id: str, position: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of one shared piece; reads only those two tensors."""

@@ -76,6 +76,16 @@ def write_jsonl(path: str | os.PathLike, rows: list[Any]) -> Path:
     return write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def deep_merge(into: dict, layer: dict) -> dict:
+    """Merge `layer` into `into`: dicts key by key, anything else replaced."""
+    for key, value in layer.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            deep_merge(into[key], value)
+        else:
+            into[key] = value
+    return into
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch so that the same seed gives the same run on one machine."""
     random.seed(seed)
