@@ -1,11 +1,11 @@
 """Assembling a target user's PEFT from the pool (step 5) - one forward pass, no gradient.
 
 At each piece position, in the order the forward pass reaches it, a forward pre-hook on the
-module: scores every candidate piece by LN(h) . LN(g) / sqrt(d) (or, for a pool with activation
-keys, see `piece_scores`) averaged over the tokens that
-predict the history's output tokens (per example, then over the batch), keeps the top-k, weighs
-them by softmax(s / tau), mixes them and installs the result in the module *before* it runs - so
-deeper positions are scored on activations that already use the assembled shallower pieces.
+module: scores every candidate piece by LN(h) . LN(g) / sqrt(d) averaged over the tokens that
+predict the history's output tokens, per example, then over the batch (pools with activation keys
+score differently, see `piece_scores`), keeps the top-k, weighs them by softmax(s / tau), mixes
+them and installs the result in the module *before* it runs - so deeper positions are scored on
+activations that already use the assembled shallower pieces.
 History is processed in batches (of similar lengths, to save padding); as in the reference, the
 final PEFT is the plain average of the per-batch PEFTs, i.e. each sharer's weight at a position
 averaged over batches. The result is a `Recipe`: for each position the chosen sharers and weights.
