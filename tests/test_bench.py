@@ -172,10 +172,11 @@ def cli(*args):
 
 
 def test_cli_bench_quick(tiny_base, tiny_data, tmp_path):
-    code, out = cli("bench", "--quick", "--base", tiny_base, "--data", tiny_data, "--out", tmp_path)
+    code, out = cli("bench", "--quick", "--base", tiny_base, "--data", tiny_data, "--out", tmp_path,
+                    "--variant", "act:key=activation,assembly.mix=cat")
     assert code == 0, out
     r = read_json(tmp_path / "results.json")
-    assert list(r["methods"]) == METHODS
+    assert list(r["methods"]) == ROWS and r["variants"]["act"]["settings"] == VARIANTS["act"]
     assert r["config"]["task_train"]["steps"] == 4 and r["config"]["n_sharers"] == 3  # --quick budgets
     assert "| perpcs |" in out
 
@@ -188,4 +189,10 @@ def test_cli_bench_bad_input_exits_2_before_any_work(tiny_base, tiny_data, tmp_p
     assert code == 2 and "--set 'assembly.top_k': expected KEY=VALUE" in out
     code, out = cli(*base, "--set", "assembly.no_such=1")
     assert code == 2 and "assembly.no_such" in out
+    code, out = cli(*base, "--variant", "act")
+    assert code == 2 and "--variant 'act': expected NAME:KEY=VALUE" in out
+    code, out = cli(*base, "--variant", "oppu:key=activation")
+    assert code == 2 and "variant name 'oppu'" in out
+    code, out = cli(*base, "--variant", "more:n_sharers=5")
+    assert code == 2 and "these would need steps 0-2 again: n_sharers" in out
     assert not (tmp_path / "o").exists()

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from perpcs.baselines import METHODS, average_loras, generate, load_lora, prompts, split_method
 from perpcs.data import User
 from perpcs.evaluation import primary_metric, score, write_lamp_outputs
-from perpcs.pipeline import Run, RunConfig, safe_name
+from perpcs.pipeline import Run, RunConfig, check_later_steps, safe_name
 from perpcs.recipe import Recipe, apply_lora, apply_recipe
 from perpcs.selection import history_embeddings, nearest_users
 from perpcs.training import train_lora
@@ -168,6 +168,8 @@ def group_diagnostics(run: Run, groups: dict[str, int], recipes: dict[str, Recip
 def bench(data: str | Path, out: str | Path, config: RunConfig, settings: BenchSettings) -> dict:
     """Run the pipeline and every method; write OUT/results.json and OUT/results.md."""
     out = Path(out)
+    variants = {name: check_later_steps(config, RunConfig.model_validate(deep_merge(config.model_dump(), overrides)))
+                for name, overrides in settings.variants.items()}  # bad settings fail here, before any work
     run = Run.create(out / "run", config)
     run.pipeline()
     t0 = time.perf_counter()
@@ -199,14 +201,13 @@ def bench(data: str | Path, out: str | Path, config: RunConfig, settings: BenchS
         results["diagnostics"] = group_diagnostics(run, groups)
     if settings.variants:
         results["variants"] = {}
-    for vname, overrides in settings.variants.items():
-        vrun = run.derive(out / "variants" / vname / "run",
-                          RunConfig.model_validate(deep_merge(config.model_dump(), overrides)))
+    for vname, vconfig in variants.items():
+        vrun = run.derive(out / "variants" / vname / "run", vconfig)
         vrun.pipeline()
         methods.update(Bench(vrun, settings, out).evaluate({vname: "perpcs", f"{vname}+rag": "perpcs+rag"}))
         vstats = vrun.stats()["build_pool"]
         results["variants"][vname] = {
-            "settings": overrides, "gate_seconds": vstats["gate_seconds"], "pool_bytes": vstats["pool_bytes"],
+            "settings": settings.variants[vname], "gate_seconds": vstats["gate_seconds"], "pool_bytes": vstats["pool_bytes"],
             **({"diagnostics": group_diagnostics(vrun, groups)} if groups else {})}
     write_json(out / "results.json", results)
     write_text(out / "results.md", results_table(results))

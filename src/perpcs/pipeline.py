@@ -80,6 +80,15 @@ class RunConfig(BaseModel):
         return settings.model_copy(update={"seed": int.from_bytes(hashlib.sha256(key).digest()[:4], "big")})
 
 
+def check_later_steps(config: RunConfig, new: RunConfig) -> RunConfig:
+    """`new`, if it differs from `config` only in settings of steps 3-5 (what `Run.derive` may change)."""
+    changed = [k for k in RunConfig.model_fields if k not in LATER_STEPS and getattr(new, k) != getattr(config, k)]
+    if changed:
+        raise ValueError(f"a derived run may change only {', '.join(LATER_STEPS)}; "
+                         f"these would need steps 0-2 again: {', '.join(changed)}")
+    return new
+
+
 def split_users(users: list[User], n_targets: int, base_fraction: float, seed: int) -> dict[str, list[str]]:
     """Targets: the n most active users (as in the paper); the rest, seeded shuffle: base users first, then candidates."""
     if n_targets < 1 or not 0 <= base_fraction < 1:
@@ -136,11 +145,7 @@ class Run:
         """A run that reuses this run's steps 0-2 (task model, split, selection, sharer LoRAs: linked,
         not copied) and does steps 3-5 with `config`, which may differ only in their settings - to
         compare piece keys, sharing ratios or assembly settings on the very same sharers."""
-        changed = [k for k in RunConfig.model_fields
-                   if k not in LATER_STEPS and getattr(config, k) != getattr(self.config, k)]
-        if changed:
-            raise ValueError(f"a derived run may change only {', '.join(LATER_STEPS)}; "
-                             f"these would need steps 0-2 again: {', '.join(changed)}")
+        check_later_steps(self.config, config)
         selection = self.select()
         unfinished = [s.user_id for s in selection if not (self.sharer_dir(s.user_id) / "lora.json").exists()]
         if not self.merged_path.exists() or unfinished:
