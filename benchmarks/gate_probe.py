@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from perpcs.assembly import predict_mask
+from perpcs.assembly import example_means, predict_mask
 from perpcs.pipeline import Run
 from perpcs.training import IGNORE, collate
 
@@ -47,9 +47,7 @@ def user_means(model, examples, positions, pad_id, batch_size=16):
             def fn(module, args):
                 h = F.layer_norm(args[0].float(), (args[0].shape[-1],))
                 for rule, mask in masks.items():
-                    m = mask.to(h.dtype).unsqueeze(-1)
-                    per_ex = ((h * m).sum(1) / m.sum(1).clamp(min=1))[mask.any(1)].sum(0)
-                    sums[rule][pos] = sums[rule].get(pos, 0) + per_ex
+                    sums[rule][pos] = sums[rule].get(pos, 0) + example_means(h, mask).sum(0)
             return fn
 
         handles = [m.register_forward_pre_hook(hook(p)) for p, m in modules.items()]

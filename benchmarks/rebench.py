@@ -15,15 +15,14 @@ from pathlib import Path
 
 from perpcs.bench import BenchSettings, bench
 from perpcs.cli import parse_overrides
-from perpcs.pipeline import Run, RunConfig
-from perpcs.utils import deep_merge
+from perpcs.pipeline import Run
 
 
 def main(src: Path, dst: Path, overrides: list[str]) -> None:
     if dst.exists():
         raise SystemExit(f"{dst}: exists; give a new output folder")
     old = Run(src / "run")
-    cfg = RunConfig.model_validate(deep_merge(old.config.model_dump(), parse_overrides(overrides)))
+    cfg = old.config.updated(parse_overrides(overrides))
     new = old.derive(dst / "run", cfg)
     (new.folder / "oppu").symlink_to((old.folder / "oppu").resolve())
     bench(cfg.data, dst, cfg, BenchSettings())

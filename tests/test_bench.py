@@ -183,16 +183,12 @@ def test_cli_bench_quick(tiny_base, tiny_data, tmp_path):
 
 def test_cli_bench_bad_input_exits_2_before_any_work(tiny_base, tiny_data, tmp_path):
     base = ("bench", "--quick", "--base", tiny_base, "--data", tiny_data, "--out", tmp_path / "o")
-    code, out = cli(*base, "--methods", "nope")
-    assert code == 2 and "unknown methods ['nope']" in out
-    code, out = cli(*base, "--set", "assembly.top_k")
-    assert code == 2 and "--set 'assembly.top_k': expected KEY=VALUE" in out
-    code, out = cli(*base, "--set", "assembly.no_such=1")
-    assert code == 2 and "assembly.no_such" in out
-    code, out = cli(*base, "--variant", "act")
-    assert code == 2 and "--variant 'act': expected NAME:KEY=VALUE" in out
-    code, out = cli(*base, "--variant", "oppu:key=activation")
-    assert code == 2 and "variant name 'oppu'" in out
-    code, out = cli(*base, "--variant", "more:n_sharers=5")
-    assert code == 2 and "these would need steps 0-2 again: n_sharers" in out
+    for args, message in [(("--methods", "nope"), "unknown methods ['nope']"),
+                          (("--set", "assembly.top_k"), "--set 'assembly.top_k': expected KEY=VALUE"),
+                          (("--set", "assembly.no_such=1"), "assembly.no_such"),
+                          (("--variant", "act"), "--variant 'act': expected NAME:KEY=VALUE"),
+                          (("--variant", "oppu:key=activation"), "variant name 'oppu'"),
+                          (("--variant", "more:n_sharers=5"), "these would need steps 0-2 again: n_sharers")]:
+        code, out = cli(*base, *args)
+        assert code == 2 and message in out, args
     assert not (tmp_path / "o").exists()

@@ -52,6 +52,12 @@ def predict_mask(labels: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+def example_means(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x [B, T, ...] over each example's masked tokens: [B', ...], examples with none left out."""
+    m = mask.to(x.dtype).reshape(*mask.shape, *[1] * (x.dim() - 2))
+    return ((x * m).sum(1) / m.sum(1).clamp(min=1))[mask.any(1)]
+
+
 def piece_scores(h: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, key: str = "gate") -> torch.Tensor:
     """Score of each candidate piece [n] from module input h [B, T, d], piece keys [n, d], mask [B, T].
 
@@ -64,18 +70,14 @@ def piece_scores(h: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, key: s
       from the pool's in the way its owner's do. The sqrt(d) puts it on the gate score's scale
       (|LN(x)| is about sqrt(d), so that one is sqrt(d) times a cosine too), so tau means the same.
     """
+    if not mask.any():
+        raise ValueError("no token predicts an output token in this batch (are all targets truncated away?)")
     d = h.shape[-1]
     hn = F.layer_norm(h.float(), (d,))
     keys = keys.to(hn.device, hn.dtype)
-    m = mask.to(hn.dtype).unsqueeze(-1)
-    count = m.sum(1)  # [B, 1]
-    keep = count.squeeze(-1) > 0
-    if not keep.any():
-        raise ValueError("no token predicts an output token in this batch (are all targets truncated away?)")
     if key == "gate":
-        s = hn @ F.layer_norm(keys, (d,)).T / math.sqrt(d)  # [B, T, n]
-        return ((s * m).sum(1) / count.clamp(min=1))[keep].mean(0)
-    mean = ((hn * m).sum(1) / count.clamp(min=1))[keep].mean(0)  # [d]
+        return example_means(hn @ F.layer_norm(keys, (d,)).T / math.sqrt(d), mask).mean(0)  # over [B, T, n]
+    mean = example_means(hn, mask).mean(0)  # [d]
     c = keys.mean(0)
     return math.sqrt(d) * F.cosine_similarity((mean - c).unsqueeze(0), keys - c, dim=-1)
 
@@ -91,10 +93,7 @@ def activation_means(model, modules: dict[str, torch.nn.Module], examples: Seque
 
     def hook(pos, mask):
         def fn(module, args):
-            h = F.layer_norm(args[0].float(), (args[0].shape[-1],))
-            m = mask.to(h.dtype).unsqueeze(-1)
-            per_example = (h * m).sum(1) / m.sum(1).clamp(min=1)
-            sums[pos] = sums[pos] + per_example[mask.any(1)].sum(0)
+            sums[pos] = sums[pos] + example_means(F.layer_norm(args[0].float(), (args[0].shape[-1],)), mask).sum(0)
         return fn
 
     for i in range(0, len(examples), batch_size):

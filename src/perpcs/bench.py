@@ -28,7 +28,7 @@ from perpcs.pipeline import Run, RunConfig, check_later_steps, safe_name
 from perpcs.recipe import Recipe, apply_lora, apply_recipe
 from perpcs.selection import history_embeddings, nearest_users
 from perpcs.training import train_lora
-from perpcs.utils import deep_merge, dir_bytes, write_json, write_text
+from perpcs.utils import dir_bytes, write_json, write_text
 
 
 class BenchSettings(BaseModel):
@@ -168,7 +168,7 @@ def group_diagnostics(run: Run, groups: dict[str, int], recipes: dict[str, Recip
 def bench(data: str | Path, out: str | Path, config: RunConfig, settings: BenchSettings) -> dict:
     """Run the pipeline and every method; write OUT/results.json and OUT/results.md."""
     out = Path(out)
-    variants = {name: check_later_steps(config, RunConfig.model_validate(deep_merge(config.model_dump(), overrides)))
+    variants = {name: check_later_steps(config, config.updated(overrides))
                 for name, overrides in settings.variants.items()}  # bad settings fail here, before any work
     run = Run.create(out / "run", config)
     run.pipeline()

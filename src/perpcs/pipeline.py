@@ -35,7 +35,7 @@ from perpcs.pool import Pool, share_mask
 from perpcs.recipe import Recipe, export_adapter
 from perpcs.selection import Selection, load_selection, save_selection, select_sharers
 from perpcs.training import LoraSettings, TrainSettings, history_examples, lora_state, train_lora
-from perpcs.utils import atomic_dir, read_json, seed_everything, write_json
+from perpcs.utils import atomic_dir, deep_merge, read_json, seed_everything, write_json
 
 
 # Settings of steps 3-5 only: a derived run (`Run.derive`) may change these and reuse steps 0-2.
@@ -71,6 +71,10 @@ class RunConfig(BaseModel):
         if "retrieval_copies" not in self.assembly.model_fields_set:
             self.assembly = self.assembly.model_copy(update={"retrieval_copies": self.retrieval_copies})
         return self
+
+    def updated(self, overrides: dict) -> "RunConfig":
+        """These settings with `overrides` (nested sections merged key by key), validated."""
+        return RunConfig.model_validate(deep_merge(self.model_dump(), overrides))
 
     def training(self, which: str, user_id: str = "") -> TrainSettings:
         """The settings of one training run, seeded from the run's seed, the step and the user
@@ -160,9 +164,10 @@ class Run:
         for name in ("split.json", "selection.json"):
             if not (new.folder / name).exists():
                 shutil.copy(self.folder / name, new.folder / name)
+        stats = self.stats()
         for step in ("task_adapt", "select"):
-            if step in self.stats():
-                new.record(step, self.stats()[step])
+            if step in stats:
+                new.record(step, stats[step])
         return new
 
     # --- shared state ---
