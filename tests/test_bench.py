@@ -188,7 +188,7 @@ def test_cli_bench_bad_input_exits_2_before_any_work(tiny_base, tiny_data, tmp_p
                           (("--set", "assembly.no_such=1"), "assembly.no_such"),
                           (("--variant", "act"), "--variant 'act': expected NAME:KEY=VALUE"),
                           (("--variant", "oppu:key=activation"), "variant name 'oppu'"),
-                          (("--variant", "more:n_sharers=5"), "these would need steps 0-2 again: n_sharers")]:
+                          (("--variant", "more:n_sharers=5"), "; not these: n_sharers")]:
         code, out = cli(*base, *args)
         assert code == 2 and message in out, args
     assert not (tmp_path / "o").exists()

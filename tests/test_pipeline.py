@@ -172,9 +172,31 @@ def test_derived_run_with_activation_keys_reuses_the_sharers_loras(done_run, tmp
     assert Recipe.load(run.recipe_path(run.split["targets"][0])).mix == "cat"
 
 
-def test_derived_run_refuses_settings_of_steps_0_to_2(done_run, tmp_path, tiny_run_config):
-    with pytest.raises(ValueError, match="these would need steps 0-2 again: n_sharers, sharer_train"):
-        Run(done_run[0]).derive(tmp_path / "run", tiny_run_config(n_sharers=2, sharer_train={"steps": 5}))
+def test_derived_run_with_more_sharers_trains_only_the_new_ones(done_run, tmp_path, tiny_run_config, monkeypatch):
+    """Another sharer count selects again; a sharer the first run had keeps its LoRA (linked), only
+    the others train, and the task model and split are the first run's."""
+    import perpcs.pipeline
+
+    trained = []
+    real = perpcs.pipeline.train_lora
+    monkeypatch.setattr("perpcs.pipeline.train_lora", lambda *a, desc, **k: trained.append(desc) or real(*a, desc=desc, **k))
+    old = Run(done_run[0])
+    run = old.derive(tmp_path / "run", tiny_run_config(n_sharers=5, selection="active"))
+    run.pipeline()
+    before, after = {s.user_id for s in old.select()}, {s.user_id for s in run.select()}
+    assert len(after) == 5 and before & after, "the test needs sharers in common"
+    assert sorted(trained) == sorted(f"sharer {u}: LoRA" for u in after - before)
+    for u in before & after:
+        assert (run.sharer_dir(u) / "adapter").resolve() == (old.sharer_dir(u) / "adapter").resolve()
+    assert not any(run.sharer_dir(u).exists() for u in before - after)
+    assert run.split == old.split and run.merged_fingerprint == old.merged_fingerprint
+    assert {run.open_pool().pseudonym(u) for u in after} == set(run.open_pool().sharers())
+
+
+def test_derived_run_refuses_settings_of_steps_0_and_2(done_run, tmp_path, tiny_run_config):
+    with pytest.raises(ValueError, match="; not these: task_train, sharer_train"):
+        Run(done_run[0]).derive(tmp_path / "run", tiny_run_config(n_sharers=2, task_train={"steps": 3},
+                                                                  sharer_train={"steps": 5}))
     assert not (tmp_path / "run").exists()
 
 

@@ -40,6 +40,9 @@ from perpcs.utils import atomic_dir, deep_merge, read_json, seed_everything, wri
 
 # Settings of steps 3-5 only: a derived run (`Run.derive`) may change these and reuse steps 0-2.
 LATER_STEPS = ("device", "key", "share_ratio", "gate_train", "assembly")
+# Settings of step 1: a derived run may change these too; it then selects again, and each sharer it
+# has in common with the run it derives from keeps its LoRA.
+SELECTION_STEP = ("n_sharers", "selection", "min_sharer_items")
 
 
 class RunConfig(BaseModel):
@@ -84,12 +87,14 @@ class RunConfig(BaseModel):
         return settings.model_copy(update={"seed": int.from_bytes(hashlib.sha256(key).digest()[:4], "big")})
 
 
-def check_later_steps(config: RunConfig, new: RunConfig) -> RunConfig:
-    """`new`, if it differs from `config` only in settings of steps 3-5 (what `Run.derive` may change)."""
-    changed = [k for k in RunConfig.model_fields if k not in LATER_STEPS and getattr(new, k) != getattr(config, k)]
+def check_later_steps(config: RunConfig, new: RunConfig, also: tuple[str, ...] = ()) -> RunConfig:
+    """`new`, if it differs from `config` only in settings of steps 3-5 (and `also`): what a run
+    derived from `config`'s run may change."""
+    allowed = LATER_STEPS + also
+    changed = [k for k in RunConfig.model_fields if k not in allowed and getattr(new, k) != getattr(config, k)]
     if changed:
-        raise ValueError(f"a derived run may change only {', '.join(LATER_STEPS)}; "
-                         f"these would need steps 0-2 again: {', '.join(changed)}")
+        raise ValueError(f"a derived run may change only {', '.join(allowed)}; "
+                         f"not these: {', '.join(changed)}")
     return new
 
 
@@ -146,31 +151,31 @@ class Run:
         return cls(folder)
 
     def derive(self, folder: str | Path, config: RunConfig) -> "Run":
-        """A run that reuses this run's steps 0-2 (task model, split, selection, sharer LoRAs: linked,
-        not copied) and does steps 3-5 with `config`, which may differ only in their settings - to
-        compare piece keys, sharing ratios or assembly settings on the very same sharers."""
-        check_later_steps(self.config, config)
-        selection = self.select()
-        unfinished = [s.user_id for s in selection if not (self.sharer_dir(s.user_id) / "lora.json").exists()]
+        """A run that reuses this run's task model and split and does the rest with `config`, which may
+        differ only in settings of step 1 and steps 3-5. With the same step-1 settings it keeps the very
+        same sharers, to compare piece keys, sharing ratios or assembly settings on them; with others it
+        selects again (e.g. more sharers), and every sharer both runs have keeps its LoRA. Reused files
+        are linked, not copied; their recorded seconds come along."""
+        check_later_steps(self.config, config, also=SELECTION_STEP)
+        reselect = any(getattr(config, k) != getattr(self.config, k) for k in SELECTION_STEP)
+        mine = {s.user_id for s in self.select()}
+        unfinished = sorted(u for u in mine if not (self.sharer_dir(u) / "lora.json").exists())
         if not self.merged_path.exists() or unfinished:
             raise ValueError(f"{self.folder}: steps 0-2 are not finished (sharers without a LoRA: {unfinished})")
         new = Run.create(folder, config)
-        links = [("task", "task")] + [(f"sharers/{safe_name(s.user_id)}/{f}",) * 2 for s in selection
-                                      for f in ("adapter", "lora.json")]
+        stats = self.stats()
+        for name, step in [("split.json", "task_adapt")] + ([] if reselect else [("selection.json", "select")]):
+            if not (new.folder / name).exists():
+                shutil.copy(self.folder / name, new.folder / name)
+            if step in stats:
+                new.record(step, stats[step])
+        links = [("task", "task")] + [(f"sharers/{safe_name(s.user_id)}/{f}",) * 2 for s in new.select()
+                                      if s.user_id in mine for f in ("adapter", "lora.json")]
         for src, dst in links:
             if not (new.folder / dst).exists():
                 (new.folder / dst).parent.mkdir(parents=True, exist_ok=True)
                 (new.folder / dst).symlink_to((self.folder / src).resolve())
-        for name in ("split.json", "selection.json"):
-            if not (new.folder / name).exists():
-                shutil.copy(self.folder / name, new.folder / name)
-        stats = self.stats()
-        for step in ("task_adapt", "select"):
-            if step in stats:
-                new.record(step, stats[step])
         return new
-
-    # --- shared state ---
 
     @cached_property
     def data(self) -> Dataset:
