@@ -14,7 +14,7 @@ from pathlib import Path
 
 from scipy.stats import binomtest
 
-from perpcs.bench import split_method
+from perpcs.bench import gain_share, split_method
 from perpcs.evaluation import read_lamp_outputs, resolve_task, score
 from perpcs.utils import read_json, write_text
 
@@ -25,6 +25,14 @@ def per_query(folder: Path, method: str, task, golds: dict[str, str], primary: s
     """The primary metric of one method on each query alone, scored exactly as the bench scores."""
     _, preds = read_lamp_outputs(folder / "preds" / f"{method}.json")
     return {q: score(task, {q: g}, {q: preds[q]})[primary] for q, g in golds.items()}
+
+
+def pool_cover(folder: Path, results: dict) -> tuple[int, int]:
+    """For data with known latent groups: how many target users have no sharer, and one sharer, of their group."""
+    groups = read_json(Path(results["dataset"]) / "groups.json")
+    sharers = [groups[s["user_id"]] for s in read_json(folder / "run" / "selection.json")]
+    counts = [sharers.count(groups[t]) for t in read_json(folder / "run" / "split.json")["targets"]]
+    return counts.count(0), counts.count(1)
 
 
 def perpcs_rows(results: dict) -> list[str]:
@@ -39,15 +47,22 @@ def main(folders: list[Path], out: Path) -> None:
     methods = [m for m in first["methods"] if all(m in r["methods"] for _, r in runs)]
     lines = [f"# {len(runs)} bench runs of {first['task']} ({first['kind']}): {primary} "
              f"({'higher' if higher else 'lower'} is better)", "",
-             "| method | " + " | ".join(f"seed {r['seed']}" for _, r in runs) + " | mean | sd | s/user | bytes/user |",
-             "|---|" + "---|" * (len(runs) + 4)]
+             "| method | " + " | ".join(f"seed {r['seed']}" for _, r in runs)
+             + " | mean | sd | share of OPPU's gain (means) | s/user | time vs OPPU | bytes/user |",
+             "|---|" + "---|" * (len(runs) + 6)]
+    mean = {m: {"metrics": {primary: statistics.mean(r["methods"][m]["metrics"][primary] for _, r in runs)},
+                **{k: statistics.mean(r["methods"][m][k] for _, r in runs)
+                   for k in ("personalize_seconds_per_user", "bytes_per_user")}} for m in methods}
+    oppu_secs = mean["oppu"]["personalize_seconds_per_user"]
     for m in methods:
         vals = [r["methods"][m]["metrics"][primary] for _, r in runs]
-        secs = statistics.mean(r["methods"][m]["personalize_seconds_per_user"] for _, r in runs)
-        nbytes = statistics.mean(r["methods"][m]["bytes_per_user"] for _, r in runs)
+        share = gain_share(mean, m, primary)
+        secs = mean[m]["personalize_seconds_per_user"]
         lines.append(f"| {m} | " + " | ".join(f"{v:.3f}" for v in vals)
                      + f" | {statistics.mean(vals):.3f} | {statistics.stdev(vals) if len(vals) > 1 else 0:.3f}"
-                     + f" | {secs:.2f} | {nbytes:.0f} |")
+                     + f" | {'-' if share is None else f'{share + 0.0:.0%}'} | {secs:.2f}"
+                     + (f" | {oppu_secs / secs:.1f}x" if secs else " | -")
+                     + f" | {mean[m]['bytes_per_user']:.0f} |")
     if all("diagnostics" in r for _, r in runs):
         weights = {"perpcs": [r["diagnostics"]["same_group_weight"] for _, r in runs]}
         for name in first.get("variants", {}):
@@ -55,6 +70,9 @@ def main(folders: list[Path], out: Path) -> None:
         lines += ["", "Own-group share of the assembled weight: "
                   + "; ".join(f"{n} " + ", ".join(f"{w:.0%}" for w in ws) for n, ws in weights.items())
                   + "; random picking " + ", ".join(f"{r['diagnostics']['same_group_chance']:.0%}" for _, r in runs) + "."]
+        cover = [pool_cover(f, r) for f, r in runs]
+        lines += ["", f"Target users whose latent group has no sharer / one sharer in the pool (of {first['n_targets']}): "
+                  + ", ".join(f"{none} / {one}" for none, one in cover) + "."]
 
     # paired: every query of every run, the Per-Pcs row against the baseline on the same query
     scores: dict[str, dict[str, float]] = {m: {} for m in methods}

@@ -222,6 +222,16 @@ def _fmt_bytes(n: float) -> str:
     return str(n)
 
 
+def gain_share(methods: dict, name: str, primary: str) -> float | None:
+    """The share of OPPU's gain over non_personalized that method `name` reaches on the primary metric
+    (None without a gain); a method with retrieval (+rag) is measured from rag to oppu+rag when both ran."""
+    lo, hi = methods["non_personalized"], methods["oppu"]
+    if split_method(name)[1] and "rag" in methods and "oppu+rag" in methods:
+        lo, hi = methods["rag"], methods["oppu+rag"]
+    gain = hi["metrics"][primary] - lo["metrics"][primary]
+    return (methods[name]["metrics"][primary] - lo["metrics"][primary]) / gain if gain else None
+
+
 def results_table(r: dict) -> str:
     """The markdown table a person reads first: method x metrics x cost, with ratios to OPPU."""
     methods = r["methods"]
@@ -238,16 +248,14 @@ def results_table(r: dict) -> str:
     for name, m in methods.items():
         row = [name, *(f"{m['metrics'][k]:.4f}" for k in metric_names),
                f"{m['personalize_seconds_per_user']:.2f}", _fmt_bytes(m["bytes_per_user"])]
-        kind, with_rag = split_method(name)
+        kind = split_method(name)[0]
         if oppu:
             t, b = m["personalize_seconds_per_user"], m["bytes_per_user"]
             row += [f"{oppu['personalize_seconds_per_user'] / t:.1f}x less" if t and kind != "oppu" else "-",
                     f"{oppu['bytes_per_user'] / b:.0f}x less" if b and kind != "oppu" else "-"]
         if oppu and base:
-            # a method with retrieval is measured between the two that also have it, when both ran
-            lo, hi = (methods["rag"], methods["oppu+rag"]) if with_rag and rag_pair else (base, oppu)
-            gain = hi["metrics"][primary] - lo["metrics"][primary]
-            row.append(f"{(m['metrics'][primary] - lo['metrics'][primary]) / gain + 0.0:.0%}" if gain else "-")  # + 0.0: no '-0%'
+            share = gain_share(methods, name, primary)
+            row.append("-" if share is None else f"{share + 0.0:.0%}")  # + 0.0: no '-0%'
         lines.append("| " + " | ".join(row) + " |")
     o = r["one_time"]
     return "\n".join([
