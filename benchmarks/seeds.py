@@ -48,12 +48,12 @@ def main(folders: list[Path], out: Path) -> None:
     lines = [f"# {len(runs)} bench runs of {first['task']} ({first['kind']}): {primary} "
              f"({'higher' if higher else 'lower'} is better)", "",
              "| method | " + " | ".join(f"seed {r['seed']}" for _, r in runs)
-             + " | mean | sd | share of OPPU's gain (means) | s/user | time vs OPPU | bytes/user |",
-             "|---|" + "---|" * (len(runs) + 6)]
+             + " | mean | sd | share of OPPU's gain (means) | s/user | time vs OPPU | bytes/user | storage vs OPPU |",
+             "|---|" + "---|" * (len(runs) + 7)]
     mean = {m: {"metrics": {primary: statistics.mean(r["methods"][m]["metrics"][primary] for _, r in runs)},
                 **{k: statistics.mean(r["methods"][m][k] for _, r in runs)
                    for k in ("personalize_seconds_per_user", "bytes_per_user")}} for m in methods}
-    oppu_secs = mean["oppu"]["personalize_seconds_per_user"]
+    oppu_secs, oppu_bytes = (mean["oppu"][k] for k in ("personalize_seconds_per_user", "bytes_per_user"))
     for m in methods:
         vals = [r["methods"][m]["metrics"][primary] for _, r in runs]
         share = gain_share(mean, m, primary)
@@ -62,7 +62,8 @@ def main(folders: list[Path], out: Path) -> None:
                      + f" | {statistics.mean(vals):.3f} | {statistics.stdev(vals) if len(vals) > 1 else 0:.3f}"
                      + f" | {'-' if share is None else f'{share + 0.0:.0%}'} | {secs:.2f}"
                      + (f" | {oppu_secs / secs:.1f}x" if secs else " | -")
-                     + f" | {mean[m]['bytes_per_user']:.0f} |")
+                     + f" | {mean[m]['bytes_per_user']:.0f}"
+                     + (f" | {oppu_bytes / mean[m]['bytes_per_user']:.0f}x |" if mean[m]["bytes_per_user"] else " | - |"))
     if all("diagnostics" in r for _, r in runs):
         weights = {"perpcs": [r["diagnostics"]["same_group_weight"] for _, r in runs]}
         for name in first.get("variants", {}):

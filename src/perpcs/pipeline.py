@@ -177,6 +177,8 @@ class Run:
                 (new.folder / dst).symlink_to((self.folder / src).resolve())
         return new
 
+    # --- shared state ---
+
     @cached_property
     def data(self) -> Dataset:
         return load_dataset(self.config.data)
