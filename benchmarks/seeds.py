@@ -14,8 +14,10 @@ from pathlib import Path
 
 from scipy.stats import binomtest
 
-from perpcs.bench import gain_share, split_method
+from perpcs.baselines import split_method
+from perpcs.bench import gain_share
 from perpcs.evaluation import read_lamp_outputs, resolve_task, score
+from perpcs.pipeline import Run
 from perpcs.utils import read_json, write_text
 
 BASELINES = ("non_personalized", "rag", "peft_retrieval", "oppu")
@@ -28,10 +30,11 @@ def per_query(folder: Path, method: str, task, golds: dict[str, str], primary: s
 
 
 def pool_cover(folder: Path, results: dict) -> tuple[int, int]:
-    """For data with known latent groups: how many target users have no sharer, and one sharer, of their group."""
+    """For data with known latent groups: how many target users have no sharer, and one sharer, of
+    their group (the sharers' groups are in the bench's diagnostics)."""
     groups = read_json(Path(results["dataset"]) / "groups.json")
-    sharers = [groups[s["user_id"]] for s in read_json(folder / "run" / "selection.json")]
-    counts = [sharers.count(groups[t]) for t in read_json(folder / "run" / "split.json")["targets"]]
+    sharers = results["diagnostics"]["sharer_groups"]
+    counts = [sharers.count(groups[t]) for t in Run(folder / "run").split["targets"]]
     return counts.count(0), counts.count(1)
 
 

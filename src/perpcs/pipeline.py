@@ -163,10 +163,15 @@ class Run:
         if not self.merged_path.exists() or unfinished:
             raise ValueError(f"{self.folder}: steps 0-2 are not finished (sharers without a LoRA: {unfinished})")
         new = Run.create(folder, config)
-        stats = self.stats()
-        for name, step in [("split.json", "task_adapt")] + ([] if reselect else [("selection.json", "select")]):
+        kept_files, kept_steps = ["split.json"], ["task_adapt"]
+        if not reselect:
+            kept_files.append("selection.json")
+            kept_steps.append("select")
+        for name in kept_files:
             if not (new.folder / name).exists():
                 shutil.copy(self.folder / name, new.folder / name)
+        stats = self.stats()
+        for step in kept_steps:
             if step in stats:
                 new.record(step, stats[step])
         links = [("task", "task")] + [(f"sharers/{safe_name(s.user_id)}/{f}",) * 2 for s in new.select()
