@@ -19,7 +19,7 @@ from perpcs.pool import Pool
 from perpcs.recipe import Recipe, apply_recipe, export_adapter, materialize
 from perpcs.tasks import Task
 from perpcs.training import (IGNORE, Example, LoraSettings, TrainSettings, add_lora, collate, history_examples,
-                             lora_state, train_lora)
+                             lm_loss, lora_state, train_lora)
 
 R, ALPHA = 2, 4.0
 LORA = LoraSettings(r=R, alpha=ALPHA, dropout=0.0, target_modules=["q_proj", "v_proj"])
@@ -83,6 +83,35 @@ def hand_scores(h: torch.Tensor, examples: list[Example], keys: list[torch.Tenso
     m = sum(sum(xs) / len(xs) for xs in per_example) / len(per_example)
     c = sum(keys) / len(keys)
     return [math.sqrt(d) * float((m - c) @ (k - c) / ((m - c).norm() * (k - c).norm())) for k in keys]
+
+
+def test_lm_loss_equals_the_full_forward_loss_and_gradients(tokenizer):
+    """Logits only at label-predicting positions give the same loss and LoRA gradients as the full forward,
+    on a right-padded batch whose rows put their labels at different positions."""
+    model = add_lora(tiny_llama(), LORA, seed=0)
+    batch = collate(history_examples(TASK, tokenizer, HISTORY), tokenizer.pad_token_id)
+    assert len({int((row != IGNORE).nonzero()[0]) for row in batch["labels"]}) > 1
+    params = [p for p in model.parameters() if p.requires_grad]
+    full = model(**batch).loss
+    g_full = torch.autograd.grad(full, params)
+    kept = lm_loss(model, batch)
+    g_kept = torch.autograd.grad(kept, params)
+    assert torch.allclose(full, kept, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_full, g_kept))
+
+
+def test_lm_loss_falls_back_to_the_plain_forward_without_logits_to_keep(tokenizer):
+    class NoKeep(torch.nn.Module):  # a causal LM whose forward knows no `logits_to_keep`
+        def __init__(self):
+            super().__init__()
+            self.inner = tiny_llama()
+
+        def forward(self, input_ids, attention_mask, labels):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+    model = NoKeep()
+    batch = collate(history_examples(TASK, tokenizer, HISTORY), tokenizer.pad_token_id)
+    assert torch.equal(lm_loss(model, batch), model(**batch).loss)
 
 
 def test_activation_means_and_activation_key_scores(tokenizer):
