@@ -7,7 +7,8 @@ output tokens (the paper's rule), the output tokens only, and every token. The s
 then mean LN(h) . LN(g) / sqrt(d) (linear, so the mean of per-example means gives it exactly).
 For each rule, with and without subtracting the population mean of the scores of each piece, it
 reports the share of the top-k softmax weight that lands on sharers of the user's own group
-(against the share random picking gives). As a yardstick it also scores with a key that is not the
+(against the share random picking gives); `gate/pool` first subtracts the pool's mean gate at each
+position, so that what all gates share cannot rank the pieces. As a yardstick it also scores with a key that is not the
 method's: each sharer's own mean LN(h), centred. With `--gate-steps`, the sharers' gates are first
 retrained (LoRA frozen, as in step 3) for that many steps, to see whether longer gate training helps.
 Usage:
@@ -94,6 +95,9 @@ def main(parent: str, items: int, gate_steps: int | None, gate_lr: float) -> Non
         G = [torch.stack([new[u][p] for u in order]) for p in positions]
     d = G[0].shape[1]
     gates = torch.stack([F.layer_norm(g.float(), (d,)) for g in G])  # [P, S, d]
+    # the gates centred on their pool mean before LN: a gate's part that every sharer's gate shares
+    # (and LN scales by 1/std of each gate) no longer ranks the pieces
+    gates_pool = torch.stack([F.layer_norm(g.float() - g.float().mean(0), (d,)) for g in G])
     sharer_group = torch.tensor([groups[u] for u in order])
     users = [u for u in run.data.users if u.user_id not in sharers]
     means = {}
@@ -116,8 +120,10 @@ def main(parent: str, items: int, gate_steps: int | None, gate_lr: float) -> Non
         # the same, centred on the sharers' own mean: needs nothing but what is in the pool
         c = K.mean(1, keepdim=True)  # [P, 1, d]
         Mp = torch.einsum("upd,psd->ups", H - c.squeeze(1), K - c) / math.sqrt(d)
-        scored = {"gate": S, "sharer-mean": M, "sharer-mean/pool": Mp}
-        for key, centred in (("gate", False), ("gate", True), ("sharer-mean", True), ("sharer-mean/pool", False)):
+        Sp = torch.einsum("upd,psd->ups", H, gates_pool) / math.sqrt(d)
+        scored = {"gate": S, "gate/pool": Sp, "sharer-mean": M, "sharer-mean/pool": Mp}
+        for key, centred in (("gate", False), ("gate", True), ("gate/pool", False), ("sharer-mean", True),
+                             ("sharer-mean/pool", False)):
             S = scored[key]
             s = S - S.mean(0, keepdim=True) if centred else S
             top = torch.topk(s, k, dim=-1)
