@@ -8,8 +8,8 @@ then mean LN(h) . LN(g) / sqrt(d) (linear, so the mean of per-example means give
 For each rule, with and without subtracting the population mean of the scores of each piece, it
 reports the share of the top-k softmax weight that lands on sharers of the user's own group
 (against the share random picking gives); `gate/pool` first subtracts the pool's mean gate at each
-position, so that what all gates share cannot rank the pieces. As a yardstick it also scores with a key that is not the
-method's: each sharer's own mean LN(h), centred. With `--gate-steps`, the sharers' gates are first
+position, so that what all gates share cannot rank the pieces. As a yardstick it also scores with a
+key that is not the method's: each sharer's own mean LN(h), centred. With `--gate-steps`, the sharers' gates are first
 retrained (LoRA frozen, as in step 3) for that many steps, to see whether longer gate training helps.
 Usage:
 
