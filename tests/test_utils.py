@@ -23,7 +23,7 @@ def test_atomic_dir_replaces_whole_folder_only_on_success(tmp_path):
     with atomic_dir(out) as tmp:
         (tmp / "x.bin").write_bytes(b"1")
     with pytest.raises(RuntimeError):
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, replace=True) as tmp:
             (tmp / "y.bin").write_bytes(b"2")
             raise RuntimeError("crash")
     assert [p.name for p in out.iterdir()] == ["x.bin"]

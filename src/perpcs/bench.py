@@ -27,6 +27,7 @@ from perpcs.evaluation import primary_metric, score, write_lamp_outputs
 from perpcs.pipeline import Run, RunConfig, check_later_steps, safe_name
 from perpcs.recipe import Recipe, apply_lora, apply_recipe
 from perpcs.selection import history_embeddings, nearest_users
+from perpcs.tasks import answer_budget, cut_short
 from perpcs.training import train_lora
 from perpcs.utils import dir_bytes, write_json, write_text
 
@@ -73,6 +74,7 @@ class Bench:
         self.run, self.settings, self.out = run, settings, out
         self.model, self.tok = run.merged
         self.task = run.data.task
+        self.budget = answer_budget(self.task, self.tok)
 
     @contextmanager
     def personalize(self, method: str, user: User):
@@ -85,8 +87,10 @@ class Bench:
             return
         if method == "perpcs":
             recipe_path = run.recipe_path(user.user_id)
-            seconds = run.stats()["assemble"]["seconds_per_user"][user.user_id]
-            peft_model = apply_recipe(self.model, Recipe.load(recipe_path), self.pool)
+            recipe = Recipe.load(recipe_path)
+            seconds = recipe.seconds if recipe.seconds is not None else \
+                run.stats().get("assemble", {}).get("seconds_per_user", {}).get(user.user_id, float("nan"))  # older recipes
+            peft_model = apply_recipe(self.model, recipe, self.pool)
             result = _Personalized(peft_model, rag_k, seconds, recipe_path.stat().st_size)
         elif method == "peft_retrieval":
             t0 = time.perf_counter()
@@ -134,18 +138,20 @@ class Bench:
         write_lamp_outputs(self.out / "golds.json", task.name, golds)
         results = {}
         for name, method in methods.items():
-            preds, seconds, nbytes = {}, [], []
+            preds, seconds, nbytes, answers = {}, [], [], []
             for user in tqdm(targets, desc=f"bench: {name}"):
                 with self.personalize(method, user) as p:
-                    texts = generate(p.model, self.tok, prompts(task, user, p.rag_k), task.new_tokens,
+                    texts = generate(p.model, self.tok, prompts(task, user, p.rag_k), self.budget,
                                      self.settings.gen_batch_size)
+                answers += texts
                 preds.update({q.id: task.parse_output(t) for q, t in zip(user.queries, texts)})
                 seconds.append(p.seconds)
                 nbytes.append(p.nbytes)
             write_lamp_outputs(self.out / "preds" / f"{name}.json", task.name, preds)
             results[name] = {"metrics": score(task, golds, preds),
                                "personalize_seconds_per_user": statistics.mean(seconds),
-                               "bytes_per_user": statistics.mean(nbytes)}
+                               "bytes_per_user": statistics.mean(nbytes),
+                               "cut_short": cut_short(task, answers, self.tok, self.budget)}
         return results
 
 

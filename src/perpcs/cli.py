@@ -8,17 +8,20 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 model_app = typer.Typer(no_args_is_help=True, help="Base models: prepare (convert and cache) and inspect.")
 data_app = typer.Typer(no_args_is_help=True, help="Per-user data sets: import public formats, synthesise, check.")
 app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
-console = Console(stderr=True)
+# No markup, no highlighting: messages carry paths and user data, where `[...]` is text, not style.
+console = Console(stderr=True, markup=False, highlight=False)
 
 
 def fail(msg: str) -> None:
-    console.print(f"[red]error:[/red] {msg}")
+    """Every CLI error ends here: the message printed as plain text (never read as markup), exit 2."""
+    console.print(Text.assemble(("error: ", "red"), str(msg)))
     raise typer.Exit(2)
 
 
@@ -29,7 +32,7 @@ def data_check(folder: Path = typer.Argument(..., help="data folder with task.js
 
     try:
         ds = load_dataset(folder)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         fail(str(e))
     hist = [len(u.history) for u in ds.users]
     print(json.dumps({"task": ds.task.name, "kind": ds.task.kind, "users": len(ds.users),
@@ -51,7 +54,7 @@ def score_cmd(
 
     try:
         report = score_files(task, golds, preds)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         fail(str(e))
     print(json.dumps(report, indent=2))
 
@@ -89,9 +92,9 @@ def data_import(
         fail(format_validation_error("options", e))
     try:
         ds, report = import_dataset(fmt, sources, opts)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+        save_dataset(ds, out)
+    except (ValueError, OSError) as e:
         fail(str(e))
-    save_dataset(ds, out)
     print(json.dumps(report.model_dump(), indent=2))
     console.print(f"kept {report.users_kept} of {report.users_found} users ({report.history_items} history items, "
                   f"{report.queries} queries); wrote {out}")
@@ -137,10 +140,10 @@ def model_prepare(base: Optional[str] = typer.Option(None, "--base", help="HF id
     from perpcs.models import describe, prepare_base
 
     try:
-        path = prepare_base(base)
-    except FileNotFoundError as e:
+        info = describe(prepare_base(base))
+    except (ValueError, OSError) as e:
         fail(str(e))
-    print(json.dumps(asdict(describe(path)), indent=2))
+    print(json.dumps(asdict(info), indent=2))
 
 # --- pipeline steps (pipeline.py) ---
 def parse_overrides(pairs: list[str]) -> dict:
@@ -196,7 +199,7 @@ def _run_command(all_steps: bool):
             if all_steps:
                 recipes = r.pipeline()
                 console.print(f"wrote {len(recipes)} recipes to {r.folder / 'recipes'}, pool at {r.pool_path}")
-        except (ValueError, FileNotFoundError, ValidationError) as e:
+        except (ValueError, OSError, ValidationError) as e:
             fail(str(e))
         console.print(f"run folder: {r.folder} (settings in {r.folder / 'run.json'})")
     command.__doc__ = ("Steps 0-5 for a data folder into a run folder (resumable): task LoRA, sharers, pool, recipes."
@@ -214,7 +217,7 @@ def _step(name: str, doc: str):
 
         try:
             result = getattr(Run(run), name)()
-        except (ValueError, FileNotFoundError) as e:
+        except (ValueError, OSError) as e:
             fail(str(e))
         console.print(f"{name}: done ({type(result).__name__}) in {run}")
     command.__doc__ = doc
@@ -229,13 +232,14 @@ app.command("assemble")(_step("assemble", "Step 5: a recipe per target user, fro
 
 @app.command("export")
 def export(run: Path = typer.Option(..., "--run"), user: str = typer.Option(..., "--user"),
-           out: Path = typer.Option(..., "--out", help="folder for the PEFT adapter")) -> None:
+           out: Path = typer.Option(..., "--out", help="folder for the PEFT adapter (new, empty or a previous adapter)"),
+           force: bool = typer.Option(False, "--force", help="replace a folder that holds other files")) -> None:
     """Write one target user's assembled PEFT as a standard peft adapter folder."""
     from perpcs.pipeline import Run
 
     try:
-        path = Run(run).export(user, out)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+        path = Run(run).export(user, out, force)
+    except (ValueError, OSError) as e:
         fail(str(e))
     console.print(f"wrote PEFT adapter to {path} (load with peft.PeftModel.from_pretrained(merged_base, '{path}'))")
 
@@ -285,7 +289,7 @@ def bench_command(
     try:
         cfg = build_config(data, base, seed, targets, sharers, config, (QUICK if quick else []) + overrides)
         _bench(data, out, cfg, methods, parse_variants(variants))
-    except (ValueError, FileNotFoundError, ValidationError) as e:
+    except (ValueError, OSError, ValidationError) as e:
         fail(str(e))
 
 

@@ -8,22 +8,32 @@ the line and the field.
 
 from __future__ import annotations
 
-import json
+import hashlib
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from perpcs.errors import InputError
 from perpcs.tasks import Task
-from perpcs.utils import read_json, write_json, write_jsonl
+from perpcs.utils import parse_json, read_json, sha256_file, text_lines, write_json, write_jsonl
 
 
 def _to_text(v: Any) -> Any:
     """Ratings often arrive as numbers: keep outputs as text, the form models generate."""
     if isinstance(v, bool):
         return v
-    if isinstance(v, (int, float)):
-        return str(int(v)) if float(v).is_integer() else str(v)
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return str(int(v)) if v.is_integer() else str(v)
+    return v
+
+
+def _not_blank(v: str) -> str:
+    """Ids key users and predictions, and an empty input gives a prompt with nothing to answer."""
+    if not v.strip():
+        raise ValueError("must not be empty")
     return v
 
 
@@ -33,6 +43,7 @@ class Item(BaseModel):
     output: str
 
     _coerce = field_validator("output", mode="before")(_to_text)
+    _filled = field_validator("input")(_not_blank)
 
 
 class Query(BaseModel):
@@ -42,6 +53,7 @@ class Query(BaseModel):
     output: str
 
     _coerce = field_validator("id", "output", mode="before")(_to_text)
+    _filled = field_validator("id", "input")(_not_blank)
 
 
 class User(BaseModel):
@@ -52,6 +64,7 @@ class User(BaseModel):
     profile: str | None = None
 
     _coerce = field_validator("user_id", mode="before")(_to_text)
+    _filled = field_validator("user_id")(_not_blank)
 
 
 class Dataset(BaseModel):
@@ -81,7 +94,7 @@ def load_task(path: str | Path) -> Task:
     try:
         return Task.model_validate(read_json(path))
     except ValidationError as e:
-        raise ValueError(format_validation_error(str(path), e)) from None
+        raise InputError(format_validation_error(str(path), e)) from None
 
 
 def load_users(path: str | Path, task: Task | None = None) -> list[User]:
@@ -89,26 +102,28 @@ def load_users(path: str | Path, task: Task | None = None) -> list[User]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: users file not found")
-    users, seen = [], set()
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}: line {lineno}"
-            try:
-                user = User.model_validate(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
-            except ValidationError as e:
-                raise ValueError(format_validation_error(where, e)) from None
-            if user.user_id in seen:
-                raise ValueError(f"{where}: field 'user_id': duplicate user {user.user_id!r}")
-            seen.add(user.user_id)
-            if task is not None:
-                task.check_user(user, where)
-            users.append(user)
+    users, seen, query_ids = [], set(), {}
+    for lineno, line in text_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}: line {lineno}"
+        try:
+            user = User.model_validate(parse_json(line, where, lines=False))
+        except ValidationError as e:
+            raise InputError(format_validation_error(where, e)) from None
+        if user.user_id in seen:
+            raise InputError(f"{where}: field 'user_id': duplicate user {user.user_id!r}")
+        seen.add(user.user_id)
+        for i, q in enumerate(user.queries):  # predictions are keyed by query id
+            if q.id in query_ids:
+                raise InputError(f"{where}: field 'queries.{i}.id': query id {q.id!r} is already used "
+                                 f"({query_ids[q.id]})")
+            query_ids[q.id] = f"line {lineno}, user {user.user_id!r}"
+        if task is not None:
+            task.check_user(user, where)
+        users.append(user)
     if not users:
-        raise ValueError(f"{path}: no users")
+        raise InputError(f"{path}: no users")
     return users
 
 
@@ -120,9 +135,23 @@ def load_dataset(folder: str | Path) -> Dataset:
     return Dataset(task=task, users=load_users(folder / "users.jsonl", task))
 
 
+def data_sha256(folder: str | Path) -> str:
+    """A fingerprint of a data folder's content (task.json, then users.jsonl): runs store it to refuse
+    data changed under them, since their split, sharers and recipes name its users."""
+    h = hashlib.sha256()
+    for name in ("task.json", "users.jsonl"):
+        path = Path(folder) / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not found (a data folder needs task.json and users.jsonl)")
+        h.update(sha256_file(path).encode())
+    return h.hexdigest()
+
+
 def save_dataset(ds: Dataset, folder: str | Path) -> Path:
     """Write `task.json` and `users.jsonl` (each atomically)."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder}: exists and is not a folder; give a folder for the data set")
     write_json(folder / "task.json", ds.task.model_dump(exclude_none=True))
     write_jsonl(folder / "users.jsonl", [u.model_dump(exclude_none=True) for u in ds.users])
     return folder

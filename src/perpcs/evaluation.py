@@ -18,6 +18,7 @@ from rouge_score.rouge_scorer import RougeScorer
 from sklearn.metrics import accuracy_score, f1_score, mean_absolute_error, mean_squared_error
 
 from perpcs.data import _to_text, load_task
+from perpcs.errors import InputError
 from perpcs.tasks import Task, _norm, get_task, parse_number
 from perpcs.utils import read_json, write_json
 
@@ -97,21 +98,21 @@ def read_lamp_outputs(path: str | Path) -> tuple[str | None, dict[str, str]]:
         raise FileNotFoundError(f"{path}: outputs file not found")
     obj = read_json(path)
     if not isinstance(obj, dict) or not isinstance(obj.get("golds"), list):
-        raise ValueError(f"{path}: field 'golds': expected an object {{\"task\", \"golds\": [{{\"id\", \"output\"}}]}}")
+        raise InputError(f"{path}: field 'golds': expected an object {{\"task\", \"golds\": [{{\"id\", \"output\"}}]}}")
     task = obj.get("task")
     if task is not None and not isinstance(task, str):
-        raise ValueError(f"{path}: field 'task': expected a string, got {task!r}")
+        raise InputError(f"{path}: field 'task': expected a string, got {task!r}")
     outputs: dict[str, str] = {}
     for k, rec in enumerate(obj["golds"]):
         where = f"{path}: record {k}"
         if not isinstance(rec, dict):
-            raise ValueError(f"{where}: expected an object with 'id' and 'output', got {type(rec).__name__}")
+            raise InputError(f"{where}: expected an object with 'id' and 'output', got {type(rec).__name__}")
         rid, out = _to_text(rec.get("id")), _to_text(rec.get("output"))
         for field, value in (("id", rid), ("output", out)):
             if not isinstance(value, str):
-                raise ValueError(f"{where}: field '{field}': expected a string, got {rec.get(field)!r}")
+                raise InputError(f"{where}: field '{field}': expected a string, got {rec.get(field)!r}")
         if rid in outputs:
-            raise ValueError(f"{where}: field 'id': duplicate id {rid!r}")
+            raise InputError(f"{where}: field 'id': duplicate id {rid!r}")
         outputs[rid] = out
     return task, outputs
 
@@ -131,19 +132,22 @@ def resolve_task(spec: str | Path) -> Task:
     try:
         return get_task(str(spec))
     except KeyError as e:
-        raise ValueError(e.args[0]) from None
+        raise InputError(e.args[0]) from None
 
 
 def score_files(task: str | Path, golds_path: str | Path, preds_path: str | Path) -> dict:
     """Score a LaMP predictions file against a LaMP golds file: `{"task", metrics..., "n"}`."""
     t = resolve_task(task)
     golds, preds = (_read_for(t, path) for path in (golds_path, preds_path))
-    return {"task": t.name, **score(t, golds, preds)}
+    try:
+        return {"task": t.name, **score(t, golds, preds)}
+    except ValueError as e:
+        raise InputError(f"{preds_path} against {golds_path}: {e}") from None
 
 
 def _read_for(task: Task, path: str | Path) -> dict[str, str]:
     """Read an outputs file, refusing one written for another task (LaMP's evaluator does too)."""
     file_task, outputs = read_lamp_outputs(path)
     if file_task is not None and _norm(file_task) != _norm(task.name):
-        raise ValueError(f"{path}: field 'task': the file is for {file_task!r}, the scoring task is {task.name!r}")
+        raise InputError(f"{path}: field 'task': the file is for {file_task!r}, the scoring task is {task.name!r}")
     return outputs

@@ -10,19 +10,19 @@ populations go unnoticed. See docs/data.md, "Importing public data sets".
 from __future__ import annotations
 
 import csv
-import gzip
-import io
-import json
+import math
 import random
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import IO, Callable, Iterable, Iterator, Literal, NamedTuple
+from typing import Callable, Iterable, Iterator, Literal, NamedTuple
 
 from pydantic import BaseModel, Field
 
 from perpcs.data import Dataset, Item, Query, User
+from perpcs.errors import InputError
 from perpcs.tasks import Task, fmt_num
+from perpcs.utils import open_binary, parse_json, reading, text_lines
 
 
 class ImportOptions(BaseModel):
@@ -66,78 +66,75 @@ class Record(NamedTuple):
 # ---------------------------------------------------------------- reading files
 
 
-def _raw(path: Path) -> IO[bytes]:
-    """A plain or gzip file (told apart by its magic bytes, not its name)."""
-    with open(path, "rb") as f:
-        gz = f.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rb") if gz else open(path, "rb")
-
-
-def _open(path: Path, encoding: str = "utf-8") -> IO[str]:
-    return io.TextIOWrapper(_raw(path), encoding=encoding, newline="")
-
-
 def _json_lines(path: Path) -> Iterator[tuple[str, dict]]:
-    with _open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}: line {n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            yield where, obj
+    for n, line in text_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}: line {n}"
+        obj = parse_json(line, where, lines=False)
+        if not isinstance(obj, dict):
+            raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        yield where, obj
 
 
 def _field(obj: dict, name: str, where: str):
-    if obj.get(name) is None:
-        raise ValueError(f"{where}: missing field '{name}'")
+    if obj.get(name) is None or not str(obj[name]).strip():
+        raise InputError(f"{where}: missing field '{name}'")
     return obj[name]
 
 
 def _int(value: str, name: str, where: str) -> int:
     try:
         return int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: field '{name}': {value!r} is not an integer") from None
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(f"{where}: field '{name}': {value!r} is not an integer") from None
 
 
 def _float(value, name: str, where: str) -> float:
     try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: field '{name}': {value!r} is not a number") from None
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise InputError(f"{where}: field '{name}': {value!r} is not a number")
+    return number
+
+
+def _lines(path: Path, encoding: str) -> Iterator[str]:
+    return (line for _, line in text_lines(path, encoding))
 
 
 def _header(path: Path, delimiter: str, encoding: str = "utf-8") -> list[str]:
-    with _open(path, encoding) as f:
-        return [h.strip() for h in next(csv.reader(f, delimiter=delimiter), [])]
+    lines = _lines(path, encoding)
+    try:
+        return [h.strip() for h in next(csv.reader(lines, delimiter=delimiter), [])]
+    except csv.Error as e:
+        raise InputError(f"{path}: line 1: {e}") from None
+    finally:
+        lines.close()
 
 
 def _rows(path: Path, required: Iterable[str], delimiter: str = ",", encoding: str = "utf-8",
           ) -> Iterator[tuple[str, dict[str, str]]]:
     """Rows of a CSV/TSV file with a header; a row lacking a required field is an error."""
     tsv = delimiter == "\t"  # HetRec .dat files: no quoting, names may contain quotes
-    with _open(path, encoding) as f:
-        reader = csv.DictReader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+    reader = csv.DictReader(_lines(path, encoding), delimiter=delimiter,
+                            quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+    try:
         reader.fieldnames = [h.strip() for h in reader.fieldnames or []]
-        try:
-            for row in reader:
-                where = f"{path}: line {reader.line_num}"
-                for name in required:
-                    if not (row.get(name) or "").strip():
-                        raise ValueError(f"{where}: missing field '{name}'")
-                yield where, row
-        except csv.Error as e:
-            raise ValueError(f"{path}: line {reader.line_num}: {e}") from None
+        for row in reader:
+            where = f"{path}: line {reader.line_num}"
+            for name in required:
+                if not (row.get(name) or "").strip():
+                    raise InputError(f"{where}: missing field '{name}'")
+            yield where, row
+    except csv.Error as e:
+        raise InputError(f"{path}: line {reader.line_num}: {e}") from None
 
 
 def _encoding(path: Path) -> str:
     """HetRec ships tags.dat in Latin-1 and artists.dat in UTF-8: UTF-8 when the file decodes as it."""
-    with _raw(path) as f:
+    with reading(path), open_binary(path) as f:
         raw = f.read()
     try:
         raw.decode("utf-8")
@@ -168,7 +165,7 @@ def amazon_reviews(sources: list[Path], opts: ImportOptions, report: ImportRepor
             if opts.target == "rating":
                 stars = _float(_field(r, "overall", where), "overall", where)
                 if not 1 <= stars <= 5:
-                    raise ValueError(f"{where}: field 'overall': {stars} is not in [1, 5]")
+                    raise InputError(f"{where}: field 'overall': {stars} is not in [1, 5]")
                 output = fmt_num(stars)
             else:
                 output = str(r.get("summary") or "")
@@ -189,19 +186,19 @@ def annotator_csv(sources: list[Path], opts: ImportOptions, report: ImportReport
     """PEFT-U/StudEmo tables: a text -> this annotator's value of `opts.label`; each annotator a user."""
     report = report or ImportReport(format="annotator-csv")
     if len(_exists(sources)) != 2:
-        raise ValueError(f"annotator-csv needs two files (texts and annotations), got {len(sources)}")
+        raise InputError(f"annotator-csv needs two files (texts and annotations), got {len(sources)}")
     roles = {}
     for p in sources:
         cols = _header(p, ",")
         role = "annotations" if "annotator_id" in cols else "texts" if {"text_id", "text"} <= set(cols) else None
         if role is None:
-            raise ValueError(f"{p}: header {cols} is neither a texts table (text_id, text) "
+            raise InputError(f"{p}: header {cols} is neither a texts table (text_id, text) "
                              "nor an annotations table (text_id, annotator_id, <labels>)")
         if role in roles:
-            raise ValueError(f"{roles[role]} and {p} are both {role} tables; give one texts and one annotations file")
+            raise InputError(f"{roles[role]} and {p} are both {role} tables; give one texts and one annotations file")
         roles[role] = p
         if role == "annotations" and opts.label not in cols:
-            raise ValueError(f"{p}: no column '{opts.label}' (--label); columns: {', '.join(cols)}")
+            raise InputError(f"{p}: no column '{opts.label}' (--label); columns: {', '.join(cols)}")
     texts = {r["text_id"].strip(): r["text"] for _, r in _rows(roles["texts"], ["text_id"])}
 
     values: dict[str, list[tuple[str, str]]] = defaultdict(list)  # annotator -> [(text_id, value)]
@@ -209,7 +206,7 @@ def annotator_csv(sources: list[Path], opts: ImportOptions, report: ImportReport
         report.records_read += 1
         tid, value = r["text_id"].strip(), (r[opts.label] or "").strip()
         if tid not in texts:
-            raise ValueError(f"{where}: field 'text_id': {tid!r} is not in {roles['texts']}")
+            raise InputError(f"{where}: field 'text_id': {tid!r} is not in {roles['texts']}")
         if value and (opts.kind == "rating" or _value_order(value)[0] == 0):
             value = fmt_num(_float(value, opts.label, where))  # "2.0" -> "2"
         values[r["annotator_id"].strip()].append((tid, value))
@@ -223,12 +220,12 @@ def annotator_csv(sources: list[Path], opts: ImportOptions, report: ImportReport
 
     seen = sorted({r.output for r in records if r.output}, key=_value_order)
     if not seen:
-        raise ValueError(f"{roles['annotations']}: column '{opts.label}' has no values")
+        raise InputError(f"{roles['annotations']}: column '{opts.label}' has no values")
     label = opts.label.replace("_", " ")
     if opts.kind == "rating":
         lo, hi = float(seen[0]), float(seen[-1])
         if lo == hi:
-            raise ValueError(f"{roles['annotations']}: column '{opts.label}' has a single value {seen[0]}; "
+            raise InputError(f"{roles['annotations']}: column '{opts.label}' has a single value {seen[0]}; "
                              "a rating needs a range (try --kind classification?)")
         task = Task(name=f"annotator-{opts.label}", kind="rating", scale=(lo, hi), max_new_tokens=3,
                     instruction=f"How does this annotator rate the {label} of this text, from {fmt_num(lo)} "
@@ -268,7 +265,7 @@ def lastfm_tags(sources: list[Path], opts: ImportOptions, report: ImportReport |
     top = sorted(use, key=lambda t: (-use[t], _natural(t)))[: opts.top_tags]
     for t in top:
         if not tags.get(t):
-            raise ValueError(f"{files['tags']}: tag {t} (among the {opts.top_tags} most used) has no name")
+            raise InputError(f"{files['tags']}: tag {t} (among the {opts.top_tags} most used) has no name")
     rank = {t: i for i, t in enumerate(top)}
 
     best: dict[tuple[str, str], tuple] = {}  # (user, artist) -> its most used kept tag's row
@@ -302,13 +299,13 @@ def _lastfm_files(sources: list[Path]) -> dict[str, Path]:
             if role is None:
                 if src.is_dir():
                     continue  # user_friends.dat, user_artists.dat, ... are not needed
-                raise ValueError(f"{p}: header {sorted(cols)} is not artists.dat, tags.dat or user_taggedartists.dat")
+                raise InputError(f"{p}: header {sorted(cols)} is not artists.dat, tags.dat or user_taggedartists.dat")
             if role in found:
-                raise ValueError(f"{found[role]} and {p} are both {role} files; pass the one to use")
+                raise InputError(f"{found[role]} and {p} are both {role} files; pass the one to use")
             found[role] = p
     missing = [f"{r} ({', '.join(sorted(_LASTFM[r]))})" for r in _LASTFM if r not in found]
     if missing:
-        raise ValueError(f"{', '.join(map(str, sources))}: no file with the columns of {'; '.join(missing)}")
+        raise InputError(f"{', '.join(map(str, sources))}: no file with the columns of {'; '.join(missing)}")
     return found
 
 
@@ -323,8 +320,8 @@ def papers_jsonl(sources: list[Path], opts: ImportOptions, report: ImportReport 
     for path in _exists(sources):
         for where, r in _json_lines(path):
             authors = _field(r, "authors", where)
-            if not isinstance(authors, list):
-                raise ValueError(f"{where}: field 'authors': expected a list of author ids")
+            if not isinstance(authors, list) or not all(str(a).strip() for a in authors):
+                raise InputError(f"{where}: field 'authors': expected a list of author ids (none empty)")
             year = _int(_field(r, "year", where), "year", where)
             profile.update(map(str, r.get("profile_authors") or []))
             report.records_read += 1
@@ -347,9 +344,9 @@ def lamp(sources: list[Path], opts: ImportOptions, report: ImportReport | None =
     from perpcs.lamp import import_lamp
 
     if not opts.task:
-        raise ValueError("format 'lamp' needs --task (a LaMP preset, e.g. LaMP-3)")
+        raise InputError("format 'lamp' needs --task (a LaMP preset, e.g. LaMP-3)")
     if len(_exists(sources)) not in (1, 2):
-        raise ValueError(f"format 'lamp' takes questions.json and optionally outputs.json, got {len(sources)} files")
+        raise InputError(f"format 'lamp' takes questions.json and optionally outputs.json, got {len(sources)} files")
     ds = import_lamp(sources[0], sources[1] if len(sources) == 2 else None, opts.task, n_queries=opts.n_queries)
     return _select(ds, opts, _count_items(ds, report or ImportReport(format="lamp")))
 
@@ -359,9 +356,9 @@ def perpcs(sources: list[Path], opts: ImportOptions, report: ImportReport | None
     from perpcs.lamp import import_perpcs
 
     if not opts.task:
-        raise ValueError("format 'perpcs' needs --task (a LaMP preset, e.g. LaMP-3)")
+        raise InputError("format 'perpcs' needs --task (a LaMP preset, e.g. LaMP-3)")
     if len(_exists(sources)) != 1:
-        raise ValueError(f"format 'perpcs' takes one file, got {len(sources)}")
+        raise InputError(f"format 'perpcs' takes one file, got {len(sources)}")
     ds = import_perpcs(sources[0], opts.task)
     return _select(ds, opts, _count_items(ds, report or ImportReport(format="perpcs")))
 
@@ -383,7 +380,7 @@ FORMATS: dict[str, Callable[..., Dataset]] = {
 
 def import_dataset(fmt: str, sources: list[Path], opts: ImportOptions) -> tuple[Dataset, ImportReport]:
     if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; known formats: {', '.join(FORMATS)}")
+        raise InputError(f"unknown format {fmt!r}; known formats: {', '.join(FORMATS)}")
     report = ImportReport(format=fmt)
     ds = FORMATS[fmt]([Path(s) for s in sources], opts, report)
     return ds, report
@@ -463,7 +460,7 @@ def _select(ds: Dataset, opts: ImportOptions, report: ImportReport) -> Dataset:
     report.history_items = sum(len(u.history) for u in ok)
     report.queries = sum(len(u.queries) for u in ok)
     if len(ok) < 2:
-        raise ValueError(f"{report.format}: only {len(ok)} usable user(s) of {report.users_found} found "
+        raise InputError(f"{report.format}: only {len(ok)} usable user(s) of {report.users_found} found "
                          f"(users dropped: {_counts(report.users_dropped)}; items dropped: "
                          f"{_counts(report.items_dropped)}); a data set needs at least 2 users "
                          f"(min_history={opts.min_history}, n_queries={opts.n_queries})")

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from perpcs.errors import InputError
 from perpcs.utils import atomic_dir
 
 DEFAULT_BASE = "default"
@@ -50,8 +51,11 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
     """De-quantize a GGUF once into a float32 HF folder (atomically: temp folder, then rename)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:  # transformers and gguf raise many types for a broken file
+        raise InputError(f"{gguf}: not a GGUF model transformers can read ({type(e).__name__}: {e})") from e
     # A GGUF-loaded model refuses save_pretrained while it carries its quantizer state.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -111,10 +115,14 @@ def load_base(path: str | Path, dtype: torch.dtype = torch.float32, device: str 
     """Load (model, tokenizer) from a local HF folder; the tokenizer always has a pad token."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    except Exception as e:  # transformers raises many types for a broken or incomplete folder
+        raise InputError(f"{path}: not a model folder transformers can load ({type(e).__name__}: {e})") from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
+    model = model.to(device)
     model.eval()
     return model, tok
 

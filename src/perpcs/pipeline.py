@@ -8,34 +8,41 @@
     RUN/pool/                    step 4: the shared pieces and gates (see docs/pool.md)
     RUN/recipes/<id>.json        step 5: each target user's recipe
     RUN/stats.json               seconds and sizes of every step
+    RUN/run.lock                 held by the one process writing into the run
 
 A step whose output exists is not redone (a finished sharer is not retrained).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
 import random
 import re
 import shutil
 import time
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
 import torch
+from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from perpcs.assembly import Assembler, AssemblySettings, activation_means
-from perpcs.data import Dataset, User, load_dataset
+from perpcs.data import Dataset, User, data_sha256, load_dataset
+from perpcs.errors import InputError
 from perpcs.gates import lora_layers, train_gates
 from perpcs.models import fingerprint, load_base, prepare_base
 from perpcs.pool import Pool, share_mask
-from perpcs.recipe import Recipe, export_adapter
+from perpcs.recipe import ADAPTER_FILES, Recipe, export_adapter
 from perpcs.selection import Selection, load_selection, save_selection, select_sharers
 from perpcs.training import LoraSettings, TrainSettings, history_examples, lora_state, train_lora
-from perpcs.utils import atomic_dir, deep_merge, read_json, seed_everything, write_json
+from perpcs.utils import (atomic_dir, check_output_dir, deep_merge, read_json, remove_temp, seed_everything,
+                          write_json)
 
 
 # Settings of steps 3-5 only: a derived run (`Run.derive`) may change these and reuse steps 0-2.
@@ -50,6 +57,7 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     data: str
+    data_sha256: str | None = None  # set by Run.create (`perpcs.data.data_sha256`): a changed data folder is refused
     base: str | None = None
     seed: int = 0
     device: str = "auto"
@@ -90,7 +98,7 @@ class RunConfig(BaseModel):
 def check_later_steps(config: RunConfig, new: RunConfig, also: tuple[str, ...] = ()) -> RunConfig:
     """`new`, if it differs from `config` only in settings of steps 3-5 (and `also`): what a run
     derived from `config`'s run may change."""
-    allowed = LATER_STEPS + also
+    allowed = LATER_STEPS + also + ("data_sha256",)  # the data itself is checked when a run reads it
     changed = [k for k in RunConfig.model_fields if k not in allowed and getattr(new, k) != getattr(config, k)]
     if changed:
         raise ValueError(f"a derived run may change only {', '.join(allowed)}; "
@@ -121,6 +129,15 @@ def safe_name(user_id: str) -> str:
     return f"{clean}-{hashlib.sha256(user_id.encode()).hexdigest()[:8]}"
 
 
+def _writes(step):
+    """A step that writes into the run folder holds the run's lock while it works (`Run.writing`)."""
+    @functools.wraps(step)
+    def locked(self, *args, **kwargs):
+        with self.writing():
+            return step(self, *args, **kwargs)
+    return locked
+
+
 def resolve_device(device: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
@@ -134,16 +151,42 @@ class Run:
             raise FileNotFoundError(f"{self.folder}: not a perpcs run folder (no run.json); start one with `perpcs pipeline`")
         self.config = RunConfig.model_validate(read_json(self.folder / "run.json"))
         self.device = resolve_device(self.config.device)
+        self.lock = FileLock(self.folder / "run.lock", timeout=0)
+
+    @contextmanager
+    def writing(self):
+        """Hold the run's lock: one process writes into a run folder at a time (a second is refused,
+        not queued). The first to take it removes what interrupted atomic writes left behind."""
+        try:
+            self.lock.acquire()
+        except Timeout:
+            raise InputError(f"{self.folder}: another perpcs process is working on this run folder (it holds "
+                             f"{self.lock.lock_file}); wait for it to finish, or use another --run") from None
+        try:
+            if self.lock.lock_counter == 1:
+                remove_temp(self.folder)
+            yield
+        finally:
+            self.lock.release()
+
+    def check_data(self, sha: str) -> None:
+        """Refuse data that changed since the run was made: its split, sharers and recipes name its users."""
+        if self.config.data_sha256 not in (None, sha):
+            raise InputError(f"{self.config.data}: the data folder changed since run {self.folder} was made "
+                             f"(task.json or users.jsonl differs from the data_sha256 in {self.folder / 'run.json'}); "
+                             "restore the data or use a new --run folder")
 
     @classmethod
     def create(cls, folder: str | Path, config: RunConfig) -> "Run":
         """Start a run, or resume one whose saved settings are the same (else refuse: its outputs would mix)."""
         folder = Path(folder)
         path = folder / "run.json"
+        config = config.model_copy(update={"data_sha256": data_sha256(config.data)})
         if path.exists():
+            cls(folder).check_data(config.data_sha256)
             saved = RunConfig.model_validate(read_json(path))
-            if saved != config:
-                diff = [k for k in RunConfig.model_fields if getattr(saved, k) != getattr(config, k)]
+            diff = [k for k in RunConfig.model_fields if k != "data_sha256" and getattr(saved, k) != getattr(config, k)]
+            if diff:
                 raise ValueError(f"{path}: this run folder was made with other settings ({', '.join(diff)}); "
                                  "use a new --run folder")
         else:
@@ -157,6 +200,7 @@ class Run:
         selects again (e.g. more sharers), and every sharer both runs have keeps its LoRA. Reused files
         are linked, not copied; their recorded seconds come along."""
         check_later_steps(self.config, config, also=SELECTION_STEP)
+        self.check_data(data_sha256(config.data))
         reselect = any(getattr(config, k) != getattr(self.config, k) for k in SELECTION_STEP)
         mine = {s.user_id for s in self.select()}
         unfinished = sorted(u for u in mine if not (self.sharer_dir(u) / "lora.json").exists())
@@ -186,6 +230,7 @@ class Run:
 
     @cached_property
     def data(self) -> Dataset:
+        self.check_data(data_sha256(self.config.data))
         return load_dataset(self.config.data)
 
     def users(self, ids: list[str]) -> list[User]:
@@ -200,7 +245,8 @@ class Run:
         return read_json(path)
 
     def record(self, step: str, stats: dict) -> None:
-        write_json(self.folder / "stats.json", {**self.stats(), step: stats})
+        with self.writing():  # read-modify-write: under the lock, so no other process's step is lost
+            write_json(self.folder / "stats.json", {**self.stats(), step: stats})
 
     def stats(self) -> dict:
         path = self.folder / "stats.json"
@@ -227,24 +273,29 @@ class Run:
     # --- step 0 ---
 
     def task_adapt(self) -> Path:
-        """Train the task LoRA on the base users' histories and merge it into the base (once)."""
-        if (self.merged_path / "config.json").exists():
+        """Train the task LoRA on the base users' histories and merge it into the base (once).
+
+        The merged folder is written last, after its fingerprint and stats: it marks step 0 done, so
+        a crash at any point leaves a run that redoes step 0 (the same seed gives the same model)."""
+        fingerprint_path = self.folder / "task" / "fingerprint.json"
+        if (self.merged_path / "config.json").exists() and fingerprint_path.exists():
             return self.merged_path
-        c = self.config
-        seed_everything(c.seed)
-        t_load = time.perf_counter()
-        model, tok = load_base(prepare_base(c.base), device=self.device)
-        load_seconds = time.perf_counter() - t_load
-        examples = [e for u in self.users(self.split["base"]) for e in self.examples(u, tok)]
-        peft_model, stats = train_lora(model, examples, c.lora, c.training("task_train"), tok.pad_token_id,
-                                       desc="step 0: task LoRA")
-        peft_model.save_pretrained(self.folder / "task" / "adapter")
-        merged = peft_model.merge_and_unload()
-        with atomic_dir(self.merged_path) as tmp:
-            merged.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-        write_json(self.folder / "task" / "fingerprint.json", {"fingerprint": fingerprint(merged)})
-        self.record("task_adapt", {**stats, "examples": len(examples), "base_load_seconds": load_seconds})
+        with self.writing():
+            c = self.config
+            seed_everything(c.seed)
+            t_load = time.perf_counter()
+            model, tok = load_base(prepare_base(c.base), device=self.device)
+            load_seconds = time.perf_counter() - t_load
+            examples = [e for u in self.users(self.split["base"]) for e in self.examples(u, tok)]
+            peft_model, stats = train_lora(model, examples, c.lora, c.training("task_train"), tok.pad_token_id,
+                                           desc="step 0: task LoRA")
+            peft_model.save_pretrained(self.folder / "task" / "adapter")
+            merged = peft_model.merge_and_unload()
+            write_json(fingerprint_path, {"fingerprint": fingerprint(merged)})
+            self.record("task_adapt", {**stats, "examples": len(examples), "base_load_seconds": load_seconds})
+            with atomic_dir(self.merged_path, replace=True) as tmp:  # replace=True: a merged folder without its
+                merged.save_pretrained(tmp)                          # fingerprint, left by an older perpcs
+                tok.save_pretrained(tmp)
         return self.merged_path
 
     # --- step 1 ---
@@ -252,11 +303,13 @@ class Run:
     def select(self) -> list[Selection]:
         path = self.folder / "selection.json"
         if not path.exists():
-            c = self.config
-            t0 = time.perf_counter()
-            sel = select_sharers(self.users(self.split["candidates"]), c.n_sharers, c.selection, c.seed, c.min_sharer_items)
-            save_selection(path, sel)
-            self.record("select", {"seconds": time.perf_counter() - t0, "sharers": len(sel)})
+            with self.writing():
+                c = self.config
+                t0 = time.perf_counter()
+                sel = select_sharers(self.users(self.split["candidates"]), c.n_sharers, c.selection, c.seed,
+                                     c.min_sharer_items)
+                save_selection(path, sel)
+                self.record("select", {"seconds": time.perf_counter() - t0, "sharers": len(sel)})
         return load_selection(path)
 
     # --- steps 2-4 ---
@@ -268,6 +321,7 @@ class Run:
     def sharer_dir(self, user_id: str) -> Path:
         return self.folder / "sharers" / safe_name(user_id)
 
+    @_writes
     def build_pool(self) -> Pool:
         """Each sharer: own LoRA (step 2), then gates with the LoRA frozen (step 3), then its pieces into the pool (step 4)."""
         c = self.config
@@ -332,6 +386,7 @@ class Run:
     def recipe_path(self, user_id: str) -> Path:
         return self.folder / "recipes" / f"{safe_name(user_id)}.json"
 
+    @_writes
     def assemble(self, user_ids: list[str] | None = None) -> dict[str, Recipe]:
         """A recipe for each target user (or the given users) from their own history; no training."""
         c = self.config
@@ -349,7 +404,7 @@ class Run:
                 user = self.data.user(uid)
                 t0 = time.perf_counter()
                 recipes[uid] = assembler.recipe(self.data.task, tok, user.history, user.profile, user=uid)
-                seconds[uid] = time.perf_counter() - t0
+                seconds[uid] = recipes[uid].seconds = time.perf_counter() - t0
                 recipes[uid].save(path)
         finally:
             assembler.unload()
@@ -359,12 +414,15 @@ class Run:
                                      "recipe_bytes": {u: self.recipe_path(u).stat().st_size for u in seconds}})
         return recipes
 
-    def export(self, user_id: str, out: str | Path) -> Path:
-        """Write the user's assembled PEFT as a standard peft adapter folder."""
+    def export(self, user_id: str, out: str | Path, force: bool = False) -> Path:
+        """Write the user's assembled PEFT as a standard peft adapter folder. `out` may be new, empty or
+        a previous adapter; another folder only with `force`; never the current folder, its parents,
+        the run folder or the data folder (or anything in them)."""
         path = self.recipe_path(user_id)
         if not path.exists():
             raise FileNotFoundError(f"{path}: no recipe for user {user_id!r}; run `perpcs assemble` first")
-        return export_adapter(Recipe.load(path), self.open_pool(), out, str(self.merged_path.resolve()))
+        check_output_dir(out, ADAPTER_FILES, (self.folder, Path(self.config.data)), force)
+        return export_adapter(Recipe.load(path), self.open_pool(), out, str(self.merged_path.resolve()), replace=True)
 
     def pipeline(self) -> dict[str, Recipe]:
         self.task_adapt()

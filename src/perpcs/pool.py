@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_tensors
 
+from perpcs.errors import InputError
 from perpcs.utils import atomic_path, dir_bytes, sha256_file
 
 FORMAT_VERSION = 1
@@ -175,9 +176,14 @@ class Pool:
                 raise ValueError(f"{manifest}: LoRA config differs from the pool's in {', '.join(diff)} ("
                                  + "; ".join(f"{k}: pool {self.lora_config.get(k)!r}, given {given[k]!r}" for k in diff)
                                  + ")")
-        if verify:
-            for sid, file, digest in self._db.execute("SELECT id, file, sha256 FROM sharers ORDER BY idx"):
-                f = self.path / file
+        inside = self.path.resolve()
+        for sid, file, digest in self._db.execute("SELECT id, file, sha256 FROM sharers ORDER BY idx"):
+            # Pools travel between parties: a manifest naming `../x` or `/x` must not make perpcs read
+            # (or, removing the sharer, delete) a file outside the pool folder.
+            f = self.path / file
+            if Path(file).is_absolute() or not f.resolve().is_relative_to(inside):
+                raise InputError(f"{manifest}: file {file!r} of sharer {sid} is outside the pool folder {self.path}")
+            if verify:
                 if not f.is_file():
                     raise FileNotFoundError(f"{f}: file of sharer {sid} is missing (listed in {manifest})")
                 if sha256_file(f) != digest:
@@ -329,7 +335,10 @@ class Pool:
         Correct because a sharer file's name carries its content hash and is never rewritten."""
         h = self._handles.pop(file, None)
         if h is None:
-            h = safe_open(self.path / file, framework="pt", device="cpu")
+            try:
+                h = safe_open(self.path / file, framework="pt", device="cpu")
+            except SafetensorError as e:  # the hash matches, yet the file is no safetensors (a bad pool)
+                raise InputError(f"{self.path / file}: not a readable safetensors file ({e})") from None
         self._handles[file] = h
         if len(self._handles) > _MAX_OPEN:
             self._handles.popitem(last=False)

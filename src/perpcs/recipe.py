@@ -8,15 +8,18 @@ PEFT LoRA adapter (`adapter_config.json` + `adapter_model.safetensors`) that pla
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from safetensors.torch import save_file
 
 from perpcs.utils import atomic_dir, write_text
 
 FORMAT = "perpcs-recipe/1"
+ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md"}  # what a peft adapter folder holds
 
 
 class Recipe(BaseModel):
@@ -25,11 +28,22 @@ class Recipe(BaseModel):
     pool_id: str
     base_fingerprint: str
     lora: dict
-    mix: str = "linear"
+    mix: Literal["linear", "cat"] = "linear"
     top_k: int
     user: str | None = None
     settings: dict = {}
     pieces: dict[str, list[tuple[str, float]]]
+    seconds: float | None = Field(None, ge=0)  # time to assemble it (step 5), kept with it so a resumed run has it
+
+    @field_validator("pieces")
+    @classmethod
+    def _finite_weights(cls, pieces: dict[str, list[tuple[str, float]]]) -> dict[str, list[tuple[str, float]]]:
+        """A NaN or infinite weight would export an adapter of NaNs."""
+        for pos, chosen in pieces.items():
+            for sid, w in chosen:
+                if not math.isfinite(w):
+                    raise ValueError(f"position {pos!r}, sharer {sid!r}: weight {w} is not a finite number")
+        return pieces
 
     def save(self, path: str | Path) -> Path:
         """Compact JSON (it is what a target user stores instead of a whole adapter)."""
@@ -112,10 +126,12 @@ def apply_recipe(model, recipe: Recipe, pool):
     return apply_lora(model, recipe.lora, recipe.rank(), materialize(recipe, pool))
 
 
-def export_adapter(recipe: Recipe, pool, out: str | Path, base_path: str | None = None) -> Path:
-    """Write a standard PEFT adapter folder (atomically: temp folder, then rename)."""
+def export_adapter(recipe: Recipe, pool, out: str | Path, base_path: str | None = None,
+                   replace: bool = False) -> Path:
+    """Write a standard PEFT adapter folder (atomically: temp folder, then rename); `replace`: the
+    caller checked that an existing `out` may go (e.g. a previous adapter, `utils.check_output_dir`)."""
     weights = materialize(recipe, pool)  # refuses a foreign pool before anything is written
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replace=replace) as tmp:
         recipe.peft_config(base_path).save_pretrained(tmp)
         save_file(peft_state_dict(weights), tmp / "adapter_model.safetensors",
                   metadata={"format": "pt", "perpcs_pool": recipe.pool_id, "base_fingerprint": recipe.base_fingerprint})

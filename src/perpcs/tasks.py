@@ -6,15 +6,19 @@ A task has a `kind`: `classification` (answer must be one of `labels`), `rating`
 
 from __future__ import annotations
 
+import logging
+import math
 import re
 from typing import TYPE_CHECKING, Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 if TYPE_CHECKING:  # only for type hints; data.py imports this module
     from perpcs.data import Item, User
 
 Kind = Literal["classification", "rating", "generation"]
+log = logging.getLogger(__name__)
+CUT_SHORT_WARN = 0.05  # share of generated answers at the token budget above which a run warns
 
 
 class Task(BaseModel):
@@ -28,16 +32,18 @@ class Task(BaseModel):
     output_name: str = "Output"
     labels: list[str] | None = None
     scale: tuple[float, float] | None = None
-    max_new_tokens: int | None = None
+    max_new_tokens: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _kind_fields(self) -> "Task":
         if self.kind == "classification" and not self.labels:
             raise ValueError("a classification task needs 'labels'")
+        if self.labels is not None and not all(l.strip() for l in self.labels):
+            raise ValueError(f"'labels' must not be empty, got {self.labels}")
         if self.kind == "rating":
             if self.scale is None:
                 raise ValueError("a rating task needs 'scale' [min, max]")
-            if self.scale[0] >= self.scale[1]:
+            if not all(math.isfinite(x) for x in self.scale) or self.scale[0] >= self.scale[1]:
                 raise ValueError(f"'scale' must be [min, max] with min < max, got {list(self.scale)}")
         return self
 
@@ -97,6 +103,29 @@ class Task(BaseModel):
             value = parse_number(first)
             return fmt_num(value) if value is not None else first
         return first
+
+
+def answer_budget(task: Task, tokenizer) -> int:
+    """Tokens to generate per answer: the task's budget, raised for a classification task to fit its
+    longest label (with a notice), since a label cut short is never one of the labels."""
+    budget = task.new_tokens
+    if task.kind == "classification":
+        longest = max(len(tokenizer(task.format_target(l), add_special_tokens=False)["input_ids"]) for l in task.labels)
+        if longest > budget:
+            log.warning("task %s: max_new_tokens=%d is shorter than its longest label (%d tokens); generating "
+                        "%d tokens so that no label is cut off", task.name, budget, longest, longest)
+            budget = longest
+    return budget
+
+
+def cut_short(task: Task, texts: Sequence[str], tokenizer, budget: int) -> float:
+    """The share of generated answers that reached the token budget (so were likely cut off); above
+    CUT_SHORT_WARN a generation task logs a warning, as its scores then measure the budget."""
+    share = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) >= budget for t in texts) / max(1, len(texts))
+    if task.kind == "generation" and share > CUT_SHORT_WARN:
+        log.warning("task %s: %.0f%% of answers reached max_new_tokens=%d and may be cut off; raise "
+                    "max_new_tokens in task.json", task.name, 100 * share, budget)
+    return share
 
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")

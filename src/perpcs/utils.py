@@ -1,19 +1,29 @@
-"""Small shared helpers: atomic writes, seeding, hashing, JSON(L) I/O."""
+"""Small shared helpers: atomic writes, seeding, hashing, reading text and JSON(L) with clean errors."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 import numpy as np
 import torch
+
+from perpcs.errors import InputError
+
+# Temporary files and folders of atomic_path/atomic_dir are named `.<target>.perpcs-tmp.<8 random>[.tmp]`,
+# so that leftovers of an interrupted write can be told from anything else (`remove_temp`).
+_TEMP_MARK = ".perpcs-tmp."
+_TEMP_NAME = re.compile(r"\..+\.perpcs-tmp\.[a-z0-9_]{8}(\.tmp)?")
 
 
 @contextmanager
@@ -24,7 +34,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{_TEMP_MARK}", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -37,21 +47,65 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; it replaces `path` only if the block succeeds."""
+def atomic_dir(path: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; it becomes `path` only if the block succeeds.
+
+    Nothing deletes what it did not create: an existing `path` is refused unless it is an empty
+    folder, or `replace` is set by a caller that checked it holds only what perpcs wrote there.
+    """
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{path}: exists and is not a folder; refusing to replace it")
+    if path.exists() and not replace and any(path.iterdir()):
+        raise InputError(f"{path}: folder exists and is not empty; refusing to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{_TEMP_MARK}", dir=path.parent))
     tmp.chmod(0o755)  # mkdtemp makes it owner-only; the result is an ordinary shared folder
+    old = None
     try:
         yield tmp
         for f in tmp.rglob("*"):
             f.chmod(0o755 if f.is_dir() else 0o644)
-        if path.exists():
-            shutil.rmtree(path)
+        if path.exists() and any(path.iterdir()):  # `replace`: swap, then drop the old one
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}{_TEMP_MARK}", dir=path.parent))
+            os.replace(path, old)
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def check_output_dir(out: str | os.PathLike, own: set[str], protected: tuple[Path, ...] = (),
+                     force: bool = False) -> None:
+    """Refuse a folder to write over where that destroys what perpcs did not write: a folder holding
+    files not named in `own` (unless `force`), and always the current folder, its parents, and the
+    `protected` folders with what they hold and what holds them."""
+    where = Path(out).resolve()
+    if Path.cwd().resolve().is_relative_to(where):
+        raise InputError(f"{out}: is the current folder or one of its parents; refusing to write over it")
+    for keep in protected:
+        if where.is_relative_to(keep.resolve()) or keep.resolve().is_relative_to(where):
+            raise InputError(f"{out}: is, holds or is inside {keep}; refusing to write over it")
+    if where.exists() and not where.is_dir():
+        raise InputError(f"{out}: exists and is not a folder; refusing to replace it")
+    foreign = sorted(p.name for p in where.iterdir() if p.name not in own) if where.exists() else []
+    if foreign and not force:
+        raise InputError(f"{out}: folder holds files perpcs did not write there ({', '.join(foreign[:5])}"
+                         f"{', ...' if len(foreign) > 5 else ''}); give a new or empty folder, or --force to replace it")
+
+
+def remove_temp(folder: str | os.PathLike) -> list[Path]:
+    """Remove what interrupted atomic writes left under `folder` (only names of their own pattern)."""
+    removed = []
+    for root, dirs, files in os.walk(folder):  # does not follow links: a derived run's links stay untouched
+        for name in dirs + files:
+            p = Path(root, name)
+            if _TEMP_NAME.fullmatch(name):
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                removed.append(p)
+        dirs[:] = [d for d in dirs if not _TEMP_NAME.fullmatch(d)]
+    return removed
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -64,12 +118,59 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Pat
     return write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
 
 
-def read_json(path: str | os.PathLike) -> Any:
+def open_binary(path: str | os.PathLike) -> IO[bytes]:
+    """A plain or gzip file (told apart by its magic bytes, not its name)."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, expected a file")
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rb") if gz else open(path, "rb")
+
+
+@contextmanager
+def reading(path: str | os.PathLike) -> Iterator[None]:
+    """Turn what a broken gzip file raises deep inside a reader into an InputError naming the file."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        yield
+    except EOFError:
+        raise InputError(f"{path}: truncated gzip file (it ends before its compressed data does)") from None
+    except (gzip.BadGzipFile, zlib.error) as e:
+        raise InputError(f"{path}: corrupt gzip file ({e})") from None
+
+
+def text_lines(path: str | os.PathLike, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
+    """(line number, line) of a plain or gzip text file, a UTF-8 byte order mark dropped; bytes that
+    are not `encoding` raise an InputError naming the file, the line and the column."""
+    with reading(path), open_binary(path) as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode(encoding)
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path}: line {n}: not {encoding} text (byte {raw[e.start]:#04x} at "
+                                 f"column {e.start + 1})") from None
+            yield n, line.removeprefix("\ufeff") if n == 1 else line
+
+
+def read_text(path: str | os.PathLike) -> str:
+    return "".join(line for _, line in text_lines(path))
+
+
+def parse_json(text: str, where: str, lines: bool = True) -> Any:
+    """json.loads whose every failure is an InputError naming `where` (and the line, if `lines`)."""
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: line {e.lineno}: invalid JSON: {e.msg}") from e
+        at = f"line {e.lineno}: " if lines else ""
+        raise InputError(f"{where}: {at}invalid JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise InputError(f"{where}: invalid JSON: nested too deeply") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise InputError(f"{where}: invalid JSON: {e}") from None
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return parse_json(read_text(path), str(path))
 
 
 def write_jsonl(path: str | os.PathLike, rows: list[Any]) -> Path:
