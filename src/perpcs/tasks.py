@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from perpcs.errors import InputError
+
 if TYPE_CHECKING:  # only for type hints; data.py imports this module
     from perpcs.data import Item, User
 
@@ -60,7 +62,7 @@ class Task(BaseModel):
             for i, it in enumerate(items):
                 problem = self.output_problem(it.output)
                 if problem:
-                    raise ValueError(f"{where}: field '{field}.{i}.output': {problem}")
+                    raise InputError(f"{where}: field '{field}.{i}.output': {problem}")
 
     def output_problem(self, output: str) -> str | None:
         if self.kind == "classification" and output.strip() not in self.labels:
