@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from small_sources import OPTS, SOURCES, TASK, USERS, data_folder, write_sources
@@ -327,6 +329,7 @@ def test_bad_input_fails_cleanly(case, tmp_path, request, monkeypatch):
     before = snapshot(tmp_path)
     result = cli(*args)
     output = result.output
+    print(output)  # shown with `pytest -rP`: the messages a user sees
     assert result.exit_code != 0, output
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     assert "Traceback" not in output and "Aborted" not in output, output
@@ -338,3 +341,167 @@ def test_bad_input_fails_cleanly(case, tmp_path, request, monkeypatch):
         after = {k: v for k, v in after.items() if not (tmp_path / k).is_relative_to(out)}
         before = {k: v for k, v in before.items() if not (tmp_path / k).is_relative_to(out)}
     assert after == before  # nothing outside the output was touched
+
+
+# --- cases whose fix is a behaviour ---
+
+
+def test_export_replaces_a_previous_adapter_and_with_force_any_folder(finished_run, tmp_path):
+    run = run_copy(finished_run, tmp_path)
+    out = tmp_path / "adapter"
+    assert cli(*_export(run, out)).exit_code == 0
+    first = load_file(out / "adapter_model.safetensors")
+    assert cli(*_export(run, out)).exit_code == 0  # a previous adapter is replaced, by the same adapter
+    second = load_file(out / "adapter_model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    notes = _notes(tmp_path, run)
+    assert cli(*_export(run, notes), "--force").exit_code == 0
+    assert sorted(p.name for p in notes.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    refused = cli(*_export(run, run / "pool"), "--force")  # --force never reaches into the run
+    assert refused.exit_code == 2 and squash("is, holds or is inside") in squash(refused.output)
+
+
+def test_atomic_dir_never_removes_what_it_did_not_create(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(InputError, match="mine: folder exists and is not empty"):
+        with atomic_dir(tmp_path / "mine"):
+            pytest.fail("the block must not run")
+    (tmp_path / "file").write_text("keep")
+    with pytest.raises(InputError, match="file: exists and is not a folder"):
+        with atomic_dir(tmp_path / "file", replace=True):
+            pass
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep" and (tmp_path / "file").read_text() == "keep"
+    (tmp_path / "empty").mkdir()
+    with atomic_dir(tmp_path / "empty") as tmp:  # an empty folder holds nothing to lose
+        (tmp / "a").write_text("1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "mine"]
+
+
+@pytest.mark.parametrize("fmt,files,gz", [
+    ("annotator-csv", {**SOURCES["annotator-csv"], "texts.csv": b"\xef\xbb\xbf" + SOURCES["annotator-csv"]["texts.csv"]},
+     set()),
+    ("lamp", None, {"questions.json", "outputs.json"}),
+    ("perpcs", None, {"users.json"}),
+], ids=["csv-with-bom", "lamp-gz", "perpcs-gz"])
+def test_bom_and_gz_are_read(fmt, files, gz, tmp_path):
+    paths = write_sources(fmt, tmp_path / "src", files, gz)
+    result = cli(*_import(fmt, paths, tmp_path))
+    assert result.exit_code == 0, result.output
+    plain = write_sources(fmt, tmp_path / "plain")
+    assert cli(*_import(fmt, plain, tmp_path / "p")).exit_code == 0
+    assert (tmp_path / "out" / "users.jsonl").read_bytes() == (tmp_path / "p" / "out" / "users.jsonl").read_bytes()
+
+
+def test_step0_interrupted_anywhere_resumes(finished_run, tmp_path, monkeypatch):
+    run = run_copy(finished_run, tmp_path)
+    fingerprint = (run / "task" / "fingerprint.json").read_text()
+    # an older perpcs could stop between the merged folder and its fingerprint: step 0 is then not done
+    (run / "task" / "fingerprint.json").unlink()
+    Run(run).task_adapt()
+    assert (run / "task" / "fingerprint.json").read_text() == fingerprint  # same seed, same model
+    # a crash while the merged folder is written leaves no merged folder, so step 0 runs again
+    shutil.rmtree(run / "task")
+    monkeypatch.setattr("transformers.PreTrainedModel.save_pretrained", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        Run(run).task_adapt()
+    assert not (run / "task" / "merged").exists() and not list((run / "task").glob(".merged*"))
+    monkeypatch.undo()
+    Run(run).task_adapt()
+    assert (run / "task" / "fingerprint.json").read_text() == fingerprint
+    assert Run(run).open_pool()  # the pool made on that merged model opens against its fingerprint
+
+
+def test_recipe_keeps_its_seconds_so_bench_needs_no_stats(finished_run, tmp_path):
+    from perpcs.bench import Bench, BenchSettings
+
+    run = Run(run_copy(finished_run, tmp_path))
+    user = run.users(run.split["targets"])[0]
+    recipe = Recipe.load(run.recipe_path(user.user_id))
+    assert recipe.seconds is not None and recipe.seconds > 0
+    stats = json.loads((run.folder / "stats.json").read_text())
+    del stats["assemble"]  # as after a kill during step 5 and a resume
+    write_json(run.folder / "stats.json", stats)
+    bench = Bench(run, BenchSettings(methods=["perpcs"]), tmp_path / "b")
+    bench.pool = run.open_pool()
+    with bench.personalize("perpcs", user) as p:
+        assert p.seconds == recipe.seconds
+
+
+def test_recipe_refuses_nan_weights_and_unknown_mix():
+    base = dict(pool_id="p", base_fingerprint="b", lora={"r": 2}, top_k=1)
+    with pytest.raises(ValueError, match="position 'l0', sharer 's1': weight inf is not a finite number"):
+        Recipe(**base, pieces={"l0": [("s0", 0.5), ("s1", float("inf"))]})
+    with pytest.raises(ValueError, match="mix"):
+        Recipe(**base, mix="concat", pieces={})
+    assert Recipe(**base, mix="cat", pieces={"l0": [("s0", 1.0)]}).mix == "cat"
+
+
+def test_changed_data_is_refused_when_a_step_reads_it(finished_run, tmp_path):
+    data = Path(shutil.copytree(json.loads((finished_run / "run.json").read_text())["data"], tmp_path / "data"))
+    run = run_copy(finished_run, tmp_path)
+    cfg = json.loads((run / "run.json").read_text())
+    write_json(run / "run.json", {**cfg, "data": str(data)})
+    lost = Run(run).split["targets"][0]
+    Run(run).recipe_path(lost).unlink()
+    (data / "users.jsonl").write_bytes((data / "users.jsonl").read_bytes().replace(b"\n", b"\n\n", 1))
+    with pytest.raises(InputError, match="the data folder changed since run"):
+        Run(run).assemble()
+
+
+def test_a_second_process_is_refused_and_stats_are_not_lost(finished_run, tmp_path):
+    from filelock import FileLock
+
+    run = Run(run_copy(finished_run, tmp_path))
+    other = FileLock(run.folder / "run.lock")  # another open file: flock treats it as another process
+    with other:
+        with pytest.raises(InputError, match="another perpcs process is working on this run folder"):
+            run.record("x", {"seconds": 1})
+        with pytest.raises(InputError, match="another perpcs process"):
+            run.assemble()
+    run.record("x", {"seconds": 1})
+    assert run.stats()["x"] == {"seconds": 1} and "build_pool" in run.stats()
+
+
+def test_leftover_temp_files_of_perpcs_are_removed_and_nothing_else(finished_run, tmp_path):
+    run = Run(run_copy(finished_run, tmp_path))
+    def leftover(tmp: Path) -> Path:  # what a kill (no `finally`) leaves: the temp name, another random part
+        return tmp.with_name(tmp.name.replace(tmp.name.split(".perpcs-tmp.")[1][:8], "leftover"))
+
+    with pytest.raises(RuntimeError):
+        with atomic_dir(run.folder / "task" / "merged2") as tmp:
+            (tmp / "x").write_text("half")
+            shutil.copytree(tmp, leftover(tmp))
+            raise RuntimeError
+    with pytest.raises(RuntimeError):
+        with atomic_path(run.folder / "stats.json") as tmp:
+            tmp.write_text("{half")
+            shutil.copy(tmp, leftover(tmp))
+            raise RuntimeError
+    leftovers = [p for p in run.folder.rglob("*perpcs-tmp*")]
+    assert len(leftovers) == 2
+    mine = [run.folder / ".merged.keep", run.folder / "notes.perpcs-tmp.txt", run.folder / "task" / ".merged.abcd1234"]
+    for p in mine:
+        p.write_text("user file")
+    run.record("y", {})
+    assert not any(p.exists() for p in leftovers)
+    assert all(p.read_text() == "user file" for p in mine)
+    assert remove_temp(run.folder) == []
+
+
+def test_labels_fit_the_answer_budget_and_cut_answers_are_reported(caplog):
+    from conftest import ByteTokenizer
+
+    from perpcs.tasks import Task, answer_budget, cut_short
+
+    tok = ByteTokenizer()  # one token per byte: " Non-hateful" is 12 tokens
+    task = Task(name="hate", kind="classification", labels=["Hateful", "Non-hateful"], instruction="?", max_new_tokens=4)
+    assert answer_budget(task, tok) == 12
+    assert "max_new_tokens=4 is shorter than its longest label (12 tokens)" in caplog.text
+    assert answer_budget(task.model_copy(update={"max_new_tokens": 20}), tok) == 20
+    gen = Task(name="g", kind="generation", instruction="?", max_new_tokens=4)
+    caplog.clear()
+    assert cut_short(gen, ["abcd", "ab", "abc", "wxyz"], tok, 4) == 0.5
+    assert "50% of answers reached max_new_tokens=4" in caplog.text
+    caplog.clear()
+    assert cut_short(gen, ["ab"] * 30, tok, 4) == 0.0 and not caplog.text

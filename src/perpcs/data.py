@@ -83,7 +83,7 @@ def _field_path(err: dict) -> str:
 
 
 def format_validation_error(source: str, e: ValidationError) -> str:
-    parts = [f"field '{_field_path(err)}': {err['msg']}" for err in e.errors()]
+    parts = [f"field '{_field_path(err)}': {err['msg'].removeprefix('Value error, ')}" for err in e.errors()]
     return f"{source}: " + "; ".join(parts)
 
 
