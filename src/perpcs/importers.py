@@ -118,7 +118,7 @@ def _rows(path: Path, required: Iterable[str], delimiter: str = ",", encoding: s
           ) -> Iterator[tuple[str, dict[str, str]]]:
     """Rows of a CSV/TSV file with a header; a row lacking a required field is an error."""
     tsv = delimiter == "\t"  # HetRec .dat files: no quoting, names may contain quotes
-    reader = csv.DictReader(_lines(path, encoding), delimiter=delimiter,
+    reader = csv.DictReader(_lines(path, encoding), delimiter=delimiter, restval="",
                             quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
     try:
         reader.fieldnames = [h.strip() for h in reader.fieldnames or []]
