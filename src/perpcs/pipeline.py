@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import random
 import re
 import shutil
@@ -98,8 +97,9 @@ class RunConfig(BaseModel):
 def check_later_steps(config: RunConfig, new: RunConfig, also: tuple[str, ...] = ()) -> RunConfig:
     """`new`, if it differs from `config` only in settings of steps 3-5 (and `also`): what a run
     derived from `config`'s run may change."""
-    allowed = LATER_STEPS + also + ("data_sha256",)  # the data itself is checked when a run reads it
-    changed = [k for k in RunConfig.model_fields if k not in allowed and getattr(new, k) != getattr(config, k)]
+    allowed = LATER_STEPS + also
+    changed = [k for k in RunConfig.model_fields  # data_sha256: the data itself is checked when a run reads it
+               if k not in allowed + ("data_sha256",) and getattr(new, k) != getattr(config, k)]
     if changed:
         raise ValueError(f"a derived run may change only {', '.join(allowed)}; "
                          f"not these: {', '.join(changed)}")
