@@ -6,7 +6,6 @@ pieces of text the message must hold. Cases that need a run work on a copy of on
 After the table come the cases whose fix is a behaviour (resume, locking, budgets, ...), not a message.
 """
 
-import gzip
 import hashlib
 import json
 import shutil
@@ -19,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from small_sources import OPTS, SOURCES, TASK, USERS, data_folder, write_sources
+from small_sources import SOURCES, TASK, USERS, data_folder, write_sources
 
 from perpcs.cli import app
 from perpcs.errors import InputError
@@ -41,9 +40,8 @@ def run_copy(finished_run: Path, tmp: Path) -> Path:
     return Path(shutil.copytree(finished_run, tmp / "run", symlinks=True))
 
 
-def cli(*args, cwd: Path | None = None):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result
+def cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def squash(text: str) -> str:
@@ -489,15 +487,18 @@ def test_leftover_temp_files_of_perpcs_are_removed_and_nothing_else(finished_run
     assert remove_temp(run.folder) == []
 
 
-def test_labels_fit_the_answer_budget_and_cut_answers_are_reported(caplog):
+def test_labels_fit_the_answer_budget_and_cut_answers_are_reported(caplog, tiny_base):
+    from transformers import AutoTokenizer
+
     from conftest import ByteTokenizer
 
     from perpcs.tasks import Task, answer_budget, cut_short
 
-    tok = ByteTokenizer()  # one token per byte: " Non-hateful" is 12 tokens
     task = Task(name="hate", kind="classification", labels=["Hateful", "Non-hateful"], instruction="?", max_new_tokens=4)
+    assert answer_budget(task, AutoTokenizer.from_pretrained(tiny_base)) == 5  # the issue's case: SmolLM2's tokens
+    assert "max_new_tokens=4 is shorter than its longest label (5 tokens); generating 5 tokens" in caplog.text
+    tok = ByteTokenizer()  # one token per byte: " Non-hateful" is 12 tokens
     assert answer_budget(task, tok) == 12
-    assert "max_new_tokens=4 is shorter than its longest label (12 tokens)" in caplog.text
     assert answer_budget(task.model_copy(update={"max_new_tokens": 20}), tok) == 20
     gen = Task(name="g", kind="generation", instruction="?", max_new_tokens=4)
     caplog.clear()
