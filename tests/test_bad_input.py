@@ -261,6 +261,8 @@ CASES = [
                                         "'scale' must be [min, max] with min < max, got [5.0, 1.0]")),
     Case("markup-link", _data_check(users_bytes(with_output("[link=https://example.com]x[/link]")), TASK,
                                     "'[link=https://example.com]x[/link]'")),
+    Case("markup-in-path", lambda tmp, _: (["data", "check", tmp / "d[/x]"], [f"{tmp}/d[/x]: data folder not found"],
+                                           None)),
     # 3. the data contract: query ids unique across and within users, ids and inputs not empty
     Case("duplicate-query-id-across-users",
          _data_check(users_bytes(edited(USERS, lambda u: u[1]["queries"][0].update(id="q0"))), TASK,
