@@ -84,32 +84,53 @@ def load_task(path: str | Path) -> Task:
         raise ValueError(format_validation_error(str(path), e)) from None
 
 
-def load_users(path: str | Path, task: Task | None = None) -> list[User]:
-    """Parse users.jsonl, checking each line; the error names file, line and field."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: users file not found")
-    users, seen = [], set()
+def read_records(path: Path, model: type[BaseModel]):
+    """(where, record) for each non-blank line of a JSONL file; an error names file, line and field."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{path}: line {lineno}"
             try:
-                user = User.model_validate(json.loads(line))
+                yield where, model.model_validate(json.loads(line))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
             except ValidationError as e:
                 raise ValueError(format_validation_error(where, e)) from None
-            if user.user_id in seen:
-                raise ValueError(f"{where}: field 'user_id': duplicate user {user.user_id!r}")
-            seen.add(user.user_id)
-            if task is not None:
-                task.check_user(user, where)
-            users.append(user)
+
+
+def load_users(path: str | Path, task: Task | None = None) -> list[User]:
+    """Parse users.jsonl, checking each line; the error names file, line and field."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: users file not found")
+    users, seen = [], set()
+    for where, user in read_records(path, User):
+        if user.user_id in seen:
+            raise ValueError(f"{where}: field 'user_id': duplicate user {user.user_id!r}")
+        seen.add(user.user_id)
+        if task is not None:
+            task.check_user(user, where)
+        users.append(user)
     if not users:
         raise ValueError(f"{path}: no users")
     return users
+
+
+def load_history(path: str | Path, task: Task) -> list[Item]:
+    """One user's history as JSONL of {"input", "output"} (oldest first), e.g. a user not in the data set."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: history file not found")
+    items = []
+    for where, item in read_records(path, Item):
+        problem = task.output_problem(item.output)
+        if problem:
+            raise ValueError(f"{where}: field 'output': {problem}")
+        items.append(item)
+    if not items:
+        raise ValueError(f"{path}: no history items")
+    return items
 
 
 def load_dataset(folder: str | Path) -> Dataset:

@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from perpcs.assembly import Assembler, AssemblySettings, activation_means
-from perpcs.data import Dataset, User, load_dataset
+from perpcs.data import Dataset, Item, User, load_dataset
 from perpcs.gates import lora_layers, train_gates
 from perpcs.models import fingerprint, load_base, prepare_base
 from perpcs.pool import Pool, share_mask
@@ -404,6 +404,18 @@ class Run:
         finally:
             assembler.unload()
         return seconds
+
+    def assemble_history(self, user_id: str, history: list[Item], profile: str | None = None) -> Recipe:
+        """The recipe of a user who need not be in the run's data, from the history given (not kept);
+        saved with the others, so `export` and `perpcs serve` find it."""
+        model, tok = self.merged
+        assembler = Assembler(model, self.open_pool(), self.config.assembly)
+        try:
+            recipe = assembler.recipe(self.data.task, tok, history, profile, user=user_id)
+        finally:
+            assembler.unload()
+        recipe.save(self.recipe_path(user_id))
+        return recipe
 
     def export(self, user_id: str, out: str | Path) -> Path:
         """Write the user's assembled PEFT as a standard peft adapter folder."""
