@@ -286,6 +286,19 @@ def export(run: Path = typer.Option(..., "--run"), user: str = typer.Option(...,
         fail(str(e))
     console.print(f"wrote PEFT adapter to {path} (load with peft.PeftModel.from_pretrained(merged_base, '{path}'))")
 
+
+@app.command("export-base")
+def export_base(run: Path = typer.Option(..., "--run"),
+                out: Path = typer.Option(..., "--out", help="new folder for the merged base (HF format)")) -> None:
+    """Write the run's merged, task-adapted base as a plain Hugging Face folder, the base of exported adapters."""
+    from perpcs.pipeline import Run
+
+    try:
+        path = Run(run).export_base(out)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        fail(str(e))
+    console.print(f"wrote the merged base to {path} (serve it, e.g. vllm serve {path} --enable-lora)")
+
 # --- bench and demo (bench.py) ---
 QUICK = ["task_train.steps=4", "sharer_train.steps=3", "gate_train.steps=2", "n_targets=2", "n_sharers=3",
          "min_sharer_items=1"]

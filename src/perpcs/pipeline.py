@@ -424,6 +424,15 @@ class Run:
             raise FileNotFoundError(f"{path}: no recipe for user {user_id!r}; run `perpcs assemble` first")
         return export_adapter(Recipe.load(path), self.open_pool(), out, str(self.merged_path.resolve()))
 
+    def export_base(self, out: str | Path) -> Path:
+        """The merged, task-adapted base as a plain HF folder: what exported adapters apply to (vLLM, LoRAX)."""
+        out = Path(out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise FileExistsError(f"{out}: exists and is not an empty folder; choose a new --out")
+        with atomic_dir(out) as tmp:
+            shutil.copytree(self.task_adapt(), tmp, dirs_exist_ok=True)
+        return out
+
     def pipeline(self, executor=None) -> dict[str, Recipe]:
         self.task_adapt()
         self.select()
