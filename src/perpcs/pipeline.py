@@ -307,7 +307,7 @@ class Run:
                                                      and pool is not None and pool.pseudonym(s.user_id) in pool.sharers())]
         results = (map(self.sharer_pieces, tqdm(todo, desc="steps 2-4: sharers")) if executor is None
                    else executor.map(partial(sharer_task, str(self.folder)), todo, desc="steps 2-4: sharers"))
-        for user_id, stats in zip(todo, results):
+        for stats, user_id in zip(results, todo):  # results first: the progress bar runs to its end
             pieces = load_pieces(self.sharer_dir(user_id) / "pieces.safetensors")
             if pool is None:
                 shapes = {pos: (A.shape[1], B.shape[0]) for pos, (A, B, _) in pieces.items()}
