@@ -162,3 +162,11 @@ def test_cli_assembles_a_user_from_a_history_file(run, histories, tmp_path):
     bad.write_text('{"input": "x", "output": "sci-fi"}\n{"input": "y"}\n')
     result = CliRunner().invoke(cli, ["assemble", "--run", str(run.folder), "--user", "u", "--history", str(bad)])
     assert result.exit_code == 2 and "line 2" in result.output and "output" in result.output
+
+
+def test_batches_split_by_max_new_tokens_and_cache_size():
+    from perpcs.serve import groups
+
+    rows = [Pending(u, "p", n, None) for u, n in [("a", 4), ("b", 4), ("a", 8), ("c", 4), ("d", 4), ("b", 4)]]
+    split = [[(r.user, r.max_new_tokens) for r in g] for g in groups(rows, most_users=2)]
+    assert split == [[("a", 4), ("b", 4)], [("c", 4), ("d", 4)], [("b", 4)], [("a", 8)]]
