@@ -4,8 +4,9 @@ It starts the server (a subprocess), assembles N users from histories of the run
 the server has no recipe for yet: new ones, as far as it knows), then sends the N*M requests with
 the server batching (--max-batch B) and again one at a time (--max-batch 1), alternating, and reports
 requests/s, p50/p95 latency, the adapter cache's hit rate and whether both modes answer alike.
-Midway through the batched round it kills the server (SIGKILL) and restarts it, and checks that every
-recipe assembled before is still served, byte for byte (recipes are written atomically to RUN/recipes).
+First, midway through one pass over the requests, it kills the server (SIGKILL) and restarts it, and
+checks that every recipe assembled before is still served, byte for byte (recipes are written
+atomically to RUN/recipes). The throughput rounds then run on fresh servers with warmed caches.
 
     python benchmarks/serve_load.py --run RUN --users 4 --requests 4 --concurrency 4
 """
@@ -98,6 +99,26 @@ def summary(latencies: list[float], wall: float, counts: dict) -> dict:
             "mean_batch": round(counts["generated"] / max(1, counts["batches"]), 2)}
 
 
+def plot(rounds: list[dict], path: Path) -> None:
+    """Requests/s and p50/p95 latency of each throughput round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['mode'].replace('_', ' ')}\nround {r['round']}" for r in rounds]
+    x = range(len(rounds))
+    fig, (rate, lat) = plt.subplots(1, 2, figsize=(9, 3.2))
+    rate.bar(x, [r["requests_per_s"] for r in rounds], color=["C0" if r["mode"] == "batched" else "C1" for r in rounds])
+    rate.set(xticks=list(x), xticklabels=labels, ylabel="requests / s", title="throughput")
+    lat.bar([i - 0.2 for i in x], [r["p50_s"] for r in rounds], 0.4, label="p50")
+    lat.bar([i + 0.2 for i in x], [r["p95_s"] for r in rounds], 0.4, label="p95")
+    lat.set(xticks=list(x), xticklabels=labels, ylabel="seconds", title="latency")
+    lat.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", type=Path, required=True, help="run folder with a pool; recipes are written to RUN/recipes")
@@ -121,7 +142,8 @@ def main() -> None:
     common = ["--cache-size", str(args.cache_size), "--max-new-tokens", str(args.max_new_tokens)]
     result: dict = {"run": str(args.run), "users": args.users, "requests_per_user": args.requests,
                     "concurrency": args.concurrency, "max_new_tokens": args.max_new_tokens, "cache_size": args.cache_size,
-                    "max_batch": args.max_batch, "cpu_count": os.cpu_count(), "rounds": []}
+                    "max_batch": args.max_batch, "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
+                    "rounds": []}
 
     server = Server(args.run, common + ["--max-batch", str(args.max_batch)])
     result["startup_seconds"] = round(server.startup_seconds, 1)
@@ -137,44 +159,43 @@ def main() -> None:
                                   "history_items": [len(u.history) for u in users]}
     print(f"assembled {len(names)} users, {result['assemble_seconds']['mean']} s each", file=sys.stderr)
 
-    for rnd in range(args.rounds):
-        # batched, with a kill -9 and restart between its halves
-        half = len(jobs) // 2
-        before = server.health()
-        lat1, out1, wall1 = asyncio.run(fire(server.url, jobs[:half], args.concurrency, args.max_new_tokens))
-        first = delta(before, server.health())
-        server.kill()
-        server = Server(args.run, common + ["--max-batch", str(args.max_batch)])
-        served = {n: httpx.get(f"{server.url}/v1/users/{n}", timeout=60) for n in names}
-        lost = [n for n in names if served[n].status_code != 200
-                or json.loads(run.recipe_path(n).read_text()) != json.loads(json.dumps(recipes[n]))]
-        before = server.health()
-        lat2, out2, wall2 = asyncio.run(fire(server.url, jobs[half:], args.concurrency, args.max_new_tokens))
-        second = delta(before, server.health())
-        batched = {**summary(lat1 + lat2, wall1 + wall2, {k: first[k] + second[k] for k in first}),
-                   "cache_hit_rate_before_kill": summary(lat1, wall1, first)["cache_hit_rate"],
-                   "cache_hit_rate_after_restart": summary(lat2, wall2, second)["cache_hit_rate"]}
-        restart = {"recipes_before": len(names), "recipes_after_restart": sum(s.status_code == 200 for s in served.values()),
-                   "lost_or_changed": lost, "restart_seconds": round(server.startup_seconds, 1)}
-        server.kill()
-        # one at a time
-        server = Server(args.run, common + ["--max-batch", "1"])
-        before = server.health()
-        lat, out_single, wall = asyncio.run(fire(server.url, jobs, args.concurrency, args.max_new_tokens))
-        single = summary(lat, wall, delta(before, server.health()))
-        outputs = {**out1, **out2}
-        differ = sum(outputs[i] != out_single[i] for i in outputs)
-        result["rounds"].append({"batched": batched, "one_at_a_time": single, "restart": restart,
-                                 "outputs_differing_between_modes": differ})
-        print(json.dumps(result["rounds"][-1], indent=2), file=sys.stderr)
-        if rnd < args.rounds - 1:
-            server.kill()
-            server = Server(args.run, common + ["--max-batch", str(args.max_batch)])
+    # restart check: half the requests, kill -9, restart, every recipe still served, the other half
+    half = len(jobs) // 2
+    before = server.health()
+    lat1, _, wall1 = asyncio.run(fire(server.url, jobs[:half], args.concurrency, args.max_new_tokens))
+    first = delta(before, server.health())
     server.kill()
+    server = Server(args.run, common + ["--max-batch", str(args.max_batch)])
+    served = {n: httpx.get(f"{server.url}/v1/users/{n}", timeout=60) for n in names}
+    lost = [n for n in names if served[n].status_code != 200
+            or json.loads(run.recipe_path(n).read_text()) != json.loads(json.dumps(recipes[n]))]
+    before = server.health()
+    lat2, _, wall2 = asyncio.run(fire(server.url, jobs[half:], args.concurrency, args.max_new_tokens))
+    second = delta(before, server.health())
+    result["restart"] = {"recipes_before": len(names), "served_after_restart": sum(r.status_code == 200 for r in served.values()),
+                         "lost_or_changed": lost, "restart_seconds": round(server.startup_seconds, 1),
+                         "before_kill": summary(lat1, wall1, first), "after_restart": summary(lat2, wall2, second)}
+    print(json.dumps(result["restart"], indent=2), file=sys.stderr)
+    server.kill()
+
+    # throughput: batched and one at a time, alternated, each on a fresh server whose cache is warmed first
+    outputs = {}
+    for rnd in range(args.rounds):
+        for mode, batch in (("batched", args.max_batch), ("one_at_a_time", 1)):
+            server = Server(args.run, common + ["--max-batch", str(batch)])
+            asyncio.run(fire(server.url, jobs[: len(names)], 1, args.max_new_tokens))  # warm-up: one per user
+            before = server.health()
+            lat, outputs[rnd, mode], wall = asyncio.run(fire(server.url, jobs, args.concurrency, args.max_new_tokens))
+            result["rounds"].append({"round": rnd, "mode": mode, **summary(lat, wall, delta(before, server.health()))})
+            print(json.dumps(result["rounds"][-1]), file=sys.stderr)
+            server.kill()
+    result["outputs_differing_between_modes"] = sum(
+        outputs[r, "batched"][i] != outputs[r, "one_at_a_time"][i] for r in range(args.rounds) for i in outputs[r, "batched"])
     for name in names:  # remove only the recipes this benchmark made
         run.recipe_path(name).unlink(missing_ok=True)
     write_json(args.out, result)
-    print(f"wrote {args.out}", file=sys.stderr)
+    plot(result["rounds"], args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}", file=sys.stderr)
 
 
 if __name__ == "__main__":
