@@ -108,7 +108,7 @@ class Service:
         self.model, self.tokenizer = load_base(self.run.merged_path, device=self.run.device)
         self.pool = self.run.open_pool()
         self.task = self.run.data.task
-        self.run.merged  # noqa: B018 - load the assembly copy now, not on the first request
+        _ = self.run.merged  # the assembly copy: loaded now, not on the first request
 
     def adapter(self, user: str) -> str:
         """The user's adapter name in the peft model, materialised from the recipe file on a miss."""
