@@ -1,9 +1,13 @@
 """The Ray executor builds the same pool and recipes as the in-process loop (local Ray, 2 workers)."""
 
+import pytest
 import torch
+from typer.testing import CliRunner
 
+from perpcs.cli import app as cli
 from perpcs.executors import make_executor
 from perpcs.pipeline import Run
+from perpcs.recipe import Recipe
 
 
 def pool_by_user(run: Run) -> dict:
@@ -26,16 +30,23 @@ def recipe_by_user(run: Run, recipes: dict) -> dict:
 
 
 def test_ray_executor_gives_the_local_pool_and_recipes(tmp_path, tiny_run_config, one_thread):
+    """`perpcs pipeline --executor ray` (on a local Ray of 2 workers) == the in-process pipeline."""
+    import ray
+
     config = tiny_run_config(n_targets=3)
     local = Run.create(tmp_path / "local", config)
     local_recipes = local.pipeline()
-    ray_run = Run.create(tmp_path / "ray", config)
-    executor = make_executor("ray", num_cpus=2)
+    (tmp_path / "config.json").write_text(config.model_dump_json())
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        assert executor.workers == 2
-        ray_recipes = ray_run.pipeline(executor)
+        assert make_executor("ray").workers == 2  # the CLI joins this Ray
+        result = CliRunner().invoke(cli, ["pipeline", "--data", config.data, "--run", str(tmp_path / "ray"),
+                                          "--config", str(tmp_path / "config.json"), "--executor", "ray"])
     finally:
-        executor.shutdown()
+        ray.shutdown()
+    assert result.exit_code == 0, result.output
+    ray_run = Run(tmp_path / "ray")
+    ray_recipes = {u: Recipe.load(ray_run.recipe_path(u)) for u in local_recipes}
     a, b = pool_by_user(local), pool_by_user(ray_run)
     assert a.keys() == b.keys() and len(a) > 0
     for k in a:
@@ -49,3 +60,7 @@ def test_ray_executor_gives_the_local_pool_and_recipes(tmp_path, tiny_run_config
 
 def test_local_executor_needs_no_ray():
     assert make_executor("local") is None
+    with pytest.raises(ValueError, match="needs --executor ray"):
+        make_executor("local", "auto")
+    with pytest.raises(ValueError, match="local or ray"):
+        make_executor("dask")
