@@ -56,6 +56,12 @@ def test_assemble_generate_equal_offline_and_differ_between_users(run, histories
         rows = [Pending(u, run.data.task.format_prompt(t), 6, None) for u in histories for t in texts]
         batched = service.thread.submit(service.generate, rows).result()
         health = client.get("/health").json()
+    with TestClient(create_app(run, ServeSettings(cache_size=1))) as client:  # every switch of user evicts
+        again = [client.post("/v1/generate", json={"user": u, "input": texts[0], "max_new_tokens": 6}).json()["output"]
+                 for u in ("alice", "bob", "alice")]
+        evicting = client.get("/health").json()
+    assert again == [answers[u, texts[0]] for u in ("alice", "bob", "alice")]
+    assert (evicting["cache_misses"], evicting["adapters_cached"]) == (3, 1)
     recipes = {u: Recipe.load(run.recipe_path(u)).pieces for u in histories}
     assert recipes["alice"] != recipes["bob"]
     for u in histories:
