@@ -4,7 +4,8 @@
     RUN/split.json               base users / sharer candidates / target users
     RUN/task/adapter, merged/    step 0: task LoRA, and the base with it merged in
     RUN/selection.json           step 1: the sharers, with the reason each was chosen
-    RUN/sharers/<id>/            step 2-3: a sharer's own LoRA (peft folder) and training stats
+    RUN/sharers/<id>/            step 2-3: a sharer's own LoRA (peft folder), its pieces with their keys
+                                 (pieces.safetensors, what a Ray worker hands back) and training stats
     RUN/pool/                    step 4: the shared pieces and gates (see docs/pool.md)
     RUN/recipes/<id>.json        step 5: each target user's recipe
     RUN/stats.json               seconds and sizes of every step
