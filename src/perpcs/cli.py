@@ -176,8 +176,8 @@ def build_config(data: Path, base: Optional[str], seed: int, targets: Optional[i
     return RunConfig.model_validate(cfg)
 
 
-EXECUTOR = typer.Option("local", "--executor", help="pipeline, share, assemble: where sharers and bulk "
-                        "assembly run: local (this process) or ray (a local Ray, or the cluster at --ray-address)")
+EXECUTOR = typer.Option("local", "--executor", help="where sharers and bulk assembly run: local (this process) "
+                        "or ray (a local Ray, or the cluster at --ray-address)")
 RAY_ADDRESS = typer.Option(None, "--ray-address", help="Ray cluster to join, e.g. ray://head:10001 (docs/scale.md)")
 
 
@@ -200,6 +200,8 @@ def _run_command(all_steps: bool):
         from perpcs.pipeline import Run
 
         try:
+            if not all_steps and (executor != "local" or ray_address):
+                raise ValueError("--executor and --ray-address are for perpcs pipeline: init runs no step")
             r = Run.create(run, build_config(data, base, seed, targets, sharers, config, overrides))
             if all_steps:
                 recipes = r.pipeline(make_executor(executor, ray_address))
