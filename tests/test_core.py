@@ -16,7 +16,7 @@ from perpcs.assembly import Assembler, AssemblySettings, activation_means, choos
 from perpcs.data import Item
 from perpcs.gates import Gates, lora_layers, train_gates
 from perpcs.pool import Pool
-from perpcs.recipe import Recipe, apply_recipe, export_adapter, materialize
+from perpcs.recipe import SERVED_RANKS, Recipe, apply_recipe, export_adapter, materialize, served_rank
 from perpcs.tasks import Task
 from perpcs.training import (IGNORE, Example, LoraSettings, TrainSettings, add_lora, collate, history_examples,
                              lm_loss, lora_state, train_lora)
@@ -363,7 +363,7 @@ def test_exported_adapter_matches_apply_recipe(tmp_path, tokenizer, mix):
     folder = export_adapter(back, pool, tmp_path / "adapter")
     assert sorted(f.name for f in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     cfg = json.loads((folder / "adapter_config.json").read_text())
-    assert cfg["r"] == recipe.rank() and cfg["lora_alpha"] / cfg["r"] == ALPHA / R
+    assert cfg["r"] == served_rank(recipe.rank()) in SERVED_RANKS and cfg["lora_alpha"] / cfg["r"] == ALPHA / R
 
     ids = collate(history_examples(TASK, tokenizer, HISTORY[:2]), tokenizer.pad_token_id)
     inputs = {"input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"]}

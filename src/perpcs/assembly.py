@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict
 
 from perpcs.data import Item
 from perpcs.gates import lora_layers
-from perpcs.recipe import Recipe, peft_lora_config
+from perpcs.recipe import Recipe, pad_rank, peft_lora_config
 from perpcs.tasks import Task
 from perpcs.training import IGNORE, Example, collate, history_examples
 
@@ -141,10 +141,7 @@ def mix_pieces(pieces: Sequence[tuple[torch.Tensor, torch.Tensor]], weights: Seq
         return (sum(w * a for (a, _), w in zip(pieces, weights)), sum(w * b for (_, b), w in zip(pieces, weights)))
     A = torch.cat([w * a for (a, _), w in zip(pieces, weights)], 0)
     B = torch.cat([b for _, b in pieces], 1)
-    if rank is not None and A.shape[0] < rank:
-        A = torch.cat([A, A.new_zeros(rank - A.shape[0], A.shape[1])], 0)
-        B = torch.cat([B, B.new_zeros(B.shape[0], rank - B.shape[1])], 1)
-    return A, B
+    return pad_rank(A, B, rank) if rank is not None else (A, B)
 
 
 class _Done(Exception):

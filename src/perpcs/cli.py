@@ -179,6 +179,11 @@ def build_config(data: Path, base: Optional[str], seed: int, targets: Optional[i
     return RunConfig.model_validate(cfg)
 
 
+EXECUTOR = typer.Option("local", "--executor", help="where sharers and bulk assembly run: local (this process) "
+                        "or ray (a local Ray, or the cluster at --ray-address)")
+RAY_ADDRESS = typer.Option(None, "--ray-address", help="Ray cluster to join, e.g. ray://head:10001 (docs/scale.md)")
+
+
 def _run_command(all_steps: bool):
     def command(
         data: Path = typer.Option(..., "--data", help="data folder (task.json + users.jsonl)"),
@@ -189,15 +194,20 @@ def _run_command(all_steps: bool):
         sharers: Optional[int] = typer.Option(None, "--sharers", help="number of sharers S"),
         config: Optional[Path] = typer.Option(None, "--config", help="JSON file of RunConfig fields"),
         overrides: list[str] = typer.Option([], "--set", help="override a setting, e.g. --set assembly.top_k=5"),
+        executor: str = EXECUTOR,
+        ray_address: Optional[str] = RAY_ADDRESS,
     ) -> None:
         from pydantic import ValidationError
 
+        from perpcs.executors import make_executor
         from perpcs.pipeline import Run
 
         try:
+            if not all_steps and (executor != "local" or ray_address):
+                raise ValueError("--executor and --ray-address are for perpcs pipeline: init runs no step")
             r = Run.create(run, build_config(data, base, seed, targets, sharers, config, overrides))
             if all_steps:
-                recipes = r.pipeline()
+                recipes = r.pipeline(make_executor(executor, ray_address))
                 console.print(f"wrote {len(recipes)} recipes to {r.folder / 'recipes'}, pool at {r.pool_path}")
         except (ValueError, OSError, ValidationError) as e:
             fail(str(e))
@@ -226,8 +236,47 @@ def _step(name: str, doc: str):
 
 app.command("task-adapt")(_step("task_adapt", "Step 0: train the task LoRA on the base users and merge it."))
 app.command("select")(_step("select", "Step 1: choose the sharers (saved with the reason for each)."))
-app.command("share")(_step("build_pool", "Steps 2-4: each sharer's LoRA, its gates, its pieces into the pool."))
-app.command("assemble")(_step("assemble", "Step 5: a recipe per target user, from their history, no training."))
+
+
+@app.command("share")
+def share(run: Path = typer.Option(..., "--run"), executor: str = EXECUTOR,
+          ray_address: Optional[str] = RAY_ADDRESS) -> None:
+    """Steps 2-4: each sharer's LoRA, its gates, its pieces into the pool."""
+    from perpcs.executors import make_executor
+    from perpcs.pipeline import Run
+
+    try:
+        pool = Run(run).build_pool(make_executor(executor, ray_address))
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    console.print(f"pool of {len(pool)} sharers at {pool.path}")
+
+
+@app.command("assemble")
+def assemble(
+    run: Path = typer.Option(..., "--run"),
+    user: Optional[str] = typer.Option(None, "--user", help="with --history: a user who need not be in the run's data"),
+    history: Optional[Path] = typer.Option(None, "--history", help="that user's history, JSONL of {input, output}"),
+    executor: str = EXECUTOR,
+    ray_address: Optional[str] = RAY_ADDRESS,
+) -> None:
+    """Step 5: a recipe per target user (or for --user from --history), from their history, no training."""
+    from perpcs.data import load_history
+    from perpcs.executors import make_executor
+    from perpcs.pipeline import Run
+
+    try:
+        r = Run(run)
+        if (user is None) != (history is None):
+            raise ValueError("--user and --history go together")
+        if user is not None:
+            r.assemble_history(user, load_history(history, r.data.task))
+            console.print(f"wrote the recipe of {user!r} to {r.recipe_path(user)}", markup=False)
+            return
+        recipes = r.assemble(executor=make_executor(executor, ray_address))
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        fail(str(e))
+    console.print(f"wrote {len(recipes)} recipes to {r.folder / 'recipes'}")
 
 
 @app.command("export")
@@ -242,6 +291,19 @@ def export(run: Path = typer.Option(..., "--run"), user: str = typer.Option(...,
     except (ValueError, OSError) as e:
         fail(str(e))
     console.print(f"wrote PEFT adapter to {path} (load with peft.PeftModel.from_pretrained(merged_base, '{path}'))")
+
+
+@app.command("export-base")
+def export_base(run: Path = typer.Option(..., "--run"),
+                out: Path = typer.Option(..., "--out", help="new folder for the merged base (HF format)")) -> None:
+    """Write the run's merged, task-adapted base as a plain Hugging Face folder, the base of exported adapters."""
+    from perpcs.pipeline import Run
+
+    try:
+        path = Run(run).export_base(out)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        fail(str(e))
+    console.print(f"wrote the merged base to {path} (serve it, e.g. vllm serve {path} --enable-lora)")
 
 # --- bench and demo (bench.py) ---
 QUICK = ["task_train.steps=4", "sharer_train.steps=3", "gate_train.steps=2", "n_targets=2", "n_sharers=3",
@@ -304,3 +366,31 @@ def demo(out: Path = typer.Option(Path("runs/demo"), "--out"), seed: int = typer
     console.print(f"wrote synthetic data to {data}")
     cfg = build_config(data, None, seed, None, None, None, [f"{k}={json.dumps(v)}" for k, v in DEMO_CONFIG["run"].items()])
     _bench(data, out, cfg, [], DEMO_CONFIG["variants"])
+
+
+# --- serve (serve.py) ---
+@app.command("serve")
+def serve_cmd(
+    run: Path = typer.Option(..., "--run", help="run folder with a pool (recipes are written to RUN/recipes)"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind; beyond loopback an API key is required"),
+    port: int = typer.Option(8000, "--port"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="PERPCS_API_KEY",
+                                          help="required in the X-API-Key header of every /v1 request"),
+    cache_size: int = typer.Option(8, "--cache-size", help="materialised adapters kept in memory (LRU)"),
+    max_batch: int = typer.Option(8, "--max-batch", help="generate requests answered together (1: one at a time)"),
+    batch_window_ms: float = typer.Option(10.0, "--batch-window-ms", help="how long a batch waits for more requests"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="largest max_new_tokens a request may ask"),
+) -> None:
+    """Serve assembly and personalized generation over HTTP (FastAPI + uvicorn)."""
+    from pydantic import ValidationError
+
+    from perpcs.serve import ServeSettings, check_host, serve
+
+    try:
+        settings = ServeSettings(api_key=api_key, cache_size=cache_size, max_batch=max_batch,
+                                 batch_window_ms=batch_window_ms, max_new_tokens=max_new_tokens)
+        check_host(host, api_key)
+        console.print(f"serving {run} on http://{host}:{port} (docs at /docs)", markup=False)
+        serve(run, host, port, settings)
+    except (ValueError, FileNotFoundError, ValidationError) as e:
+        fail(str(e))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -97,20 +97,25 @@ def load_task(path: str | Path) -> Task:
         raise InputError(format_validation_error(str(path), e)) from None
 
 
+def read_records(path: Path, model: type[BaseModel]) -> Iterator[tuple[str, BaseModel]]:
+    """(where, record) for each non-blank line of a JSONL file; an error names file, line and field."""
+    for lineno, line in text_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}: line {lineno}"
+        try:
+            yield where, model.model_validate(parse_json(line, where, lines=False))
+        except ValidationError as e:
+            raise InputError(format_validation_error(where, e)) from None
+
+
 def load_users(path: str | Path, task: Task | None = None) -> list[User]:
     """Parse users.jsonl, checking each line; the error names file, line and field."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: users file not found")
     users, seen, query_ids = [], set(), {}
-    for lineno, line in text_lines(path):
-        if not line.strip():
-            continue
-        where = f"{path}: line {lineno}"
-        try:
-            user = User.model_validate(parse_json(line, where, lines=False))
-        except ValidationError as e:
-            raise InputError(format_validation_error(where, e)) from None
+    for where, user in read_records(path, User):
         if user.user_id in seen:
             raise InputError(f"{where}: field 'user_id': duplicate user {user.user_id!r}")
         seen.add(user.user_id)
@@ -118,13 +123,29 @@ def load_users(path: str | Path, task: Task | None = None) -> list[User]:
             if q.id in query_ids:
                 raise InputError(f"{where}: field 'queries.{i}.id': query id {q.id!r} is already used "
                                  f"({query_ids[q.id]})")
-            query_ids[q.id] = f"line {lineno}, user {user.user_id!r}"
+            query_ids[q.id] = f"{where.rsplit(': ', 1)[1]}, user {user.user_id!r}"
         if task is not None:
             task.check_user(user, where)
         users.append(user)
     if not users:
         raise InputError(f"{path}: no users")
     return users
+
+
+def load_history(path: str | Path, task: Task) -> list[Item]:
+    """One user's history as JSONL of {"input", "output"} (oldest first), e.g. a user not in the data set."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: history file not found")
+    items = []
+    for where, item in read_records(path, Item):
+        problem = task.output_problem(item.output)
+        if problem:
+            raise InputError(f"{where}: field 'output': {problem}")
+        items.append(item)
+    if not items:
+        raise InputError(f"{path}: no history items")
+    return items
 
 
 def load_dataset(folder: str | Path) -> Dataset:

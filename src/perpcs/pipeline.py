@@ -4,7 +4,8 @@
     RUN/split.json               base users / sharer candidates / target users
     RUN/task/adapter, merged/    step 0: task LoRA, and the base with it merged in
     RUN/selection.json           step 1: the sharers, with the reason each was chosen
-    RUN/sharers/<id>/            step 2-3: a sharer's own LoRA (peft folder) and training stats
+    RUN/sharers/<id>/            step 2-3: a sharer's own LoRA (peft folder), its pieces with their keys
+                                 (pieces.safetensors, what a Ray worker hands back) and training stats
     RUN/pool/                    step 4: the shared pieces and gates (see docs/pool.md)
     RUN/recipes/<id>.json        step 5: each target user's recipe
     RUN/stats.json               seconds and sizes of every step
@@ -17,22 +18,25 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import random
 import re
 import shutil
 import time
 from contextlib import contextmanager
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Literal
 
 import torch
 from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from perpcs.assembly import Assembler, AssemblySettings, activation_means
-from perpcs.data import Dataset, User, data_sha256, load_dataset
+from perpcs.data import Dataset, Item, User, data_sha256, load_dataset
 from perpcs.errors import InputError
 from perpcs.gates import lora_layers, train_gates
 from perpcs.models import fingerprint, load_base, prepare_base
@@ -40,8 +44,8 @@ from perpcs.pool import Pool, share_mask
 from perpcs.recipe import ADAPTER_FILES, Recipe, export_adapter
 from perpcs.selection import Selection, load_selection, save_selection, select_sharers
 from perpcs.training import LoraSettings, TrainSettings, history_examples, lora_state, train_lora
-from perpcs.utils import (atomic_dir, check_output_dir, deep_merge, read_json, remove_temp, seed_everything,
-                          write_json)
+from perpcs.utils import (atomic_dir, atomic_path, check_output_dir, deep_merge, read_json, remove_temp,
+                          seed_everything, write_json)
 
 
 # Settings of steps 3-5 only: a derived run (`Run.derive`) may change these and reuse steps 0-2.
@@ -140,6 +144,29 @@ def _writes(step):
 
 def resolve_device(device: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def save_pieces(path: Path, pieces: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+    """A sharer's (A, B, key) per position, in forward order (kept in the metadata: safetensors sorts names)."""
+    tensors = {f"{pos}:{part}": t.contiguous() for pos, trio in pieces.items() for part, t in zip("ABk", trio)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={"positions": json.dumps(list(pieces))})
+
+
+def load_pieces(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    with safe_open(path, "pt") as f:
+        return {pos: tuple(f.get_tensor(f"{pos}:{part}") for part in "ABk")
+                for pos in json.loads(f.metadata()["positions"])}
+
+
+def sharer_task(folder: str, user_id: str) -> dict:
+    """Steps 2-3 for one sharer in another process (a Ray worker), which opens the run itself."""
+    return Run(folder).sharer_pieces(user_id)
+
+
+def assemble_task(folder: str, user_ids: list[str]) -> dict[str, float]:
+    """Step 5 for some users in another process (a Ray worker); seconds per user."""
+    return Run(folder).assemble_users(user_ids)
 
 
 class Run:
@@ -322,32 +349,45 @@ class Run:
         return self.folder / "sharers" / safe_name(user_id)
 
     @_writes
-    def build_pool(self) -> Pool:
-        """Each sharer: own LoRA (step 2), then gates with the LoRA frozen (step 3), then its pieces into the pool (step 4)."""
+    def build_pool(self, executor=None) -> Pool:
+        """Steps 2-3 for each sharer (`sharer_pieces`: here, or as tasks on an `executor.map`, e.g. Ray
+        workers), then step 4 here, in sharer order: every executor builds the same pool."""
         c = self.config
-        model, tok = self.merged
         pool = Pool.open(self.pool_path, self.merged_fingerprint) if (self.pool_path / "pool.sqlite").exists() else None
         selection = self.select()
         if not selection:
             raise ValueError(f"{self.folder / 'selection.json'}: no sharer was selected (every cluster skipped? "
                              "lower min_sharer_items or use another selection strategy)")
-        for sel in tqdm(selection, desc="steps 2-4: sharers"):
-            done = self.sharer_dir(sel.user_id) / "stats.json"
-            if done.exists() and pool is not None and pool.pseudonym(sel.user_id) in pool.sharers():
-                continue
-            examples = self.examples(self.data.user(sel.user_id), tok)
-            peft_model, lora_stats = self.sharer_lora(sel.user_id, model, examples, tok.pad_token_id)
-            keys, key_stats = self.piece_keys(sel.user_id, peft_model, examples, tok.pad_token_id)
+        todo = [s.user_id for s in selection if not ((self.sharer_dir(s.user_id) / "stats.json").exists()
+                                                     and pool is not None and pool.pseudonym(s.user_id) in pool.sharers())]
+        results = (map(self.sharer_pieces, tqdm(todo, desc="steps 2-4: sharers")) if executor is None
+                   else executor.map(partial(sharer_task, str(self.folder)), todo, desc="steps 2-4: sharers"))
+        for stats, user_id in zip(results, todo):  # results first: the progress bar runs to its end
+            pieces = load_pieces(self.sharer_dir(user_id) / "pieces.safetensors")
             if pool is None:
-                shapes = {pos: (m.in_features, m.out_features) for pos, m in lora_layers(peft_model).items()}
+                shapes = {pos: (A.shape[1], B.shape[0]) for pos, (A, B, _) in pieces.items()}
                 pool = Pool.create(self.pool_path, self.merged_fingerprint, c.lora.model_dump(), shapes,
                                    seed=c.seed, sharing_ratio=c.share_ratio, key=c.key)
-            pieces = {pos: (A, B, keys[pos]) for pos, (A, B) in lora_state(peft_model).items()}
-            sid = pool.add_sharer(sel.user_id, pieces, share_mask(pool.positions, c.share_ratio, c.seed, sel.user_id))
-            peft_model.unload()
-            write_json(done, {"sharer_id": sid, "lora": lora_stats, "keys": key_stats, "examples": len(examples)})
+            sid = pool.add_sharer(user_id, pieces, share_mask(pool.positions, c.share_ratio, c.seed, user_id))
+            write_json(self.sharer_dir(user_id) / "stats.json", {"sharer_id": sid, **stats})
         self.record("build_pool", self._pool_stats(pool))
         return pool
+
+    def sharer_pieces(self, user_id: str) -> dict:
+        """Steps 2-3 for one sharer: its LoRA and piece keys, saved in its folder (pieces.safetensors),
+        not yet in the pool; what a worker runs. Returns the training stats."""
+        folder = self.sharer_dir(user_id)
+        if (folder / "pieces.json").exists():
+            return read_json(folder / "pieces.json")
+        model, tok = self.merged
+        examples = self.examples(self.data.user(user_id), tok)
+        peft_model, lora_stats = self.sharer_lora(user_id, model, examples, tok.pad_token_id)
+        keys, key_stats = self.piece_keys(user_id, peft_model, examples, tok.pad_token_id)
+        save_pieces(folder / "pieces.safetensors", {pos: (A, B, keys[pos]) for pos, (A, B) in lora_state(peft_model).items()})
+        peft_model.unload()
+        stats = {"lora": lora_stats, "keys": key_stats, "examples": len(examples)}
+        write_json(folder / "pieces.json", stats)
+        return stats
 
     def sharer_lora(self, user_id: str, model, examples: list, pad_id: int):
         """Step 2: the sharer's own LoRA, trained once and kept (a pool rebuilt with other keys reuses it)."""
@@ -387,32 +427,52 @@ class Run:
         return self.folder / "recipes" / f"{safe_name(user_id)}.json"
 
     @_writes
-    def assemble(self, user_ids: list[str] | None = None) -> dict[str, Recipe]:
-        """A recipe for each target user (or the given users) from their own history; no training."""
-        c = self.config
-        model, tok = self.merged
-        pool = self.open_pool()
+    def assemble(self, user_ids: list[str] | None = None, executor=None) -> dict[str, Recipe]:
+        """A recipe for each target user (or the given users) from their own history; no training.
+        With an `executor`, users are assembled in chunks, one per worker."""
         user_ids = self.split["targets"] if user_ids is None else user_ids
-        assembler = Assembler(model, pool, c.assembly)
-        recipes, seconds = {}, {}
-        try:
-            for uid in tqdm(user_ids, desc="step 5: assemble"):
-                path = self.recipe_path(uid)
-                if path.exists():
-                    recipes[uid] = Recipe.load(path)
-                    continue
-                user = self.data.user(uid)
-                t0 = time.perf_counter()
-                recipes[uid] = assembler.recipe(self.data.task, tok, user.history, user.profile, user=uid)
-                seconds[uid] = recipes[uid].seconds = time.perf_counter() - t0
-                recipes[uid].save(path)
-        finally:
-            assembler.unload()
+        todo = [u for u in user_ids if not self.recipe_path(u).exists()]
+        if executor is None or not todo:
+            seconds = self.assemble_users(todo)
+        else:
+            chunks = [todo[i :: executor.workers] for i in range(min(executor.workers, len(todo)))]
+            seconds = {u: s for part in executor.map(partial(assemble_task, str(self.folder)), chunks,
+                                                     desc="step 5: assemble") for u, s in part.items()}
         if seconds:
             seconds = {**self.stats().get("assemble", {}).get("seconds_per_user", {}), **seconds}
             self.record("assemble", {"seconds_per_user": seconds,
                                      "recipe_bytes": {u: self.recipe_path(u).stat().st_size for u in seconds}})
-        return recipes
+        return {u: Recipe.load(self.recipe_path(u)) for u in user_ids}
+
+    def assemble_users(self, user_ids: list[str]) -> dict[str, float]:
+        """Step 5 for these users of the run's data, each recipe saved as it is made; seconds per user."""
+        if not user_ids:
+            return {}
+        model, tok = self.merged
+        assembler = Assembler(model, self.open_pool(), self.config.assembly)
+        seconds = {}
+        try:
+            for uid in tqdm(user_ids, desc="step 5: assemble"):
+                user = self.data.user(uid)
+                t0 = time.perf_counter()
+                recipe = assembler.recipe(self.data.task, tok, user.history, user.profile, user=uid)
+                seconds[uid] = recipe.seconds = time.perf_counter() - t0
+                recipe.save(self.recipe_path(uid))
+        finally:
+            assembler.unload()
+        return seconds
+
+    def assemble_history(self, user_id: str, history: list[Item], profile: str | None = None) -> Recipe:
+        """The recipe of a user who need not be in the run's data, from the history given (not kept);
+        saved with the others, so `export` and `perpcs serve` find it."""
+        model, tok = self.merged
+        assembler = Assembler(model, self.open_pool(), self.config.assembly)
+        try:
+            recipe = assembler.recipe(self.data.task, tok, history, profile, user=user_id)
+        finally:
+            assembler.unload()
+        recipe.save(self.recipe_path(user_id))
+        return recipe
 
     def export(self, user_id: str, out: str | Path, force: bool = False) -> Path:
         """Write the user's assembled PEFT as a standard peft adapter folder. `out` may be new, empty or
@@ -424,9 +484,17 @@ class Run:
         check_output_dir(out, ADAPTER_FILES, (self.folder, Path(self.config.data)), force)
         return export_adapter(Recipe.load(path), self.open_pool(), out, str(self.merged_path.resolve()), replace=True)
 
-    def pipeline(self) -> dict[str, Recipe]:
+    def export_base(self, out: str | Path) -> Path:
+        """The merged, task-adapted base as a plain HF folder: what exported adapters apply to (vLLM, LoRAX)."""
+        out = Path(out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise FileExistsError(f"{out}: exists and is not an empty folder; choose a new --out")
+        with atomic_dir(out) as tmp:
+            shutil.copytree(self.task_adapt(), tmp, dirs_exist_ok=True)
+        return out
+
+    def pipeline(self, executor=None) -> dict[str, Recipe]:
         self.task_adapt()
         self.select()
-        self.build_pool()
-        return self.assemble()
-
+        self.build_pool(executor)
+        return self.assemble(executor=executor)

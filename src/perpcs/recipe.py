@@ -20,6 +20,8 @@ from perpcs.utils import atomic_dir, write_text
 
 FORMAT = "perpcs-recipe/1"
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md"}  # what a peft adapter folder holds
+# LoRA ranks vLLM serves (its --max-lora-rank choices; LoRAX takes any): exported adapters are padded to one.
+SERVED_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
 class Recipe(BaseModel):
@@ -126,13 +128,30 @@ def apply_recipe(model, recipe: Recipe, pool):
     return apply_lora(model, recipe.lora, recipe.rank(), materialize(recipe, pool))
 
 
+def served_rank(rank: int) -> int:
+    """The smallest rank in SERVED_RANKS that holds `rank`."""
+    for r in SERVED_RANKS:
+        if r >= rank:
+            return r
+    raise ValueError(f"LoRA rank {rank} is above the largest vLLM serves ({SERVED_RANKS[-1]}): lower top_k or r")
+
+
+def pad_rank(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with zero rows of A and columns of B up to `rank`: B A, the update, is unchanged."""
+    extra = rank - A.shape[0]
+    return torch.cat([A, A.new_zeros(extra, A.shape[1])], 0), torch.cat([B, B.new_zeros(B.shape[0], extra)], 1)
+
+
 def export_adapter(recipe: Recipe, pool, out: str | Path, base_path: str | None = None,
                    replace: bool = False) -> Path:
-    """Write a standard PEFT adapter folder (atomically: temp folder, then rename); `replace`: the
-    caller checked that an existing `out` may go (e.g. a previous adapter, `utils.check_output_dir`)."""
+    """Write a standard PEFT adapter folder, LoRA weights only (atomically: temp folder, then rename).
+    Its rank is padded up to one vLLM serves, alpha scaled with it, so the update is the recipe's.
+    `replace`: the caller checked that an existing `out` may go (e.g. a previous adapter)."""
     weights = materialize(recipe, pool)  # refuses a foreign pool before anything is written
+    rank = served_rank(recipe.rank())
+    weights = {pos: pad_rank(A, B, rank) for pos, (A, B) in weights.items()}
     with atomic_dir(out, replace=replace) as tmp:
-        recipe.peft_config(base_path).save_pretrained(tmp)
+        peft_lora_config(recipe.lora, rank, base_path).save_pretrained(tmp)
         save_file(peft_state_dict(weights), tmp / "adapter_model.safetensors",
                   metadata={"format": "pt", "perpcs_pool": recipe.pool_id, "base_fingerprint": recipe.base_fingerprint})
     return Path(out)
