@@ -48,6 +48,9 @@ class BenchSettings(BaseModel):
     # method that trains per target; comparisons with it use the queries they share
     oppu_targets: int | None = Field(None, ge=1)
     prime: PrimeSettings = PrimeSettings()
+    # each target keeps only its newest K history items (OPPU trains on them, retrieval reads them;
+    # Per-Pcs reads its run's `assembly.recent_k`): the history curve (`perpcs curve`)
+    history_k: int | None = Field(None, ge=1)
 
     @field_validator("methods")
     @classmethod
@@ -88,7 +91,7 @@ class Bench:
         s, run = self.settings, self.run
         method, with_rag = split_method(method)
         rag_k = s.rag_k if with_rag else 0
-        if method == "non_personalized":
+        if method == "non_personalized" or not user.history:  # cold start: without history, the task model
             yield _Personalized(self.model, rag_k)
             return
         if method == "perpcs":
@@ -128,7 +131,8 @@ class Bench:
         """Train (or reload) the user's own LoRA with the sharers' settings and budget."""
         from peft import PeftModel
 
-        folder = self.run.folder / "oppu" / safe_name(user.user_id)
+        k = self.settings.history_k  # OPPU of a truncated history is another LoRA, kept apart
+        folder = self.run.folder / ("oppu" if k is None else f"oppu-newest{k}") / safe_name(user.user_id)
         stats_path = folder / "stats.json"
         if stats_path.exists():
             peft_model = PeftModel.from_pretrained(self.model, folder / "adapter")
@@ -146,7 +150,8 @@ class Bench:
         """{row name: results} for each method (`methods`: row name -> method; default: the settings')."""
         run, task = self.run, self.task
         methods = methods or {m: m for m in self.settings.methods}
-        targets = run.users(run.split["targets"])
+        targets = [u.model_copy(update={"history": u.history[-self.settings.history_k:]}) if self.settings.history_k
+                   else u for u in run.users(run.split["targets"])]
         self.pool = run.open_pool()
         self.sharers = [sel.user_id for sel in run.select()]
         self.sharer_embeddings = history_embeddings(run.users(self.sharers))

@@ -180,12 +180,16 @@ def report(folders: list[str | Path], out: str | Path) -> dict:
               "methods": {m: {"per_seed": [r["methods"][m]["metrics"][primary] for _, r in runs],
                               **{k: statistics.mean(r["methods"][m][k] for _, r in runs)
                                  for k in ("personalize_seconds_per_user", "bytes_per_user")}} for m in methods}}
+    if all("diagnostics" in r for _, r in runs):  # known latent groups (synthetic data)
+        result["same_group_weight"] = {"perpcs": [r["diagnostics"]["same_group_weight"] for _, r in runs],
+                                       **{v: [r["variants"][v]["diagnostics"]["same_group_weight"] for _, r in runs]
+                                          for v in first.get("variants", {})},
+                                       "random picking": [r["diagnostics"]["same_group_chance"] for _, r in runs]}
     result["statistics"] = _statistics(pooled, result)
     result["statistics"]["pairing"] = "queries of all runs pooled, paired by (seed, query id)"
-    plot = results_plot(result, out / "report.png")
+    results_plot(result, out / "report.png")
     write_json(out / "report.json", result)
-    md = write_text(out / "report.md", report_table(result) + "\n")
-    print(f"wrote {out / 'report.json'}, {md} and {plot}")
+    write_text(out / "report.md", report_table(result) + "\n")
     return result
 
 
@@ -201,4 +205,7 @@ def report_table(r: dict) -> str:
     for m, v in r["methods"].items():
         lines.append(f"| {m} | " + " | ".join(_num(x) for x in v["per_seed"])
                      + f" | {v['personalize_seconds_per_user']:.2f} | {v['bytes_per_user']:.0f} |")
+    if "same_group_weight" in r:
+        lines += ["", "Own-group share of the assembled weight, by seed: " + "; ".join(
+            f"{name} " + ", ".join(f"{w:.0%}" for w in ws) for name, ws in r["same_group_weight"].items()) + "."]
     return "\n".join(lines + statistics_lines(r))
