@@ -2,21 +2,30 @@
 
 import pytest
 
-from perpcs.stats import bootstrap_ci, gain_share, method_statistics, paired, per_query_scores
+from perpcs.evaluation import per_query, score
+from perpcs.stats import bootstrap_ci, gain_share, method_statistics, paired
 from perpcs.tasks import get_task
 
 
-def test_per_query_scores_follow_lamp_rules():
+def test_per_query_scores_follow_lamp_rules_and_average_to_the_metric():
     acc = get_task("LaMP-2")
     label = acc.labels[0]
-    assert per_query_scores(acc, {"a": label, "b": label}, {"a": label, "b": "nonsense"}) == {"a": 1.0, "b": 0.0}
+    assert per_query(acc, {"a": label, "b": label}, {"a": label, "b": "nonsense"}) == {"a": 1.0, "b": 0.0}
     mae = get_task("LaMP-3")  # scale 1-5: unparsable answers count as the farther end from the gold
-    assert per_query_scores(mae, {"a": "2", "b": "2", "c": "4"}, {"a": "4", "b": "??", "c": "5"}) == \
-        {"a": 2.0, "b": 3.0, "c": 1.0}
+    golds, preds = {"a": "2", "b": "2", "c": "4"}, {"a": "4", "b": "??", "c": "5"}
+    assert per_query(mae, golds, preds) == {"a": 2.0, "b": 3.0, "c": 1.0}
+    assert score(mae, golds, preds)["mae"] == pytest.approx(2.0)
+    gen = get_task("LaMP-5")
+    golds, preds = {"a": "one two three four", "b": "x y"}, {"a": "one two", "b": "z"}
+    r1 = per_query(gen, golds, preds)
+    assert r1 == pytest.approx({"a": 2 / 3, "b": 0.0})  # P 1, R 1/2: F 2/3
+    assert score(gen, golds, preds)["rouge-1"] == pytest.approx(sum(r1.values()) / 2)
     # a method may score a subset of the queries (OPPU on --oppu-targets)
-    assert per_query_scores(mae, {"a": "2", "b": "2"}, {"b": "2"}) == {"b": 0.0}
-    with pytest.raises(ValueError, match="without a gold"):
-        per_query_scores(mae, {"a": "2"}, {"z": "2"})
+    assert per_query(mae, {"a": "2", "b": "2"}, {"b": "2"}) == {"b": 0.0}
+    with pytest.raises(ValueError, match="no gold output"):
+        per_query(mae, {"a": "2"}, {"z": "2"})
+    with pytest.raises(ValueError, match="not one of the task's labels"):
+        per_query(acc, {"a": "nope"}, {"a": label})
 
 
 def test_bootstrap_ci_contains_the_mean_and_shrinks_with_n():

@@ -24,19 +24,22 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from perpcs.evaluation import read_lamp_outputs, resolve_task
+from perpcs.evaluation import per_query, read_lamp_outputs, resolve_task
 from perpcs.pipeline import Run
 from perpcs.recipe import Recipe
-from perpcs.stats import LEVEL, REFERENCES, method_statistics, per_query_scores
+from perpcs.stats import LEVEL, REFERENCES, method_statistics
 from perpcs.utils import atomic_path, read_json, write_json, write_text
 
 
 def folder_scores(folder: Path, results: dict) -> dict[str, dict[str, float]]:
     """{method: {query id: primary metric}} of one bench output, read from its LaMP files."""
-    task = resolve_task(results["dataset"])
+    data = Path(results["dataset"])
+    if not (data / "task.json").exists():
+        raise FileNotFoundError(f"{folder / 'results.json'}: field 'dataset': {data} has no task.json "
+                                "(the data folder the bench scored, needed to score again)")
+    task = resolve_task(data)
     _, golds = read_lamp_outputs(folder / "golds.json")
-    return {m: per_query_scores(task, golds, read_lamp_outputs(folder / "preds" / f"{m}.json")[1])
-            for m in results["methods"]}
+    return {m: per_query(task, golds, read_lamp_outputs(folder / "preds" / f"{m}.json")[1]) for m in results["methods"]}
 
 
 def _statistics(scores: dict, results: dict) -> dict:

@@ -1,8 +1,8 @@
 """Whether a gap between two methods is more than noise: per-query scores, bootstrap CIs, paired tests.
 
-- Per-query score of the primary metric: each query scored alone by `evaluation.score` (LaMP's rules:
-  accuracy 0/1, absolute error with an unparsable answer at the farther end of the scale, ROUGE-1 F),
-  so the mean of per-query scores is the bench's metric exactly.
+- Per-query score of the primary metric: `evaluation.per_query` (LaMP's rules: accuracy 0/1, absolute
+  error with an unparsable answer at the farther end of the scale, ROUGE-1 F), so the mean of per-query
+  scores is the bench's metric exactly.
 - A method's 95% CI: percentile bootstrap of the mean over queries (scipy.stats.bootstrap, seeded).
 - Method a against b, on the queries both scored: wins / losses / ties (in the better direction),
   the exact two-sided **sign test** on wins against losses (scipy.stats.binomtest), and the paired
@@ -19,22 +19,11 @@ import numpy as np
 from scipy.stats import binomtest, bootstrap
 
 from perpcs.baselines import split_method
-from perpcs.evaluation import primary_metric, score
-from perpcs.tasks import Task
 
 LEVEL = 0.95
 RESAMPLES = 10_000
 # every method is compared, query by query, with these (the issue's references)
 REFERENCES = ("non_personalized", "peft_retrieval", "oppu")
-
-
-def per_query_scores(task: Task, golds: Mapping[str, str], preds: Mapping[str, str]) -> dict[str, float]:
-    """{query id: primary metric of that query alone} for every predicted query (a method may score a subset)."""
-    name, _ = primary_metric(task)
-    missing = [q for q in preds if q not in golds]
-    if missing:
-        raise ValueError(f"predictions for ids without a gold output (first 10: {missing[:10]})")
-    return {q: score(task, {q: golds[q]}, {q: p})[name] for q, p in preds.items()}
 
 
 def bootstrap_ci(values, seed: int = 0) -> tuple[float, float]:
