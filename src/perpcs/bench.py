@@ -26,12 +26,12 @@ from perpcs.baselines import METHODS, average_loras, generate, load_lora, prompt
 from perpcs.data import User
 from perpcs.evaluation import primary_metric, score, write_lamp_outputs
 from perpcs.pipeline import Run, RunConfig, check_later_steps, safe_name
-from perpcs.prime import PrimeSettings, merge, prime_seed
+from perpcs.prime import PrimeSettings, prime_user
 from perpcs.recipe import Recipe, apply_lora, apply_recipe
 from perpcs.report import bench_statistics, results_plot, selection_plot, statistics_lines
 from perpcs.selection import history_embeddings, nearest_users
 from perpcs.stats import gain_share
-from perpcs.training import history_examples, train_lora
+from perpcs.training import train_lora
 from perpcs.utils import dir_bytes, write_json, write_text
 
 
@@ -109,12 +109,8 @@ class Bench:
             result = _Personalized(peft_model, rag_k, seconds, len(json.dumps([self.pool.pseudonym(u) for u in chosen])))
         elif method == "prime":
             t0 = time.perf_counter()
-            idx = nearest_users(history_embeddings([user])[0], self.sharer_embeddings, min(s.prime.m, len(self.sharers)))
-            chosen = [self.sharers[i] for i in idx]
-            examples = history_examples(self.task, self.tok, user.history[-s.prime.items:], run.config.max_len)
-            peft_model, weights, losses = merge(self.model, run.config.lora.model_dump(),
-                                                [load_lora(run.sharer_dir(u) / "adapter") for u in chosen], examples,
-                                                self.tok.pad_token_id, s.prime, prime_seed(run.config.seed, user.user_id))
+            peft_model, chosen, weights, losses = prime_user(run, self.model, self.tok, user, self.sharers,
+                                                             self.sharer_embeddings, s.prime)
             seconds = time.perf_counter() - t0
             mix = {self.pool.pseudonym(u): round(float(w), 7) for u, w in zip(chosen, weights)}
             write_json(self.out / "prime" / f"{safe_name(user.user_id)}.json", {"weights": mix, "losses": losses})

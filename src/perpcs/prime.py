@@ -21,9 +21,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from perpcs.assembly import install
+from perpcs.baselines import load_lora
+from perpcs.data import User
 from perpcs.gates import lora_layers
+from perpcs.pipeline import Run
 from perpcs.recipe import apply_lora
-from perpcs.training import Example, collate, lm_loss
+from perpcs.selection import history_embeddings, nearest_users
+from perpcs.training import Example, collate, history_examples, lm_loss
 
 Lora = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -72,9 +76,6 @@ def search(loss: Callable[[np.ndarray], float], m: int, settings: PrimeSettings,
     return tried[best][1], [f for f, _ in tried]
 
 
-def prime_seed(seed: int, user_id: str) -> int:
-    """The run's seed and the user make the search's seed (same seed, same weights)."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:prime:{user_id}".encode()).digest()[:4], "big")
 
 
 @torch.no_grad()
@@ -97,3 +98,18 @@ def merge(model, lora_config: dict, loras: Sequence[Lora], examples: Sequence[Ex
     weights, losses = search(loss, len(loras), settings, seed)
     set_weights(weights)
     return peft_model, weights, losses
+
+
+def prime_user(run: Run, model, tokenizer, user: User, sharers: list[str], sharer_embeddings: np.ndarray,
+               settings: PrimeSettings):
+    """The bench's `prime` for one target: its m nearest sharers (as `peft_retrieval` finds them), the
+    mix searched on its newest history items, seeded by the run's seed and the user. Returns (peft model,
+    the sharers mixed, their weights, the losses evaluated)."""
+    idx = nearest_users(history_embeddings([user])[0], sharer_embeddings, min(settings.m, len(sharers)))
+    chosen = [sharers[i] for i in idx]
+    examples = history_examples(run.data.task, tokenizer, user.history[-settings.items:], run.config.max_len)
+    seed = int.from_bytes(hashlib.sha256(f"{run.config.seed}:prime:{user.user_id}".encode()).digest()[:4], "big")
+    peft_model, weights, losses = merge(model, run.config.lora.model_dump(),
+                                        [load_lora(run.sharer_dir(u) / "adapter") for u in chosen], examples,
+                                        tokenizer.pad_token_id, settings, seed)
+    return peft_model, chosen, weights, losses
