@@ -232,3 +232,13 @@ def test_oppu_on_the_first_targets_only(benched, tmp_path):
     assert sorted(read_lamp_outputs(tmp_path / "preds" / "oppu.json")[1]) == sorted(q.id for q in first.queries)
     with pytest.raises(ValueError):
         BenchSettings(oppu_targets=0)
+
+
+def test_cold_start_without_history_is_the_task_model(benched, tmp_path):
+    """The documented fallback: a target without any history item gets the non-personalized model, free."""
+    out, run = benched
+    b = Bench(run, BenchSettings(), tmp_path)
+    user = run.users(run.split["targets"][:1])[0].model_copy(update={"history": []})
+    for method in ("oppu", "perpcs", "peft_retrieval", "prime", "oppu+rag"):
+        with b.personalize(method, user) as p:
+            assert p.model is b.model and (p.seconds, p.nbytes) == (0.0, 0) and p.rag_k == (1 if "+rag" in method else 0)
