@@ -2,7 +2,6 @@
 
 import pytest
 
-from perpcs.evaluation import read_lamp_outputs
 from perpcs.utils import read_json
 
 pytestmark = pytest.mark.usefixtures("one_thread")
