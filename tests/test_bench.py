@@ -195,7 +195,7 @@ def test_cli_bench_bad_input_exits_2_before_any_work(tiny_base, tiny_data, tmp_p
     assert not (tmp_path / "o").exists()
 
 
-def test_statistics_and_pictures_in_the_outputs(benched):
+def test_statistics_and_pictures_in_the_outputs(benched, tmp_path):
     out, run = benched
     r = read_json(out / "results.json")
     s = r["statistics"]["methods"]
@@ -208,6 +208,10 @@ def test_statistics_and_pictures_in_the_outputs(benched):
             assert c["wins"] + c["losses"] + c["ties"] == c["n"] == 4 and 0 <= c["p"] <= 1
     for png in ("results.png", "selection.png", "selection-act.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # data without known groups (every real set) draws the same grid, unmarked
+    from perpcs.report import selection_plot
+
+    assert selection_plot(run, tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "results.md").read_text()
     assert "![results: metric with CI against personalization seconds](results.png)" in md
     assert "| perpcs | non_personalized | 4 |" in md
