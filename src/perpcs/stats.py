@@ -49,7 +49,7 @@ def paired(a: Mapping[str, float], b: Mapping[str, float], higher: bool, seed: i
     wins, losses = int((better > 0).sum()), int((better < 0).sum())
     lo, hi = bootstrap_ci(diff, seed)
     return {"n": len(common), "wins": wins, "losses": losses, "ties": len(common) - wins - losses,
-            "p": binomtest(wins, wins + losses).pvalue if wins + losses else 1.0,
+            "p": float(binomtest(wins, wins + losses).pvalue) if wins + losses else 1.0,
             "diff": float(diff.mean()), "ci": [lo, hi]}
 
 
