@@ -139,7 +139,8 @@ def selection_plot(run: Run, path: str | Path, groups: dict[str, int] | None = N
     for ax, uid in zip(axes.flat, targets):
         layers, grid = grids[uid]
         image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
-        ax.set_xticks(range(len(layers)), [str(l) for l in layers])
+        ticks = range(0, len(layers), max(1, len(layers) // 8))  # a readable few of 30 layers
+        ax.set_xticks(ticks, [str(layers[i]) for i in ticks])
         ax.set_title(uid if not groups else f"{uid} (group {groups[uid]})", fontsize=8)
         ax.set_yticks(range(len(sharers)))
         same = [bool(groups) and groups.get(u) == groups[uid] for u in sharers]
