@@ -90,7 +90,8 @@ def test_cost_accounting(benched):
 def test_results_md_has_a_row_per_method(benched):
     out, _ = benched
     md = (out / "results.md").read_text()
-    rows = [line.split(" | ")[0].removeprefix("| ") for line in md.splitlines() if line.startswith("| ")]
+    first_table = md.split("\n\n")[2]
+    rows = [line.split(" | ")[0].removeprefix("| ") for line in first_table.splitlines() if line.startswith("| ")]
     assert rows == ["method", *ROWS]
     assert 'Variant act: {"key": "activation", "assembly": {"mix": "cat"}}' in md
     assert "One-time costs" in md
@@ -192,3 +193,56 @@ def test_cli_bench_bad_input_exits_2_before_any_work(tiny_base, tiny_data, tmp_p
         code, out = cli(*base, *args)
         assert code == 2 and message in out, args
     assert not (tmp_path / "o").exists()
+
+
+def test_statistics_and_pictures_in_the_outputs(benched, tmp_path):
+    out, run = benched
+    r = read_json(out / "results.json")
+    s = r["statistics"]["methods"]
+    assert list(s) == ROWS
+    for m in ROWS:
+        assert s[m]["n"] == 4 and s[m]["mean"] == r["methods"][m]["metrics"]["accuracy"]
+        assert s[m]["ci"][0] <= s[m]["mean"] <= s[m]["ci"][1]
+        assert set(s[m]["vs"]) == {"non_personalized", "peft_retrieval", "oppu"} - {m}
+        for c in s[m]["vs"].values():
+            assert c["wins"] + c["losses"] + c["ties"] == c["n"] == 4 and 0 <= c["p"] <= 1
+    for png in ("results.png", "selection.png", "selection-act.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # data without known groups (every real set) draws the same grid, unmarked
+    from perpcs.report import selection_plot
+
+    assert selection_plot(run, tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "results.md").read_text()
+    assert "![results: metric with CI against personalization seconds](results.png)" in md
+    assert "| perpcs | non_personalized | 4 |" in md
+
+
+def test_prime_is_a_method_with_its_budget(benched):
+    out, run = benched
+    m = read_json(out / "results.json")["methods"]["prime"]
+    assert m["personalize_seconds_per_user"] > 0 and m["bytes_per_user"] > 0
+    for uid in run.split["targets"]:
+        p = read_json(out / "prime" / f"{safe_name(uid)}.json")
+        assert len(p["losses"]) == 10  # the default budget, all of it
+        assert len(p["weights"]) == 3 and sum(p["weights"].values()) == pytest.approx(1, abs=1e-6)
+
+
+def test_oppu_on_the_first_targets_only(benched, tmp_path):
+    out, run = benched
+    settings = BenchSettings(methods=["non_personalized", "oppu"], oppu_targets=1)
+    r = Bench(run, settings, tmp_path).evaluate()
+    first = run.users(run.split["targets"][:1])[0]
+    assert r["oppu"]["metrics"]["n"] == 2 and r["non_personalized"]["metrics"]["n"] == 4
+    assert sorted(read_lamp_outputs(tmp_path / "preds" / "oppu.json")[1]) == sorted(q.id for q in first.queries)
+    with pytest.raises(ValueError):
+        BenchSettings(oppu_targets=0)
+
+
+def test_cold_start_without_history_is_the_task_model(benched, tmp_path):
+    """The documented fallback: a target without any history item gets the non-personalized model, free."""
+    out, run = benched
+    b = Bench(run, BenchSettings(), tmp_path)
+    user = run.users(run.split["targets"][:1])[0].model_copy(update={"history": []})
+    for method in ("oppu", "perpcs", "peft_retrieval", "prime", "oppu+rag"):
+        with b.personalize(method, user) as p:
+            assert p.model is b.model and (p.seconds, p.nbytes) == (0.0, 0) and p.rag_k == (1 if "+rag" in method else 0)

@@ -6,7 +6,8 @@ scoring are shared (see `evaluation` and `bench`):
 - rag: BM25 top-k of the user's own history items in the prompt, no user parameters;
 - peft_retrieval: the whole LoRA of the sharer(s) whose mean history embedding is closest;
 - oppu: a LoRA trained on the user's own history (One PEFT Per User), the quality reference;
-- perpcs: the assembled recipe.
+- perpcs: the assembled recipe;
+- prime: PriME-style merging, CMA-ES weights over the 3 nearest sharers' whole LoRAs (see `prime`).
 `X+rag` is method X with the same BM25 retrieval in the prompt as `rag` (so a PEFT method is also
 compared where it can read the user's history, as the reference trains it to with retrieval copies).
 """
@@ -23,7 +24,7 @@ from perpcs.data import User
 from perpcs.retrieval import bm25_top
 from perpcs.tasks import Task
 
-METHODS = ["non_personalized", "rag", "peft_retrieval", "peft_retrieval+rag", "oppu", "oppu+rag", "perpcs", "perpcs+rag"]
+METHODS = ["non_personalized", "rag", "peft_retrieval", "peft_retrieval+rag", "oppu", "oppu+rag", "perpcs", "perpcs+rag", "prime"]
 
 
 def split_method(method: str) -> tuple[str, bool]:

@@ -2,7 +2,8 @@
 
 Splits users (targets: the most active), runs the pipeline, personalises every target user with
 every method, generates greedy answers to their queries, scores them, and writes
-OUT/results.json, OUT/results.md (the table to read first) and OUT/preds/<method>.json.
+OUT/results.json, OUT/results.md (the table to read first, with CIs and paired comparisons: see
+`stats`), OUT/results.png, OUT/selection.png (see `report`) and OUT/preds/<method>.json.
 Seconds are `time.perf_counter` around the personalisation work only (model loading is reported
 separately); bytes are what must be stored for that user.
 """
@@ -18,15 +19,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
 from perpcs.baselines import METHODS, average_loras, generate, load_lora, prompts, split_method
 from perpcs.data import User
 from perpcs.evaluation import primary_metric, score, write_lamp_outputs
 from perpcs.pipeline import Run, RunConfig, check_later_steps, safe_name
+from perpcs.prime import PrimeSettings, prime_user
 from perpcs.recipe import Recipe, apply_lora, apply_recipe
+from perpcs.report import bench_statistics, results_plot, selection_plot, statistics_lines
 from perpcs.selection import history_embeddings, nearest_users
+from perpcs.stats import gain_share
 from perpcs.tasks import answer_budget, cut_short
 from perpcs.training import train_lora
 from perpcs.utils import dir_bytes, write_json, write_text
@@ -41,6 +45,13 @@ class BenchSettings(BaseModel):
     # name -> settings of steps 3-5 (e.g. {"key": "activation"}): each variant reuses the run's task
     # model and sharer LoRAs (`Run.derive`) and is reported as rows `name` and `name+rag`
     variants: dict[str, dict] = {}
+    # OPPU (and oppu+rag) on the first M targets only, every other method on all: OPPU is the only
+    # method that trains per target; comparisons with it use the queries they share
+    oppu_targets: int | None = Field(None, ge=1)
+    prime: PrimeSettings = PrimeSettings()
+    # each target keeps only its newest K history items (OPPU trains on them, retrieval reads them;
+    # Per-Pcs reads its run's `assembly.recent_k`): the history curve (`perpcs curve`)
+    history_k: int | None = Field(None, ge=1)
 
     @field_validator("methods")
     @classmethod
@@ -82,7 +93,7 @@ class Bench:
         s, run = self.settings, self.run
         method, with_rag = split_method(method)
         rag_k = s.rag_k if with_rag else 0
-        if method == "non_personalized":
+        if method == "non_personalized" or not user.history:  # cold start: without history, the task model
             yield _Personalized(self.model, rag_k)
             return
         if method == "perpcs":
@@ -100,6 +111,14 @@ class Bench:
             seconds = time.perf_counter() - t0
             peft_model = apply_lora(self.model, run.config.lora.model_dump(), run.config.lora.r, weights)
             result = _Personalized(peft_model, rag_k, seconds, len(json.dumps([self.pool.pseudonym(u) for u in chosen])))
+        elif method == "prime":
+            t0 = time.perf_counter()
+            peft_model, chosen, weights, losses = prime_user(run, self.model, self.tok, user, self.sharers,
+                                                             self.sharer_embeddings, s.prime)
+            seconds = time.perf_counter() - t0
+            mix = {self.pool.pseudonym(u): round(float(w), 7) for u, w in zip(chosen, weights)}
+            write_json(self.out / "prime" / f"{safe_name(user.user_id)}.json", {"weights": mix, "losses": losses})
+            result = _Personalized(peft_model, rag_k, seconds, len(json.dumps(mix)))
         else:  # oppu
             peft_model, seconds, nbytes = self.oppu(user)
             result = _Personalized(peft_model, rag_k, seconds, nbytes)
@@ -112,7 +131,8 @@ class Bench:
         """Train (or reload) the user's own LoRA with the sharers' settings and budget."""
         from peft import PeftModel
 
-        folder = self.run.folder / "oppu" / safe_name(user.user_id)
+        k = self.settings.history_k  # OPPU of a truncated history is another LoRA, kept apart
+        folder = self.run.folder / ("oppu" if k is None else f"oppu-newest{k}") / safe_name(user.user_id)
         stats_path = folder / "stats.json"
         if stats_path.exists():
             peft_model = PeftModel.from_pretrained(self.model, folder / "adapter")
@@ -130,7 +150,8 @@ class Bench:
         """{row name: results} for each method (`methods`: row name -> method; default: the settings')."""
         run, task = self.run, self.task
         methods = methods or {m: m for m in self.settings.methods}
-        targets = run.users(run.split["targets"])
+        targets = [u.model_copy(update={"history": u.history[-self.settings.history_k:]}) if self.settings.history_k
+                   else u for u in run.users(run.split["targets"])]
         self.pool = run.open_pool()
         self.sharers = [sel.user_id for sel in run.select()]
         self.sharer_embeddings = history_embeddings(run.users(self.sharers))
@@ -139,7 +160,8 @@ class Bench:
         results = {}
         for name, method in methods.items():
             preds, seconds, nbytes, answers = {}, [], [], []
-            for user in tqdm(targets, desc=f"bench: {name}"):
+            users = targets[: self.settings.oppu_targets] if split_method(method)[0] == "oppu" else targets
+            for user in tqdm(users, desc=f"bench: {name}"):
                 with self.personalize(method, user) as p:
                     texts = generate(p.model, self.tok, prompts(task, user, p.rag_k), self.budget,
                                      self.settings.gen_batch_size)
@@ -148,7 +170,7 @@ class Bench:
                 seconds.append(p.seconds)
                 nbytes.append(p.nbytes)
             write_lamp_outputs(self.out / "preds" / f"{name}.json", task.name, preds)
-            results[name] = {"metrics": score(task, golds, preds),
+            results[name] = {"metrics": score(task, {q: golds[q] for q in preds}, preds),
                                "personalize_seconds_per_user": statistics.mean(seconds),
                                "bytes_per_user": statistics.mean(nbytes),
                                "cut_short": cut_short(task, answers, self.tok, self.budget)}
@@ -188,7 +210,7 @@ def bench(data: str | Path, out: str | Path, config: RunConfig, settings: BenchS
         "dataset": str(data), "task": run.data.task.name, "kind": run.data.task.kind,
         "base_model": config.base or "SmolLM2-135M-Instruct (default)", "base_fingerprint": run.merged_fingerprint,
         "seed": config.seed, "n_targets": len(run.split["targets"]), "n_sharers": len(run.select()),
-        "n_queries": sum(len(u.queries) for u in run.users(run.split["targets"])),
+        "n_queries": sum(len(u.queries) for u in run.users(run.split["targets"])), "oppu_targets": settings.oppu_targets,
         "primary_metric": {"name": name, "higher_is_better": higher},
         "methods": methods,
         "one_time": {"task_adapt_seconds": stats["task_adapt"]["seconds"],
@@ -215,6 +237,11 @@ def bench(data: str | Path, out: str | Path, config: RunConfig, settings: BenchS
         results["variants"][vname] = {
             "settings": settings.variants[vname], "gate_seconds": vstats["gate_seconds"], "pool_bytes": vstats["pool_bytes"],
             **({"diagnostics": group_diagnostics(vrun, groups)} if groups else {})}
+    results["statistics"] = bench_statistics(out, results)
+    results_plot(results, out / "results.png")
+    selection_plot(run, out / "selection.png", groups)
+    for vname in variants:
+        selection_plot(Run(out / "variants" / vname / "run"), out / f"selection-{vname}.png", groups)
     write_json(out / "results.json", results)
     write_text(out / "results.md", results_table(results))
     return results
@@ -226,16 +253,6 @@ def _fmt_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
-
-
-def gain_share(methods: dict, name: str, primary: str) -> float | None:
-    """The share of OPPU's gain over non_personalized that method `name` reaches on the primary metric
-    (None without a gain); a method with retrieval (+rag) is measured from rag to oppu+rag when both ran."""
-    lo, hi = methods["non_personalized"], methods["oppu"]
-    if split_method(name)[1] and "rag" in methods and "oppu+rag" in methods:
-        lo, hi = methods["rag"], methods["oppu+rag"]
-    gain = hi["metrics"][primary] - lo["metrics"][primary]
-    return (methods[name]["metrics"][primary] - lo["metrics"][primary]) / gain if gain else None
 
 
 def results_table(r: dict) -> str:
@@ -251,6 +268,9 @@ def results_table(r: dict) -> str:
     if oppu and base:
         head.append("share of OPPU's gain")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    higher = r["primary_metric"]["higher_is_better"]
+    shares = ({m: st["gain_share"] for m, st in r["statistics"]["methods"].items()} if "statistics" in r else
+              {m: gain_share({k: v["metrics"][primary] for k, v in methods.items()}, m, higher) for m in methods})
     for name, m in methods.items():
         row = [name, *(f"{m['metrics'][k]:.4f}" for k in metric_names),
                f"{m['personalize_seconds_per_user']:.2f}", _fmt_bytes(m["bytes_per_user"])]
@@ -260,7 +280,7 @@ def results_table(r: dict) -> str:
             row += [f"{oppu['personalize_seconds_per_user'] / t:.1f}x less" if t and kind != "oppu" else "-",
                     f"{oppu['bytes_per_user'] / b:.0f}x less" if b and kind != "oppu" else "-"]
         if oppu and base:
-            share = gain_share(methods, name, primary)
+            share = shares[name]
             row.append("-" if share is None else f"{share + 0.0:.0%}")  # + 0.0: no '-0%'
         lines.append("| " + " | ".join(row) + " |")
     o = r["one_time"]
@@ -272,8 +292,11 @@ def results_table(r: dict) -> str:
         f"Base: {r['base_model']} on {r['machine']['device']}, {r['date']}.",
         "",
         *lines,
-        *(["", "Share of OPPU's gain: from non_personalized to oppu; for methods with retrieval (+rag), "
-               "from rag to oppu+rag."] if oppu and base and rag_pair else []),
+        *(["", "Share of OPPU's gain: from non_personalized to oppu" + ("; for methods with retrieval (+rag), "
+               "from rag to oppu+rag" if rag_pair else "") + "; shown only where OPPU's gain is positive."]
+          if oppu and base else []),
+        *(["", f"OPPU ran on the first {r['oppu_targets']} targets only ({oppu['metrics']['n']} queries); "
+               "every other method on all targets."] if oppu and r.get("oppu_targets") else []),
         "",
         f"One-time costs: task adaptation {o['task_adapt_seconds']:.0f} s, sharer LoRAs {o['sharer_lora_seconds']:.0f} s, "
         f"gates {o['gate_seconds']:.0f} s, pool {_fmt_bytes(o['pool_bytes'])}; model loading {o['model_load_seconds']:.0f} s.",
@@ -284,6 +307,10 @@ def results_table(r: dict) -> str:
           + (f"; {v['diagnostics']['same_group_weight']:.0%} of its assembled weight from the target's own group."
              if "diagnostics" in v else ".")
           for name, v in r.get("variants", {}).items()),
+        *(["", "![results: metric with CI against personalization seconds](results.png)",
+           "![selection: assembled weight by sharer and layer, per target](selection.png)",
+           *(f"![selection of variant {name}](selection-{name}.png)" for name in r.get("variants", {})),
+           *statistics_lines(r)] if "statistics" in r else []),
         "",
     ])
 

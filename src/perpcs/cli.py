@@ -247,7 +247,7 @@ def share(run: Path = typer.Option(..., "--run"), executor: str = EXECUTOR,
 
     try:
         pool = Run(run).build_pool(make_executor(executor, ray_address))
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         fail(str(e))
     console.print(f"pool of {len(pool)} sharers at {pool.path}")
 
@@ -274,7 +274,7 @@ def assemble(
             console.print(f"wrote the recipe of {user!r} to {r.recipe_path(user)}", markup=False)
             return
         recipes = r.assemble(executor=make_executor(executor, ray_address))
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, OSError, KeyError) as e:
         fail(str(e))
     console.print(f"wrote {len(recipes)} recipes to {r.folder / 'recipes'}")
 
@@ -321,13 +321,26 @@ def parse_variants(specs: list[str]) -> dict[str, dict]:
     return out
 
 
-def _bench(data: Path, out: Path, config, methods: list[str], variants: dict[str, dict]) -> None:
+def _bench(data: Path, out: Path, config, methods: list[str], variants: dict[str, dict],
+           oppu_targets: Optional[int] = None) -> None:
     from perpcs.bench import BenchSettings, bench
 
-    settings = BenchSettings(**({"methods": methods} if methods else {}), variants=variants)
+    settings = BenchSettings(**({"methods": methods} if methods else {}), variants=variants, oppu_targets=oppu_targets)
     bench(data, out, config, settings)
-    console.print(f"wrote {out / 'results.json'}, {out / 'results.md'} and predictions in {out / 'preds'}")
+    console.print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}, "
+                  f"{out / 'selection.png'} and predictions in {out / 'preds'}")
     print((out / "results.md").read_text())
+
+
+def parse_seeds(spec: str) -> list[int]:
+    """'0,1,2' or '0 1 2' -> [0, 1, 2]."""
+    try:
+        seeds = [int(x) for x in spec.replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"--seeds {spec!r}: expected whole numbers, e.g. --seeds 0,1,2") from None
+    if not seeds or len(set(seeds)) < len(seeds):
+        raise ValueError(f"--seeds {spec!r}: expected distinct seeds, e.g. --seeds 0,1,2")
+    return seeds
 
 
 @app.command("bench")
@@ -344,15 +357,73 @@ def bench_command(
     overrides: list[str] = typer.Option([], "--set", help="override a setting, e.g. --set sharer_train.lr=5e-4"),
     variants: list[str] = typer.Option([], "--variant", help="also Per-Pcs with other step 3-5 settings on the same "
                                        "sharers (repeat), e.g. --variant act:key=activation,assembly.mix=cat"),
+    oppu_targets: Optional[int] = typer.Option(None, "--oppu-targets", help="OPPU on the first M targets only "
+                                               "(every other method on all; comparisons on the queries shared)"),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="several seeds, e.g. 0,1,2: one bench each into "
+                                        "OUT/seed-N, then `perpcs report` of them all into OUT"),
 ) -> None:
-    """Per-Pcs vs non-personalized, RAG, PEFT retrieval and OPPU on one data set, with costs."""
+    """Per-Pcs vs non-personalized, RAG, PEFT retrieval, OPPU and PriME on one data set, with costs and CIs."""
     from pydantic import ValidationError
+
+    from perpcs.report import report
+
+    try:
+        runs = [(out / f"seed-{s}" if seeds else out, build_config(data, base, s, targets, sharers, config,
+                                                                   (QUICK if quick else []) + overrides))
+                for s in (parse_seeds(seeds) if seeds else [seed])]
+        for folder, cfg in runs:
+            _bench(data, folder, cfg, methods, parse_variants(variants), oppu_targets)
+        if seeds:
+            report([folder for folder, _ in runs], out)
+            console.print(f"wrote {out / 'report.json'}, {out / 'report.md'} and {out / 'report.png'}")
+    except (ValueError, OSError, ValidationError) as e:
+        fail(str(e))
+
+
+@app.command("curve")
+def curve_command(
+    data: Path = typer.Option(..., "--data", help="data folder (task.json + users.jsonl)"),
+    out: Path = typer.Option(..., "--out", help="output folder (curve.json, curve.md, curve.png, run/, k-*/)"),
+    points: list[str] = typer.Option([], "--points", help="history items kept (repeat, or 1,2,4); default "
+                                     "1,2,4,8,16,32,all"),
+    targets: Optional[int] = typer.Option(None, "--targets", help="number of target users (the most active)"),
+    sharers: Optional[int] = typer.Option(None, "--sharers", help="number of sharers S"),
+    oppu_targets: Optional[int] = typer.Option(None, "--oppu-targets", help="OPPU on the first M targets only"),
+    seed: int = typer.Option(0, "--seed"),
+    base: Optional[str] = typer.Option(None, "--base", help="base model (default SmolLM2-135M-Instruct)"),
+    quick: bool = typer.Option(False, "--quick", help="tiny budgets: checks the harness, numbers mean nothing"),
+    config: Optional[Path] = typer.Option(None, "--config", help="JSON file of RunConfig fields"),
+    overrides: list[str] = typer.Option([], "--set", help="override a setting, e.g. --set key=activation"),
+) -> None:
+    """Per-Pcs and OPPU when each target keeps only its newest 1, 2, 4, ... or all history items, with CIs."""
+    from pydantic import ValidationError
+
+    from perpcs.curve import POINTS, curve, parse_points
 
     try:
         cfg = build_config(data, base, seed, targets, sharers, config, (QUICK if quick else []) + overrides)
-        _bench(data, out, cfg, methods, parse_variants(variants))
+        chosen = parse_points([p for spec in points for p in spec.split(",")] or list(POINTS))
+        curve(data, out, cfg, chosen, oppu_targets)
     except (ValueError, OSError, ValidationError) as e:
         fail(str(e))
+    console.print(f"wrote {out / 'curve.json'}, {out / 'curve.md'} and {out / 'curve.png'}")
+    print((out / "curve.md").read_text())
+
+
+@app.command("report")
+def report_command(
+    folders: list[Path] = typer.Argument(..., help="`perpcs bench` output folders, one per seed"),
+    out: Path = typer.Option(..., "--out", help="folder for report.json, report.md and report.png"),
+) -> None:
+    """Several bench runs (seeds) read together: every query pooled, paired by (seed, query id), with CIs and tests."""
+    from perpcs.report import report
+
+    try:
+        report(folders, out)
+    except (ValueError, OSError) as e:
+        fail(str(e))
+    console.print(f"wrote {out / 'report.json'}, {out / 'report.md'} and {out / 'report.png'}")
+    print((out / "report.md").read_text())
 
 
 @app.command("demo")

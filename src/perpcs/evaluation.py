@@ -41,21 +41,23 @@ def _check_ids(golds: dict[str, str], preds: dict[str, str]) -> None:
         )
 
 
-def _classification(task: Task, golds: list[str], preds: list[str], ids: list[str]) -> dict:
+def _label_indices(task: Task, golds: list[str], preds: list[str], ids: list[str]) -> tuple[list[int], list[int]]:
     # As LaMP: outputs become label indices, anything else -1, which F1 never credits.
-    labels = list(task.labels)
-    index = {label: i for i, label in enumerate(labels)}
+    index = {label: i for i, label in enumerate(task.labels)}
     for i, g in zip(ids, golds):
         if g.strip() not in index:
-            raise ValueError(f"gold of id {i!r}: {g!r} is not one of the task's labels {labels}")
-    y_true = [index[g.strip()] for g in golds]
-    y_pred = [index.get(p.strip(), -1) for p in preds]
+            raise ValueError(f"gold of id {i!r}: {g!r} is not one of the task's labels {list(task.labels)}")
+    return [index[g.strip()] for g in golds], [index.get(p.strip(), -1) for p in preds]
+
+
+def _classification(task: Task, golds: list[str], preds: list[str], ids: list[str]) -> dict:
+    y_true, y_pred = _label_indices(task, golds, preds, ids)
     return {"accuracy": float(accuracy_score(y_true, y_pred)),
-            "f1": float(f1_score(y_true, y_pred, labels=list(range(len(labels))), average="macro",
+            "f1": float(f1_score(y_true, y_pred, labels=list(range(len(task.labels))), average="macro",
                                  zero_division=0))}
 
 
-def _rating(task: Task, golds: list[str], preds: list[str], ids: list[str]) -> dict:
+def _rating_values(task: Task, golds: list[str], preds: list[str], ids: list[str]) -> tuple[list[float], list[float]]:
     lo, hi = task.scale
     y_true, y_pred = [], []
     for i, g, p in zip(ids, golds, preds):
@@ -67,18 +69,44 @@ def _rating(task: Task, golds: list[str], preds: list[str], ids: list[str]) -> d
             value = lo if abs(lo - gold) > abs(hi - gold) else hi
         y_true.append(gold)
         y_pred.append(value)
+    return y_true, y_pred
+
+
+def _rating(task: Task, golds: list[str], preds: list[str], ids: list[str]) -> dict:
+    y_true, y_pred = _rating_values(task, golds, preds, ids)
     return {"mae": float(mean_absolute_error(y_true, y_pred)),
             "rmse": math.sqrt(mean_squared_error(y_true, y_pred))}
 
 
-def _generation(task: Task, golds: list[str], preds: list[str], ids: list[str]) -> dict:
+def _rouge(golds: list[str], preds: list[str]) -> list[dict]:
     scorer = RougeScorer(["rouge1", "rougeL"], use_stemmer=False)
-    scores = [scorer.score(g.strip(), p.strip()) for g, p in zip(golds, preds)]
+    return [scorer.score(g.strip(), p.strip()) for g, p in zip(golds, preds)]
+
+
+def _generation(task: Task, golds: list[str], preds: list[str], ids: list[str]) -> dict:
+    scores = _rouge(golds, preds)
     return {"rouge-1": sum(s["rouge1"].fmeasure for s in scores) / len(scores),
             "rouge-L": sum(s["rougeL"].fmeasure for s in scores) / len(scores)}
 
 
 _SCORERS = {"classification": _classification, "rating": _rating, "generation": _generation}
+
+
+def per_query(task: Task, golds: dict[str, str], preds: dict[str, str]) -> dict[str, float]:
+    """The primary metric of each predicted query alone (accuracy 0/1, absolute error, ROUGE-1 F), by
+    the same rules as `score`: their mean is `score`'s primary metric on those queries."""
+    extra = [i for i in preds if i not in golds]
+    if extra:
+        raise ValueError(f"{len(extra)} prediction ids have no gold output (first 10: {extra[:10]})")
+    ids = list(preds)
+    g, p = [golds[i] for i in ids], [preds[i] for i in ids]
+    if task.kind == "classification":
+        values = [float(t == q) for t, q in zip(*_label_indices(task, g, p, ids))]
+    elif task.kind == "rating":
+        values = [abs(t - q) for t, q in zip(*_rating_values(task, g, p, ids))]
+    else:
+        values = [s["rouge1"].fmeasure for s in _rouge(g, p)]
+    return dict(zip(ids, values))
 
 
 def score(task: Task, golds: dict[str, str], preds: dict[str, str]) -> dict:
