@@ -27,7 +27,6 @@ from perpcs.evaluation import primary_metric, score, write_lamp_outputs
 from perpcs.pipeline import Run, RunConfig, check_later_steps, safe_name
 from perpcs.recipe import Recipe, apply_lora, apply_recipe
 from perpcs.selection import history_embeddings, nearest_users
-from perpcs.training import train_lora
 from perpcs.utils import dir_bytes, write_json, write_text
 
 
@@ -114,10 +113,7 @@ class Bench:
             peft_model = PeftModel.from_pretrained(self.model, folder / "adapter")
             stats = json.loads(stats_path.read_text())
         else:
-            c = self.run.config
-            examples = self.run.examples(user, self.tok)
-            peft_model, stats = train_lora(self.model, examples, c.lora, c.training("sharer_train", user.user_id),
-                                           self.tok.pad_token_id, desc=f"oppu {user.user_id}")
+            peft_model, stats = self.run.user_lora(user, desc=f"oppu {user.user_id}")
             peft_model.save_pretrained(folder / "adapter")
             write_json(stats_path, stats)
         return peft_model.eval(), stats["seconds"], dir_bytes(folder / "adapter")

@@ -34,7 +34,7 @@ from perpcs.models import fingerprint, load_base, prepare_base
 from perpcs.pool import Pool, share_mask
 from perpcs.recipe import Recipe, export_adapter
 from perpcs.selection import Selection, load_selection, save_selection, select_sharers
-from perpcs.training import LoraSettings, TrainSettings, history_examples, lora_state, train_lora
+from perpcs.training import LoraSettings, TrainSettings, history_examples, lora_state, split_heldout, train_lora
 from perpcs.utils import atomic_dir, deep_merge, read_json, seed_everything, write_json
 
 
@@ -64,7 +64,8 @@ class RunConfig(BaseModel):
     max_len: int = 256
     lora: LoraSettings = Field(default_factory=LoraSettings)
     task_train: TrainSettings = Field(default_factory=lambda: TrainSettings(lr=2e-3, steps=30, batch_size=8))
-    sharer_train: TrainSettings = Field(default_factory=lambda: TrainSettings(lr=3e-3, steps=30, batch_size=4))
+    sharer_train: TrainSettings = Field(default_factory=lambda: TrainSettings(
+        lr=3e-3, epochs=2, max_steps=160, val_fraction=0.1, val_items=8, patience=1, batch_size=4))
     gate_train: TrainSettings = Field(default_factory=lambda: TrainSettings(lr=1e-2, steps=10, batch_size=4))
     assembly: AssemblySettings = Field(default_factory=AssemblySettings)
 
@@ -210,6 +211,17 @@ class Run:
         c = self.config
         return history_examples(self.data.task, tokenizer, user.history, c.max_len, c.retrieval_copies, user.profile)
 
+    def user_lora(self, user: User, desc: str):
+        """A fresh LoRA on one user's own history with `sharer_train`'s budget, the same for sharers
+        and OPPU: epochs with a step cap, stopped on the user's newest items (held out of training)."""
+        c = self.config
+        model, tok = self.merged
+        settings = c.training("sharer_train", user.user_id)
+        items, heldout = split_heldout(user.history, settings)
+        examples = history_examples(self.data.task, tok, items, c.max_len, c.retrieval_copies, user.profile)
+        val = history_examples(self.data.task, tok, heldout, c.max_len, False, user.profile)
+        return train_lora(model, examples, c.lora, settings, tok.pad_token_id, desc, val)
+
     @property
     def merged_path(self) -> Path:
         return self.folder / "task" / "merged"
@@ -282,7 +294,7 @@ class Run:
             if done.exists() and pool is not None and pool.pseudonym(sel.user_id) in pool.sharers():
                 continue
             examples = self.examples(self.data.user(sel.user_id), tok)
-            peft_model, lora_stats = self.sharer_lora(sel.user_id, model, examples, tok.pad_token_id)
+            peft_model, lora_stats = self.sharer_lora(sel.user_id, model)
             keys, key_stats = self.piece_keys(sel.user_id, peft_model, examples, tok.pad_token_id)
             if pool is None:
                 shapes = {pos: (m.in_features, m.out_features) for pos, m in lora_layers(peft_model).items()}
@@ -295,15 +307,14 @@ class Run:
         self.record("build_pool", self._pool_stats(pool))
         return pool
 
-    def sharer_lora(self, user_id: str, model, examples: list, pad_id: int):
+    def sharer_lora(self, user_id: str, model):
         """Step 2: the sharer's own LoRA, trained once and kept (a pool rebuilt with other keys reuses it)."""
         from peft import PeftModel
 
         folder = self.sharer_dir(user_id)
         if (folder / "lora.json").exists():
             return PeftModel.from_pretrained(model, folder / "adapter"), read_json(folder / "lora.json")
-        peft_model, stats = train_lora(model, examples, self.config.lora, self.config.training("sharer_train", user_id),
-                                       pad_id, desc=f"sharer {user_id}: LoRA")
+        peft_model, stats = self.user_lora(self.data.user(user_id), desc=f"sharer {user_id}: LoRA")
         peft_model.save_pretrained(folder / "adapter")
         write_json(folder / "lora.json", stats)
         return peft_model, stats
