@@ -70,7 +70,7 @@ def test_user_lora_holds_out_the_newest_history_items_never_the_queries(tiny_run
     tok = run.merged[1]  # step 0 trains before train_lora is replaced
     seen = {}
     monkeypatch.setattr("perpcs.pipeline.train_lora",
-                        lambda model, examples, lora, settings, pad, desc, val: seen.update(examples=examples, val=val))
+                        lambda model, examples, lora, settings, pad, desc, val_examples: seen.update(examples=examples, val=val_examples))
     run.user_lora(user, desc="t")
     v = int(0.2 * len(user.history))
     assert v >= 1

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from perpcs.baselines import METHODS, average_loras, generate, load_lora, prompts, split_method
 from perpcs.data import User
 from perpcs.evaluation import primary_metric, score, write_lamp_outputs
-from perpcs.pipeline import Run, RunConfig, check_later_steps, safe_name
+from perpcs.pipeline import PAPER_RULE, Run, RunConfig, check_later_steps, safe_name
 from perpcs.recipe import Recipe, apply_lora, apply_recipe
 from perpcs.selection import history_embeddings, nearest_users
 from perpcs.utils import dir_bytes, write_json, write_text
@@ -279,6 +279,6 @@ def results_table(r: dict) -> str:
 
 
 # The demo's data size and budgets: chosen so that `perpcs demo` runs in about 15 minutes on 2 CPU cores.
-# The variant: Per-Pcs with activation keys and the exact (cat) mix, next to the paper's rule (see README).
+# Per-Pcs with the default rule, and the paper's rule beside it as a variant (see README).
 DEMO_CONFIG = {"users": 48, "queries": 12, "run": {"n_targets": 5, "n_sharers": 6, "task_train": {"steps": 25}},
-               "variants": {"perpcs-act-cat": {"key": "activation", "assembly": {"mix": "cat"}}}}
+               "variants": {"perpcs-paper": PAPER_RULE}}

@@ -45,6 +45,11 @@ LATER_STEPS = ("device", "key", "share_ratio", "gate_train", "assembly")
 SELECTION_STEP = ("n_sharers", "selection", "min_sharer_items")
 
 
+# The paper's selection rule exactly (trained gates, linear A/B mix, the assembled update as is):
+# `--set key=gate --set assembly.mix=linear --set assembly.strength=1`.
+PAPER_RULE = {"key": "gate", "assembly": {"mix": "linear", "strength": 1.0}}
+
+
 class RunConfig(BaseModel):
     """Everything a run depends on. Defaults are sized for SmolLM2-135M on 2 CPU cores (docs/hyperparameters.md)."""
 
@@ -59,7 +64,8 @@ class RunConfig(BaseModel):
     selection: str = "cluster"
     min_sharer_items: int = 10
     share_ratio: float = 1.0
-    key: Literal["gate", "activation"] = "gate"
+    # the default selection rule (README, "The default rule"); the paper's: key=gate, mix linear, strength 1 (PAPER_RULE)
+    key: Literal["gate", "activation"] = "activation"
     retrieval_copies: bool = False
     max_len: int = 256
     lora: LoraSettings = Field(default_factory=LoraSettings)
@@ -67,7 +73,7 @@ class RunConfig(BaseModel):
     sharer_train: TrainSettings = Field(default_factory=lambda: TrainSettings(
         lr=3e-3, epochs=2, max_steps=160, val_fraction=0.1, val_items=8, patience=1, batch_size=4))
     gate_train: TrainSettings = Field(default_factory=lambda: TrainSettings(lr=1e-2, steps=10, batch_size=4))
-    assembly: AssemblySettings = Field(default_factory=AssemblySettings)
+    assembly: AssemblySettings = Field(default_factory=lambda: AssemblySettings(mix="cat", strength="auto"))
 
     @model_validator(mode="after")
     def _assembly_formats_history_as_training(self) -> "RunConfig":
@@ -220,7 +226,7 @@ class Run:
         items, heldout = split_heldout(user.history, settings)
         examples = history_examples(self.data.task, tok, items, c.max_len, c.retrieval_copies, user.profile)
         val = history_examples(self.data.task, tok, heldout, c.max_len, False, user.profile)
-        return train_lora(model, examples, c.lora, settings, tok.pad_token_id, desc, val)
+        return train_lora(model, examples, c.lora, settings, tok.pad_token_id, desc=desc, val_examples=val)
 
     @property
     def merged_path(self) -> Path:
