@@ -192,3 +192,17 @@ def test_cli_bench_bad_input_exits_2_before_any_work(tiny_base, tiny_data, tmp_p
         code, out = cli(*base, *args)
         assert code == 2 and message in out, args
     assert not (tmp_path / "o").exists()
+
+
+def test_results_report_each_users_budget_and_strength(benched):
+    out, run = benched
+    r = read_json(out / "results.json")["per_user"]
+    assert set(r["sharers"]) == {s.user_id for s in run.select()}
+    for uid, b in r["sharers"].items():
+        assert b == {k: v for k, v in read_json(run.sharer_dir(uid) / "lora.json").items()
+                     if k in ("steps", "epochs", "best_epoch", "stopped_early", "val_losses", "seconds")}
+        assert b["steps"] == 2  # tiny_run_config's fixed budget
+    assert set(r["oppu"]) == set(run.split["targets"]) and all(b["steps"] == 2 for b in r["oppu"].values())
+    for uid, strength in r["strength"].items():
+        recipe = read_json(run.recipe_path(uid))
+        assert strength == recipe["strength"] and recipe["settings"]["strength"] == "auto"  # the default rule

@@ -161,6 +161,23 @@ def group_diagnostics(run: Run, groups: dict[str, int], recipes: dict[str, Recip
             "sharer_groups": sorted(group_of.values())}
 
 
+BUDGET_KEYS = ("steps", "epochs", "best_epoch", "stopped_early", "val_losses", "seconds")
+
+
+def per_user(run: Run) -> dict:
+    """What each user got: the training budget of every sharer and OPPU LoRA (epochs, steps, early
+    stop, held-out losses) and the strength chosen for each target's recipe."""
+    def budget(stats: dict) -> dict:
+        return {k: stats[k] for k in BUDGET_KEYS if k in stats}
+
+    oppu = run.folder / "oppu"
+    return {"sharers": {s.user_id: budget(json.loads((run.sharer_dir(s.user_id) / "lora.json").read_text()))
+                        for s in run.select()},
+            "oppu": {u: budget(json.loads(p.read_text())) for u in run.split["targets"]
+                     if (p := oppu / safe_name(u) / "stats.json").exists()},
+            "strength": {u: Recipe.load(run.recipe_path(u)).strength for u in run.split["targets"]}}
+
+
 def bench(data: str | Path, out: str | Path, config: RunConfig, settings: BenchSettings) -> dict:
     """Run the pipeline and every method; write OUT/results.json and OUT/results.md."""
     out = Path(out)
@@ -190,6 +207,7 @@ def bench(data: str | Path, out: str | Path, config: RunConfig, settings: BenchS
                     "torch_threads": torch.get_num_threads(), "device": run.device},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": config.model_dump(),
+        "per_user": per_user(run),
     }
     groups_file = Path(data) / "groups.json"
     groups = json.loads(groups_file.read_text()) if groups_file.exists() else None
