@@ -30,12 +30,12 @@ from perpcs.baselines import generate, prompts
 from perpcs.bench import Bench, BenchSettings
 from perpcs.cli import parse_variants
 from perpcs.evaluation import primary_metric, score
-from perpcs.pipeline import Run
+from perpcs.pipeline import PAPER_RULE, Run
 from perpcs.selection import history_embeddings
 from perpcs.utils import write_json, write_text
 
 RULES = {
-    "paper": {"key": "gate", "assembly": {"mix": "linear", "strength": 1.0}},
+    "paper": PAPER_RULE,
     "act-cat": {"key": "activation", "assembly": {"mix": "cat", "strength": 1.0}},
     "act-cat-auto": {"key": "activation", "assembly": {"mix": "cat", "strength": "auto"}},
 }
