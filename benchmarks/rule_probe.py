@@ -34,10 +34,10 @@ from perpcs.pipeline import PAPER_RULE, Run
 from perpcs.selection import history_embeddings
 from perpcs.utils import write_json, write_text
 
-RULES = {
-    "paper": PAPER_RULE,
-    "act-cat": {"key": "activation", "assembly": {"mix": "cat", "strength": 1.0}},
+RULES = {  # in the order they run (results are written after each)
     "act-cat-auto": {"key": "activation", "assembly": {"mix": "cat", "strength": "auto"}},
+    "act-cat": {"key": "activation", "assembly": {"mix": "cat", "strength": 1.0}},
+    "paper": PAPER_RULE,
 }
 
 
@@ -115,6 +115,14 @@ def main(src: Path, out: Path, rules: dict[str, dict], max_users: int | None, se
             write_json(out / "preds" / f"{row}.json", preds)
             scores[row] = per_query(task, golds, preds)
             info.setdefault(row, {})["personalize_seconds_per_user"] = statistics.mean(seconds)
+            result = summary(out, src, task, users, golds, scores, info, seed)
+    print(table(result))
+    print(f"results: {out / 'rule-probe.json'}, {out / 'rule-probe.md'}")
+    return result
+
+
+def summary(out: Path, src: Path, task, users, golds, scores: dict, info: dict, seed: int) -> dict:
+    """The rows scored so far, with CIs and every pairwise comparison; written out each time."""
     metric, higher = primary_metric(task)
     sign = 1 if higher else -1
     result = {"src": str(src), "task": task.name, "kind": task.kind, "metric": metric, "higher_is_better": higher,
@@ -125,8 +133,6 @@ def main(src: Path, out: Path, rules: dict[str, dict], max_users: int | None, se
                          for i, a in enumerate(scores) for b in list(scores)[:i]}}
     write_json(out / "rule-probe.json", result)
     write_text(out / "rule-probe.md", table(result))
-    print(table(result))
-    print(f"results: {out / 'rule-probe.json'}, {out / 'rule-probe.md'}")
     return result
 
 
