@@ -68,6 +68,7 @@ def test_auto_strength_reads_all_but_the_newest_and_keeps_the_lowest_loss(tmp_pa
         assert s == pytest.approx(-sum(losses) / v, abs=1e-5)
     assert len(set(auto.strength_scores.values())) == 3  # random pieces at full strength: no tie
     assert auto.strength == max(auto.strength_scores, key=auto.strength_scores.get)
+    assert Recipe.load(auto.save(tmp_path / "r.json")) == auto  # the choice and its scores travel with the recipe
 
 
 def test_generation_strength_is_chosen_by_the_metric_of_greedy_outputs(tmp_path, tokenizer, monkeypatch):
