@@ -16,7 +16,9 @@ TASK = Task(name="t", kind="generation", instruction="Title it.", input_name="In
 
 @pytest.mark.parametrize("n, settings, expected", [
     (60, TrainSettings(epochs=2, batch_size=4), 30),                  # 2 x ceil(60/4)
-    (3, TrainSettings(epochs=2, batch_size=4), 2),                    # ceil(2*3/4): no 30 steps on 3 items
+    (3, TrainSettings(epochs=2, batch_size=4), 2),                    # 2 x 1 batch: no 30 steps on 3 items
+    (46, TrainSettings(epochs=2, batch_size=4), 24),                  # 2 x 12 batches (the last one of 2)
+    (46, TrainSettings(epochs=0.5, batch_size=4), 6),
     (500, TrainSettings(epochs=2, max_steps=160, batch_size=4), 160),  # capped, still >= one epoch (125)
     (500, TrainSettings(steps=30, epochs=2, max_steps=160), 30),      # explicit steps win
 ])

@@ -147,7 +147,7 @@ def batches(examples: Sequence[Example], batch_size: int, steps: int, seed: int)
 def n_steps(settings: TrainSettings, n_examples: int) -> int:
     if settings.steps is not None:
         return settings.steps
-    steps = max(1, math.ceil(settings.epochs * n_examples / settings.batch_size))
+    steps = max(1, math.ceil(settings.epochs * math.ceil(n_examples / settings.batch_size)))  # batches per epoch
     return steps if settings.max_steps is None else min(steps, settings.max_steps)
 
 
