@@ -46,6 +46,9 @@ class AssemblySettings(BaseModel):
     strength: float | Literal["auto"] = 1.0
     strengths: list[float] = [0.0, 0.5, 1.0]
     holdout_items: int = 4
+    # how "auto" scores a candidate: the task's metric on greedy outputs, or the outputs' loss;
+    # "kind": metric for generation, loss for classification and rating
+    strength_by: Literal["kind", "metric", "loss"] = "kind"
     retrieval_copies: bool = False
     max_len: int = 256
     seed: int = 0
@@ -269,8 +272,9 @@ class Assembler:
                                 tokenizer.pad_token_id, trace)
         strength, scores = (1.0 if s.strength == "auto" else s.strength), None
         if v:
+            by_metric = s.strength_by == "metric" or (s.strength_by == "kind" and task.kind == "generation")
             scores = strength_scores(self.model, lambda a: self.install_weights(weights, a), task, tokenizer,
-                                     history[-v:], s.strengths, s.max_len)
+                                     history[-v:], s.strengths, by_metric, s.max_len)
             strength = best_strength(scores)
         return Recipe(pool_id=self.pool.pool_id, base_fingerprint=self.pool.base_fingerprint,
                       lora=self.pool.lora_config, mix=s.mix, top_k=s.top_k, user=user, settings=s.model_dump(),

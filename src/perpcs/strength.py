@@ -28,13 +28,14 @@ def holdout_size(n_items: int, holdout_items: int) -> int:
 
 
 def strength_scores(model, install: Callable[[float], None], task: Task, tokenizer, heldout: Sequence[Item],
-                    candidates: Sequence[float], max_len: int = 256) -> dict[float, float]:
-    """{alpha: score, higher is better} on the held-out items, with `install(alpha)` putting the
+                    candidates: Sequence[float], by_metric: bool, max_len: int = 256) -> dict[float, float]:
+    """{alpha: score, higher is better} on the held-out items - the task's primary metric on greedy
+    outputs (`by_metric`) or minus the outputs' mean loss - with `install(alpha)` putting the
     alpha-scaled update into `model` before each candidate is scored."""
     scores = {}
     for alpha in candidates:
         install(alpha)
-        if task.kind == "generation":
+        if by_metric:
             texts = generate(model, tokenizer, [task.format_prompt(it.input) for it in heldout], task.new_tokens)
             golds = {str(i): it.output for i, it in enumerate(heldout)}
             preds = {str(i): task.parse_output(t) for i, t in enumerate(texts)}
