@@ -205,4 +205,4 @@ def test_results_report_each_users_budget_and_strength(benched):
     assert set(r["oppu"]) == set(run.split["targets"]) and all(b["steps"] == 2 for b in r["oppu"].values())
     for uid, strength in r["strength"].items():
         recipe = read_json(run.recipe_path(uid))
-        assert strength == recipe["strength"] and recipe["settings"]["strength"] == "auto"  # the default rule
+        assert strength == recipe["strength"] == recipe["settings"]["strength"] == 1.0  # the default rule

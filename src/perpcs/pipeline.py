@@ -64,7 +64,7 @@ class RunConfig(BaseModel):
     selection: str = "cluster"
     min_sharer_items: int = 10
     share_ratio: float = 1.0
-    # the default selection rule (README, "The default rule"); the paper's: key=gate, mix linear, strength 1 (PAPER_RULE)
+    # the default selection rule (README); the paper's: PAPER_RULE
     key: Literal["gate", "activation"] = "activation"
     retrieval_copies: bool = False
     max_len: int = 256
@@ -73,7 +73,7 @@ class RunConfig(BaseModel):
     sharer_train: TrainSettings = Field(default_factory=lambda: TrainSettings(
         lr=3e-3, epochs=2, max_steps=160, val_fraction=0.1, val_items=8, patience=1, batch_size=4))
     gate_train: TrainSettings = Field(default_factory=lambda: TrainSettings(lr=1e-2, steps=10, batch_size=4))
-    assembly: AssemblySettings = Field(default_factory=lambda: AssemblySettings(mix="cat", strength="auto"))
+    assembly: AssemblySettings = Field(default_factory=lambda: AssemblySettings(mix="cat"))
 
     @model_validator(mode="after")
     def _assembly_formats_history_as_training(self) -> "RunConfig":
