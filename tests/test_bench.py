@@ -246,3 +246,17 @@ def test_cold_start_without_history_is_the_task_model(benched, tmp_path):
     for method in ("oppu", "perpcs", "peft_retrieval", "prime", "oppu+rag"):
         with b.personalize(method, user) as p:
             assert p.model is b.model and (p.seconds, p.nbytes) == (0.0, 0) and p.rag_k == (1 if "+rag" in method else 0)
+
+
+def test_results_report_each_users_budget_and_strength(benched):
+    out, run = benched
+    r = read_json(out / "results.json")["per_user"]
+    assert set(r["sharers"]) == {s.user_id for s in run.select()}
+    for uid, b in r["sharers"].items():
+        assert b == {k: v for k, v in read_json(run.sharer_dir(uid) / "lora.json").items()
+                     if k in ("steps", "epochs", "best_epoch", "stopped_early", "val_losses", "seconds")}
+        assert b["steps"] == 2  # tiny_run_config's fixed budget
+    assert set(r["oppu"]) == set(run.split["targets"]) and all(b["steps"] == 2 for b in r["oppu"].values())
+    for uid, strength in r["strength"].items():
+        recipe = read_json(run.recipe_path(uid))
+        assert strength == recipe["strength"] == recipe["settings"]["strength"] == 1.0  # the default rule

@@ -9,7 +9,7 @@ import torch
 
 from perpcs.data import Item, User
 from perpcs.models import fingerprint, load_base
-from perpcs.pipeline import Run, RunConfig, safe_name, split_users
+from perpcs.pipeline import PAPER_RULE, Run, RunConfig, safe_name, split_users
 from perpcs.pool import Pool
 from perpcs.recipe import Recipe, apply_recipe
 from perpcs.utils import read_json
@@ -20,10 +20,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def done_run(tmp_path_factory, tiny_run_config):
-    """A finished run folder, and the seconds its pipeline took."""
+    """A finished run folder (the paper's rule), and the seconds its pipeline took."""
     folder = tmp_path_factory.mktemp("run") / "run"
     t0 = time.perf_counter()
-    Run.create(folder, tiny_run_config()).pipeline()
+    Run.create(folder, tiny_run_config(**PAPER_RULE)).pipeline()
     return folder, time.perf_counter() - t0
 
 
@@ -117,8 +117,8 @@ def test_pool_and_recipes_carry_the_merged_models_fingerprint(done_run):
 def test_other_settings_on_the_same_folder_are_refused(done_run, tiny_run_config):
     folder, _ = done_run
     with pytest.raises(ValueError, match=r"other settings \(n_targets\).*new --run folder"):
-        Run.create(folder, tiny_run_config(n_targets=3))
-    assert Run.create(folder, tiny_run_config()).config.n_targets == 2  # same settings: resumed
+        Run.create(folder, tiny_run_config(n_targets=3, **PAPER_RULE))
+    assert Run.create(folder, tiny_run_config(**PAPER_RULE)).config.n_targets == 2  # same settings: resumed
 
 
 def test_not_a_run_folder(tmp_path):
@@ -136,7 +136,7 @@ def test_second_pipeline_retrains_nothing(done_run, tiny_run_config, monkeypatch
     for name in ("train_lora", "train_gates", "select_sharers", "split_users"):
         monkeypatch.setattr(f"perpcs.pipeline.{name}", refuse)
     t0 = time.perf_counter()
-    recipes = Run.create(folder, tiny_run_config()).pipeline()
+    recipes = Run.create(folder, tiny_run_config(**PAPER_RULE)).pipeline()
     seconds = time.perf_counter() - t0
     after = {p: p.stat().st_mtime_ns for d in outputs for p in (folder / d).rglob("*") if p.is_file()}
     assert after == before
@@ -242,7 +242,7 @@ def test_export_of_unknown_user_says_so(done_run, tmp_path):
 def test_same_seed_same_result(done_run, tmp_path, tiny_run_config):
     folder_a, _ = done_run
     folder_b = tmp_path / "run"
-    Run.create(folder_b, tiny_run_config()).pipeline()
+    Run.create(folder_b, tiny_run_config(**PAPER_RULE)).pipeline()
     a, b = Run(folder_a), Run(folder_b)
     for name in ("split.json", "selection.json", "task/fingerprint.json"):
         assert read_json(folder_a / name) == read_json(folder_b / name), name

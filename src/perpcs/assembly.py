@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict
 from perpcs.data import Item
 from perpcs.gates import lora_layers
 from perpcs.recipe import Recipe, pad_rank, peft_lora_config
+from perpcs.strength import best_strength, holdout_size, strength_scores
 from perpcs.tasks import Task
 from perpcs.training import IGNORE, Example, collate, history_examples
 
@@ -40,6 +41,14 @@ class AssemblySettings(BaseModel):
     sample_temperature: float = 1.0
     top_p: float = 0.9
     mix: Literal["linear", "cat"] = "linear"
+    # alpha scaling the assembled update, or "auto": chosen per target among `strengths` on its
+    # `holdout_items` newest history items, which assembly then does not read (see `strength`)
+    strength: float | Literal["auto"] = 1.0
+    strengths: list[float] = [0.0, 0.5, 1.0]
+    holdout_items: int = 4
+    # how "auto" scores a candidate: the task's metric on greedy outputs, or the outputs' loss;
+    # "kind": metric for generation, loss for classification and rating
+    strength_by: Literal["kind", "metric", "loss"] = "kind"
     retrieval_copies: bool = False
     max_len: int = 256
     seed: int = 0
@@ -152,14 +161,17 @@ class Assembler:
     """Assembles recipes for target users from one pool on a merged (task-adapted) model.
 
     The model is wrapped in place with a working LoRA on the pool's positions, of rank r
-    (linear) or r times the most pieces one position can take (cat); `unload()` gives it back.
+    (linear) or r times the most pieces one position can take (cat; with strength "auto" all of
+    a position's candidates, since the recipe averaged over batches may name more than top-k);
+    `unload()` gives it back.
     """
 
     def __init__(self, model, pool, settings: AssemblySettings):
         from peft import get_peft_model
 
         self.pool, self.settings = pool, settings
-        most = max(len(pool.candidates(p)) for p in pool.positions) if settings.select == "topp" else settings.top_k
+        every = settings.select == "topp" or settings.strength == "auto"
+        most = max(len(pool.candidates(p)) for p in pool.positions) if every else settings.top_k
         r = int(pool.lora_config["r"])
         rank = r if settings.mix == "linear" else r * most
         self.model = get_peft_model(model, peft_lora_config(pool.lora_config, rank)).eval()
@@ -235,13 +247,35 @@ class Assembler:
                 raise _Done
         return hook
 
+    @torch.no_grad()
+    def install_weights(self, weights: dict[str, dict[str, float]], strength: float) -> None:
+        """Put the update of {position: {sharer: weight}}, scaled by `strength`, into the working LoRA."""
+        for pos, chosen in weights.items():
+            layer = self.layers[pos]
+            if not chosen:
+                layer.lora_B["default"].weight.zero_()
+                continue
+            A, B = mix_pieces([self.piece(sid, pos) for sid in chosen], list(chosen.values()), self.settings.mix,
+                              layer.lora_A["default"].weight.shape[0])
+            install(layer, (A, strength * B))
+
     def recipe(self, task: Task, tokenizer, history: Sequence[Item], profile: str | None = None,
                user: str | None = None, trace: list | None = None) -> Recipe:
-        """The target user's recipe from their own history (only the `recent_k` newest items)."""
-        weights = self.assemble(self.examples(task, tokenizer, history, profile), tokenizer.pad_token_id, trace)
+        """The target user's recipe from their own history (only the `recent_k` newest items); with
+        strength "auto", from all but the newest few, on which the strength is then chosen."""
+        s, history = self.settings, list(history)
+        v = holdout_size(len(history), s.holdout_items) if s.strength == "auto" else 0
+        weights = self.assemble(self.examples(task, tokenizer, history[: len(history) - v], profile),
+                                tokenizer.pad_token_id, trace)
+        strength, scores = (1.0 if s.strength == "auto" else s.strength), None
+        if v:
+            by_metric = s.strength_by == "metric" or (s.strength_by == "kind" and task.kind == "generation")
+            scores = strength_scores(self.model, lambda a: self.install_weights(weights, a), task, tokenizer,
+                                     history[-v:], s.strengths, by_metric, s.max_len)
+            strength = best_strength(scores)
         return Recipe(pool_id=self.pool.pool_id, base_fingerprint=self.pool.base_fingerprint,
-                      lora=self.pool.lora_config, mix=self.settings.mix, top_k=self.settings.top_k, user=user,
-                      settings=self.settings.model_dump(),
+                      lora=self.pool.lora_config, mix=s.mix, top_k=s.top_k, user=user, settings=s.model_dump(),
+                      strength=strength, strength_scores=scores,
                       pieces={p: [(sid, round(w, 7)) for sid, w in ws.items()] for p, ws in weights.items()})
 
 

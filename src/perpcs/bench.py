@@ -25,14 +25,13 @@ from tqdm.auto import tqdm
 from perpcs.baselines import METHODS, average_loras, generate, load_lora, prompts, split_method
 from perpcs.data import User
 from perpcs.evaluation import primary_metric, score, write_lamp_outputs
-from perpcs.pipeline import Run, RunConfig, check_later_steps, safe_name
+from perpcs.pipeline import PAPER_RULE, Run, RunConfig, check_later_steps, safe_name
 from perpcs.prime import PrimeSettings, prime_user
 from perpcs.recipe import Recipe, apply_lora, apply_recipe
 from perpcs.report import bench_statistics, results_plot, selection_plot, statistics_lines
 from perpcs.selection import history_embeddings, nearest_users
 from perpcs.stats import gain_share
 from perpcs.tasks import answer_budget, cut_short
-from perpcs.training import train_lora
 from perpcs.utils import dir_bytes, write_json, write_text
 
 
@@ -138,10 +137,7 @@ class Bench:
             peft_model = PeftModel.from_pretrained(self.model, folder / "adapter")
             stats = json.loads(stats_path.read_text())
         else:
-            c = self.run.config
-            examples = self.run.examples(user, self.tok)
-            peft_model, stats = train_lora(self.model, examples, c.lora, c.training("sharer_train", user.user_id),
-                                           self.tok.pad_token_id, desc=f"oppu {user.user_id}")
+            peft_model, stats = self.run.user_lora(user, desc=f"oppu {user.user_id}")
             peft_model.save_pretrained(folder / "adapter")
             write_json(stats_path, stats)
         return peft_model.eval(), stats["seconds"], dir_bytes(folder / "adapter")
@@ -193,6 +189,23 @@ def group_diagnostics(run: Run, groups: dict[str, int], recipes: dict[str, Recip
             "sharer_groups": sorted(group_of.values())}
 
 
+BUDGET_KEYS = ("steps", "epochs", "best_epoch", "stopped_early", "val_losses", "seconds")
+
+
+def per_user(run: Run) -> dict:
+    """What each user got: the training budget of every sharer and OPPU LoRA (epochs, steps, early
+    stop, held-out losses) and the strength chosen for each target's recipe."""
+    def budget(stats: dict) -> dict:
+        return {k: stats[k] for k in BUDGET_KEYS if k in stats}
+
+    oppu = run.folder / "oppu"
+    return {"sharers": {s.user_id: budget(json.loads((run.sharer_dir(s.user_id) / "lora.json").read_text()))
+                        for s in run.select()},
+            "oppu": {u: budget(json.loads(p.read_text())) for u in run.split["targets"]
+                     if (p := oppu / safe_name(u) / "stats.json").exists()},
+            "strength": {u: Recipe.load(run.recipe_path(u)).strength for u in run.split["targets"]}}
+
+
 def bench(data: str | Path, out: str | Path, config: RunConfig, settings: BenchSettings) -> dict:
     """Run the pipeline and every method; write OUT/results.json and OUT/results.md."""
     out = Path(out)
@@ -222,6 +235,7 @@ def bench(data: str | Path, out: str | Path, config: RunConfig, settings: BenchS
                     "torch_threads": torch.get_num_threads(), "device": run.device},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": config.model_dump(),
+        "per_user": per_user(run),
     }
     groups_file = Path(data) / "groups.json"
     groups = json.loads(groups_file.read_text()) if groups_file.exists() else None
@@ -316,6 +330,6 @@ def results_table(r: dict) -> str:
 
 
 # The demo's data size and budgets: chosen so that `perpcs demo` runs in about 15 minutes on 2 CPU cores.
-# The variant: Per-Pcs with activation keys and the exact (cat) mix, next to the paper's rule (see README).
+# Per-Pcs with the default rule, and the paper's rule beside it as a variant (see README).
 DEMO_CONFIG = {"users": 48, "queries": 12, "run": {"n_targets": 5, "n_sharers": 6, "task_train": {"steps": 25}},
-               "variants": {"perpcs-act-cat": {"key": "activation", "assembly": {"mix": "cat"}}}}
+               "variants": {"perpcs-paper": PAPER_RULE}}

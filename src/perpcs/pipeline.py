@@ -43,7 +43,7 @@ from perpcs.models import fingerprint, load_base, prepare_base
 from perpcs.pool import Pool, share_mask
 from perpcs.recipe import ADAPTER_FILES, Recipe, export_adapter
 from perpcs.selection import Selection, load_selection, save_selection, select_sharers
-from perpcs.training import LoraSettings, TrainSettings, history_examples, lora_state, train_lora
+from perpcs.training import LoraSettings, TrainSettings, history_examples, lora_state, split_heldout, train_lora
 from perpcs.utils import (atomic_dir, atomic_path, check_output_dir, deep_merge, read_json, remove_temp,
                           seed_everything, write_json)
 
@@ -53,6 +53,11 @@ LATER_STEPS = ("device", "key", "share_ratio", "gate_train", "assembly")
 # Settings of step 1: a derived run may change these too; it then selects again, and each sharer it
 # has in common with the run it derives from keeps its LoRA.
 SELECTION_STEP = ("n_sharers", "selection", "min_sharer_items")
+
+
+# The paper's selection rule exactly (trained gates, linear A/B mix, the assembled update as is):
+# `--set key=gate --set assembly.mix=linear --set assembly.strength=1`.
+PAPER_RULE = {"key": "gate", "assembly": {"mix": "linear", "strength": 1.0}}
 
 
 class RunConfig(BaseModel):
@@ -70,14 +75,16 @@ class RunConfig(BaseModel):
     selection: str = "cluster"
     min_sharer_items: int = 10
     share_ratio: float = 1.0
-    key: Literal["gate", "activation"] = "gate"
+    # the default selection rule (README); the paper's: PAPER_RULE
+    key: Literal["gate", "activation"] = "activation"
     retrieval_copies: bool = False
     max_len: int = 256
     lora: LoraSettings = Field(default_factory=LoraSettings)
     task_train: TrainSettings = Field(default_factory=lambda: TrainSettings(lr=2e-3, steps=30, batch_size=8))
-    sharer_train: TrainSettings = Field(default_factory=lambda: TrainSettings(lr=3e-3, steps=30, batch_size=4))
+    sharer_train: TrainSettings = Field(default_factory=lambda: TrainSettings(
+        lr=3e-3, epochs=2, max_steps=160, val_fraction=0.1, val_items=8, patience=1, batch_size=4))
     gate_train: TrainSettings = Field(default_factory=lambda: TrainSettings(lr=1e-2, steps=10, batch_size=4))
-    assembly: AssemblySettings = Field(default_factory=AssemblySettings)
+    assembly: AssemblySettings = Field(default_factory=lambda: AssemblySettings(mix="cat"))
 
     @model_validator(mode="after")
     def _assembly_formats_history_as_training(self) -> "RunConfig":
@@ -283,6 +290,17 @@ class Run:
         c = self.config
         return history_examples(self.data.task, tokenizer, user.history, c.max_len, c.retrieval_copies, user.profile)
 
+    def user_lora(self, user: User, desc: str):
+        """A fresh LoRA on one user's own history with `sharer_train`'s budget, the same for sharers
+        and OPPU: epochs with a step cap, stopped on the user's newest items (held out of training)."""
+        c = self.config
+        model, tok = self.merged
+        settings = c.training("sharer_train", user.user_id)
+        items, heldout = split_heldout(user.history, settings)
+        examples = history_examples(self.data.task, tok, items, c.max_len, c.retrieval_copies, user.profile)
+        val = history_examples(self.data.task, tok, heldout, c.max_len, False, user.profile)
+        return train_lora(model, examples, c.lora, settings, tok.pad_token_id, desc=desc, val_examples=val)
+
     @property
     def merged_path(self) -> Path:
         return self.folder / "task" / "merged"
@@ -381,7 +399,7 @@ class Run:
             return read_json(folder / "pieces.json")
         model, tok = self.merged
         examples = self.examples(self.data.user(user_id), tok)
-        peft_model, lora_stats = self.sharer_lora(user_id, model, examples, tok.pad_token_id)
+        peft_model, lora_stats = self.sharer_lora(user_id, model)
         keys, key_stats = self.piece_keys(user_id, peft_model, examples, tok.pad_token_id)
         save_pieces(folder / "pieces.safetensors", {pos: (A, B, keys[pos]) for pos, (A, B) in lora_state(peft_model).items()})
         peft_model.unload()
@@ -389,15 +407,14 @@ class Run:
         write_json(folder / "pieces.json", stats)
         return stats
 
-    def sharer_lora(self, user_id: str, model, examples: list, pad_id: int):
+    def sharer_lora(self, user_id: str, model):
         """Step 2: the sharer's own LoRA, trained once and kept (a pool rebuilt with other keys reuses it)."""
         from peft import PeftModel
 
         folder = self.sharer_dir(user_id)
         if (folder / "lora.json").exists():
             return PeftModel.from_pretrained(model, folder / "adapter"), read_json(folder / "lora.json")
-        peft_model, stats = train_lora(model, examples, self.config.lora, self.config.training("sharer_train", user_id),
-                                       pad_id, desc=f"sharer {user_id}: LoRA")
+        peft_model, stats = self.user_lora(self.data.user(user_id), desc=f"sharer {user_id}: LoRA")
         peft_model.save_pretrained(folder / "adapter")
         write_json(folder / "lora.json", stats)
         return peft_model, stats

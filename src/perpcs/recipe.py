@@ -34,6 +34,8 @@ class Recipe(BaseModel):
     top_k: int
     user: str | None = None
     settings: dict = {}
+    strength: float = 1.0  # alpha: the update is alpha * sum_j w_j B_j A_j (0: the non-personalized model)
+    strength_scores: dict[float, float] | None = None  # held-out score of each candidate alpha, when chosen
     pieces: dict[str, list[tuple[str, float]]]
     seconds: float | None = Field(None, ge=0)  # time to assemble it (step 5), kept with it so a resumed run has it
 
@@ -93,7 +95,8 @@ def materialize(recipe: Recipe, pool) -> dict[str, tuple[torch.Tensor, torch.Ten
             out[pos] = (torch.zeros(rank, d_in), torch.zeros(d_out, rank))
             continue
         pieces = [pool.piece(sid, pos) for sid, _ in chosen]
-        out[pos] = mix_pieces(pieces, [w for _, w in chosen], recipe.mix, rank)
+        A, B = mix_pieces(pieces, [w for _, w in chosen], recipe.mix, rank)
+        out[pos] = (A, recipe.strength * B)
     return out
 
 

@@ -43,12 +43,23 @@ class LoraSettings(BaseModel):
 
 
 class TrainSettings(BaseModel):
-    """One training run: optimiser and budget. `steps` wins over `epochs` when both are given."""
+    """One training run: optimiser and budget. `steps` wins over `epochs` when both are given.
+
+    A per-user budget (sharers, OPPU) is `epochs` capped at `max_steps`, so a 3-item history is not
+    trained for 30 steps and a 500-item one gets its epoch; with `val_fraction` > 0 the newest items
+    (that fraction, at most `val_items`; none while it rounds to 0) are held out, their loss is
+    measured after each epoch, training stops after `patience` epochs without improvement, and the
+    best epoch's weights are kept.
+    """
 
     model_config = ConfigDict(extra="forbid")
     lr: float = 1e-3
     steps: int | None = None
     epochs: float = 1.0
+    max_steps: int | None = None
+    val_fraction: float = 0.0
+    val_items: int = 8
+    patience: int = 1
     batch_size: int = 4
     grad_clip: float = 1.0
     weight_decay: float = 0.0
@@ -136,20 +147,38 @@ def batches(examples: Sequence[Example], batch_size: int, steps: int, seed: int)
 def n_steps(settings: TrainSettings, n_examples: int) -> int:
     if settings.steps is not None:
         return settings.steps
-    return max(1, math.ceil(settings.epochs * n_examples / settings.batch_size))
+    steps = max(1, math.ceil(settings.epochs * math.ceil(n_examples / settings.batch_size)))  # batches per epoch
+    return steps if settings.max_steps is None else min(steps, settings.max_steps)
+
+
+def split_heldout(items: Sequence, settings: TrainSettings) -> tuple[list, list]:
+    """(items to train on, the newest items held out to stop on): see `TrainSettings`."""
+    v = min(settings.val_items, int(settings.val_fraction * len(items)))
+    return list(items[: len(items) - v]), list(items[len(items) - v :])
+
+
+@torch.no_grad()
+def heldout_loss(model, examples: Sequence[Example], pad_id: int) -> float:
+    """Mean over examples of each one's output-token loss (no gradient, dropout off)."""
+    device = next(model.parameters()).device
+    model.eval()
+    total = sum(lm_loss(model, collate([e], pad_id, device)).item() for e in examples)
+    return total / len(examples)
 
 
 def train(model, params: list[torch.nn.Parameter], examples: Sequence[Example], settings: TrainSettings,
-          pad_id: int, desc: str = "train") -> dict:
-    """AdamW on `params` only (everything else must already be frozen); returns loss and time."""
+          pad_id: int, desc: str = "train", val_examples: Sequence[Example] = ()) -> dict:
+    """AdamW on `params` only (everything else must already be frozen); returns loss and time, and
+    with `val_examples` the held-out loss after each epoch, the epoch kept and whether it stopped early."""
     if not examples:
         raise ValueError(f"{desc}: no training examples")
     device = next(model.parameters()).device
     steps = n_steps(settings, len(examples))
+    per_epoch = math.ceil(len(examples) / settings.batch_size)
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     torch.manual_seed(settings.seed)  # dropout masks
     model.train()
-    losses, t0 = [], time.perf_counter()
+    losses, val_losses, best, t0 = [], [], None, time.perf_counter()
     bar = tqdm(batches(examples, settings.batch_size, steps, settings.seed), total=steps, desc=desc, leave=False)
     for batch in bar:
         loss = lm_loss(model, collate(batch, pad_id, device))
@@ -160,10 +189,24 @@ def train(model, params: list[torch.nn.Parameter], examples: Sequence[Example], 
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if val_examples and (len(losses) % per_epoch == 0 or len(losses) == steps):
+            val_losses.append(heldout_loss(model, val_examples, pad_id))
+            model.train()
+            if best is None or val_losses[-1] < val_losses[best]:
+                best, kept = len(val_losses) - 1, [p.detach().clone() for p in params]
+            elif len(val_losses) - 1 - best >= settings.patience:
+                break
     model.eval()
     tail = losses[-max(1, len(losses) // 5):]
-    return {"steps": steps, "first_loss": losses[0], "final_loss": sum(tail) / len(tail),
-            "seconds": time.perf_counter() - t0}
+    stats = {"steps": len(losses), "epochs": len(losses) / per_epoch, "first_loss": losses[0],
+             "final_loss": sum(tail) / len(tail)}
+    if val_examples:
+        with torch.no_grad():
+            for p, k in zip(params, kept):
+                p.copy_(k)
+        stats.update(val_items=len(val_examples), val_losses=val_losses, best_epoch=best + 1,
+                     stopped_early=len(losses) < steps)
+    return {**stats, "seconds": time.perf_counter() - t0}
 
 
 def add_lora(model, lora: LoraSettings, seed: int):
@@ -175,11 +218,11 @@ def add_lora(model, lora: LoraSettings, seed: int):
 
 
 def train_lora(model, examples: Sequence[Example], lora: LoraSettings, settings: TrainSettings, pad_id: int,
-               desc: str = "lora"):
+               desc: str = "lora", val_examples: Sequence[Example] = ()):
     """Train a fresh LoRA on `model`; returns (peft model, stats). `peft_model.unload()` gives the base back."""
     peft_model = add_lora(model, lora, settings.seed)
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    stats = train(peft_model, params, examples, settings, pad_id, desc)
+    stats = train(peft_model, params, examples, settings, pad_id, desc, val_examples)
     return peft_model, stats
 
 
