@@ -224,7 +224,42 @@ def _step(name: str, doc: str):
 app.command("task-adapt")(_step("task_adapt", "Step 0: train the task LoRA on the base users and merge it."))
 app.command("select")(_step("select", "Step 1: choose the sharers (saved with the reason for each)."))
 app.command("share")(_step("build_pool", "Steps 2-4: each sharer's LoRA, its gates, its pieces into the pool."))
-app.command("assemble")(_step("assemble", "Step 5: a recipe per target user, from their history, no training."))
+
+
+@app.command("assemble")
+def assemble(run: Path = typer.Option(..., "--run", help="run folder made by `perpcs init` or `perpcs pipeline`"),
+             users: Optional[str] = typer.Option(None, "--users", help="FILE (one user id a line) or 'all' "
+                                                 "(every user of the data set); default: the run's target users")) -> None:
+    """Step 5: a recipe per user from their history, no training; model and pool opened once for all users."""
+    from perpcs.pipeline import Run
+
+    try:
+        r = Run(run)
+        ids = None if users is None else bulk_users(users, {u.user_id for u in r.data.users})
+        recipes = r.assemble(ids)
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    rate = r.stats().get("assemble", {}).get("users_per_hour")
+    console.print(f"wrote {len(recipes)} recipes to {r.folder / 'recipes'}"
+                  + (f" ({rate:.0f} users per hour, in {r.folder / 'stats.json'})" if rate else " (all there already)"))
+
+
+def bulk_users(spec: str, known: set[str]) -> list[str]:
+    """`--users`: 'all', or a file of user ids, one a line (blank lines skipped), each checked against the data."""
+    if spec == "all":
+        return sorted(known)
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"--users {spec}: no such file (give a file of user ids, one a line, or 'all')")
+    ids = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            if line.strip() not in known:
+                raise ValueError(f"{path}: line {lineno}: no user {line.strip()!r} in the run's data set")
+            ids.append(line.strip())
+    if not ids:
+        raise ValueError(f"{path}: no user ids")
+    return list(dict.fromkeys(ids))
 
 
 @app.command("export")

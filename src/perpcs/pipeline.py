@@ -6,7 +6,7 @@
     RUN/selection.json           step 1: the sharers, with the reason each was chosen
     RUN/sharers/<id>/            step 2-3: a sharer's own LoRA (peft folder) and training stats
     RUN/pool/                    step 4: the shared pieces and gates (see docs/pool.md)
-    RUN/recipes/<id>.json        step 5: each target user's recipe
+    RUN/recipes/<id>.recipe      step 5: each target user's recipe (binary, see recipe_format.py)
     RUN/stats.json               seconds and sizes of every step
 
 A step whose output exists is not redone (a finished sharer is not retrained).
@@ -33,6 +33,7 @@ from perpcs.gates import lora_layers, train_gates
 from perpcs.models import fingerprint, load_base, prepare_base
 from perpcs.pool import Pool, share_mask
 from perpcs.recipe import Recipe, export_adapter
+from perpcs.recipe_format import EXTENSION as RECIPE_EXTENSION
 from perpcs.selection import Selection, load_selection, save_selection, select_sharers
 from perpcs.training import LoraSettings, TrainSettings, history_examples, lora_state, train_lora
 from perpcs.utils import atomic_dir, deep_merge, read_json, seed_everything, write_json
@@ -330,7 +331,9 @@ class Run:
     # --- step 5 ---
 
     def recipe_path(self, user_id: str) -> Path:
-        return self.folder / "recipes" / f"{safe_name(user_id)}.json"
+        """The binary recipe (`recipe_format`); a JSON one where an older perpcs wrote that."""
+        old = self.folder / "recipes" / f"{safe_name(user_id)}.json"
+        return old if old.exists() else old.with_suffix(RECIPE_EXTENSION)
 
     def assemble(self, user_ids: list[str] | None = None) -> dict[str, Recipe]:
         """A recipe for each target user (or the given users) from their own history; no training."""
@@ -340,6 +343,7 @@ class Run:
         user_ids = self.split["targets"] if user_ids is None else user_ids
         assembler = Assembler(model, pool, c.assembly)
         recipes, seconds = {}, {}
+        t_all = time.perf_counter()  # model and pool are open already: users per hour is the steady rate
         try:
             for uid in tqdm(user_ids, desc="step 5: assemble"):
                 path = self.recipe_path(uid)
@@ -354,9 +358,12 @@ class Run:
         finally:
             assembler.unload()
         if seconds:
-            seconds = {**self.stats().get("assemble", {}).get("seconds_per_user", {}), **seconds}
-            self.record("assemble", {"seconds_per_user": seconds,
-                                     "recipe_bytes": {u: self.recipe_path(u).stat().st_size for u in seconds}})
+            users_per_hour = 3600 * len(seconds) / (time.perf_counter() - t_all)
+            before = self.stats().get("assemble", {})
+            self.record("assemble", {"seconds_per_user": {**before.get("seconds_per_user", {}), **seconds},
+                                     "users_per_hour": users_per_hour,
+                                     "recipe_bytes": {**before.get("recipe_bytes", {}),
+                                                      **{u: self.recipe_path(u).stat().st_size for u in seconds}}})
         return recipes
 
     def export(self, user_id: str, out: str | Path) -> Path:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors.torch import save_file
 
-from perpcs.utils import atomic_dir, write_text
+from perpcs.recipe_format import is_packed, pack, unpack
+from perpcs.utils import atomic_dir, atomic_path, write_text
 
 FORMAT = "perpcs-recipe/1"
 
@@ -32,15 +34,25 @@ class Recipe(BaseModel):
     pieces: dict[str, list[tuple[str, float]]]
 
     def save(self, path: str | Path) -> Path:
-        """Compact JSON (it is what a target user stores instead of a whole adapter)."""
-        return write_text(path, self.model_dump_json(exclude_none=True))
+        """JSON for a `.json` path, else the compact binary layout (`recipe_format`, about 1 KB)."""
+        if Path(path).suffix == ".json":
+            return write_text(path, self.model_dump_json(exclude_none=True))
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(pack(self.model_dump(mode="json", exclude={"pieces"}, exclude_none=True), self.pieces))
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
+        """Either layout, told apart by the binary one's magic bytes."""
         path = Path(path)
+        data = path.read_bytes()
         try:
-            recipe = cls.model_validate(json.loads(path.read_text(encoding="utf-8")))
-        except (json.JSONDecodeError, ValidationError) as e:
+            if is_packed(data):
+                fields, pieces = unpack(data)
+                recipe = cls.model_validate({**fields, "pieces": pieces})
+            else:
+                recipe = cls.model_validate(json.loads(data.decode("utf-8")))
+        except (ValueError, ValidationError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise ValueError(f"{path}: not a perpcs recipe: {e}") from None
         if recipe.format != FORMAT:
             raise ValueError(f"{path}: recipe format {recipe.format!r}, this perpcs reads {FORMAT!r}")
@@ -64,10 +76,26 @@ def peft_lora_config(lora: dict, rank: int, base_path: str | None = None):
                       bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_path)
 
 
+def mix_pieces(pieces: Sequence[tuple[torch.Tensor, torch.Tensor]], weights: Sequence[float], mix: str,
+               rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mix (A_j, B_j) with weights w_j.
+
+    `linear` (the paper): A = sum w_j A_j, B = sum w_j B_j (mixed separately).
+    `cat` (exact): A = [w_1 A_1; ...; w_k A_k], B = [B_1 ... B_k], so B A = sum w_j B_j A_j;
+    zero-padded to `rank` rows so every position has the same LoRA rank.
+    """
+    if mix == "linear":
+        return (sum(w * a for (a, _), w in zip(pieces, weights)), sum(w * b for (_, b), w in zip(pieces, weights)))
+    A = torch.cat([w * a for (a, _), w in zip(pieces, weights)], 0)
+    B = torch.cat([b for _, b in pieces], 1)
+    if rank is not None and A.shape[0] < rank:
+        A = torch.cat([A, A.new_zeros(rank - A.shape[0], A.shape[1])], 0)
+        B = torch.cat([B, B.new_zeros(B.shape[0], rank - B.shape[1])], 1)
+    return A, B
+
+
 def materialize(recipe: Recipe, pool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{position: (A, B)} of the recipe's PEFT, reading only the selected pieces."""
-    from perpcs.assembly import mix_pieces
-
     check_pool(recipe, pool)
     rank = recipe.rank()
     out = {}
