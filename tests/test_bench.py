@@ -46,7 +46,8 @@ def test_results_schema(benched, tiny_data):
     assert r["one_time"]["task_adapt_seconds"] == stats["task_adapt"]["seconds"]
     for key in ("sharer_lora_seconds", "gate_seconds", "pool_bytes"):
         assert r["one_time"][key] == stats["build_pool"][key] > 0
-    assert r["one_time"]["pool_bytes"] == files_bytes(run.pool_path)
+    index = sum(p.stat().st_size for p in run.pool_path.glob("keys-*.safetensors"))  # assembly's key index, made later
+    assert r["one_time"]["pool_bytes"] == files_bytes(run.pool_path) - index and index > 0
 
 
 def test_preds_are_lamp_files_of_the_targets_queries_and_metrics_recompute(benched):
@@ -192,3 +193,21 @@ def test_cli_bench_bad_input_exits_2_before_any_work(tiny_base, tiny_data, tmp_p
         code, out = cli(*base, *args)
         assert code == 2 and message in out, args
     assert not (tmp_path / "o").exists()
+
+
+def test_alternating_costs_in_results(benched):
+    """The alternating timing (perpcs.costs) covers the first cost_targets targets; its OPPU adapter and
+    recipe are the same sizes as the bench's own (same training, same assembly)."""
+    out, run = benched
+    r = read_json(out / "results.json")
+    a = r["alternating_costs"]
+    targets = run.split["targets"][:BenchSettings().cost_targets]
+    assert list(a["users"]) == targets
+    for uid, u in a["users"].items():
+        assert u["time_ratio"] == pytest.approx(u["oppu_seconds"] / u["assembly_seconds"])
+        assert u["recipe_bytes"] == run.recipe_path(uid).stat().st_size
+        assert u["oppu_adapter_bytes"] == files_bytes(run.folder / "oppu" / safe_name(uid) / "adapter")
+    ratios = sorted(u["time_ratio"] for u in a["users"].values())
+    assert a["time_ratio"]["min"] == ratios[0] and a["time_ratio"]["max"] == ratios[-1]
+    assert a["history_budget"]["recent_k"] == r["config"]["assembly"]["recent_k"]
+    assert "Timed alternately in one process for 2 targets" in (out / "results.md").read_text()

@@ -130,7 +130,7 @@ def test_bulk_assembly_equals_one_by_one(tmp_path, tiny_run_config):
     from perpcs.pipeline import Run
 
     run = Run.create(tmp_path / "run", tiny_run_config())
-    run.pipeline()
+    run.build_pool()  # steps 0-4, no recipe yet
     users = [u.user_id for u in run.data.users][:5]
     together = run.assemble(users)  # one model, one pool, one Assembler for all five
     saved = {u: Recipe.load(run.recipe_path(u)) for u in users}

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from tqdm.auto import tqdm
 
 from perpcs.baselines import METHODS, average_loras, generate, load_lora, prompts, split_method
+from perpcs.costs import alternating_costs
 from perpcs.data import User
 from perpcs.evaluation import primary_metric, score, write_lamp_outputs
 from perpcs.pipeline import Run, RunConfig, check_later_steps, safe_name
@@ -40,6 +41,8 @@ class BenchSettings(BaseModel):
     # name -> settings of steps 3-5 (e.g. {"key": "activation"}): each variant reuses the run's task
     # model and sharer LoRAs (`Run.derive`) and is reported as rows `name` and `name+rag`
     variants: dict[str, dict] = {}
+    # targets whose OPPU training and assembly are also timed alternately in one process (perpcs.costs)
+    cost_targets: int = 2
 
     @field_validator("methods")
     @classmethod
@@ -209,6 +212,8 @@ def bench(data: str | Path, out: str | Path, config: RunConfig, settings: BenchS
         results["variants"][vname] = {
             "settings": settings.variants[vname], "gate_seconds": vstats["gate_seconds"], "pool_bytes": vstats["pool_bytes"],
             **({"diagnostics": group_diagnostics(vrun, groups)} if groups else {})}
+    if settings.cost_targets:
+        results["alternating_costs"] = alternating_costs(run, run.split["targets"][:settings.cost_targets])
     write_json(out / "results.json", results)
     write_text(out / "results.md", results_table(results))
     return results
@@ -273,6 +278,10 @@ def results_table(r: dict) -> str:
         f"gates {o['gate_seconds']:.0f} s, pool {_fmt_bytes(o['pool_bytes'])}; model loading {o['model_load_seconds']:.0f} s.",
         *([f"Known latent groups: {d['same_group_weight']:.0%} of the assembled weight comes from sharers of the "
            f"target's own group (random picking: {d['same_group_chance']:.0%})."] if (d := r.get("diagnostics")) else []),
+        *([f"Timed alternately in one process for {len(a['users'])} targets (perpcs.costs, history budget "
+           f"{a['history_budget']}): OPPU takes {a['time_ratio']['median']:.1f}x the time of Per-Pcs assembly "
+           f"(median; min {a['time_ratio']['min']:.1f}x, max {a['time_ratio']['max']:.1f}x); its adapter "
+           f"is {a['storage_ratio']['median']:.0f}x the recipe on disk."] if (a := r.get("alternating_costs")) else []),
         *(f"Variant {name}: {json.dumps(v['settings'])}, same task model and sharer LoRAs; piece keys "
           f"{v['gate_seconds']:.0f} s, pool {_fmt_bytes(v['pool_bytes'])}"
           + (f"; {v['diagnostics']['same_group_weight']:.0%} of its assembled weight from the target's own group."
