@@ -78,8 +78,9 @@ def piece_scores(h: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, key: s
     d = h.shape[-1]
     mean = example_means(F.layer_norm(h.float(), (d,)), mask).mean(0)  # [d]
     keys = keys.to(mean.device, mean.dtype)
-    if key == "gate":  # linear in LN(h): averaging first gives the same score at [d] x [d, n] instead of [B, T, d] x [d, n]
-        return F.layer_norm(keys, (d,)) @ mean / math.sqrt(d)
+    if key == "gate":  # linear in LN(h): averaging first gives the same scores for n x d work, not B x T x n x d
+        # a row-wise sum, not a matrix product: a piece's score then does not depend on the other candidates
+        return (F.layer_norm(keys, (d,)) * mean).sum(-1) / math.sqrt(d)
     c = keys.mean(0)
     return math.sqrt(d) * F.cosine_similarity((mean - c).unsqueeze(0), keys - c, dim=-1)
 
