@@ -68,6 +68,12 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
 
 
+def rss_now_mb() -> dict[str, float]:
+    """Resident memory now, anonymous (tensors) and file-backed (memory maps), from /proc (Linux)."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return {k: int(fields[k].split()[0]) / 1024 for k in ("RssAnon", "RssFile") if k in fields}
+
+
 def measure(pool_dir: Path, items: int, repeats: int, seed: int) -> dict:
     """In this (fresh) process: load the base, open the pool, assemble one synthetic target `repeats` times."""
     model, tok = load_base(prepare_base())
@@ -84,7 +90,7 @@ def measure(pool_dir: Path, items: int, repeats: int, seed: int) -> dict:
         assembler.recipe(TASK, tok, history(items, seed + r))
         seconds.append(time.perf_counter() - t0)
     return {"sharers": len(pool), "open_seconds": open_seconds, "index_seconds": index_seconds,
-            "assembly_seconds": seconds, "model_rss_mb": model_mb, "peak_rss_mb": rss_mb()}
+            "assembly_seconds": seconds, "model_rss_mb": model_mb, "peak_rss_mb": rss_mb(), "rss_at_end_mb": rss_now_mb()}
 
 
 def main(sizes: list[int], out: Path, items: int, repeats: int, rounds: int, seed: int) -> None:

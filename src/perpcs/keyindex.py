@@ -6,8 +6,9 @@ pass itself). The index is derived data, a cache: `pool/keys-<sha256 of pool.sql
 holds the sharer table once (metadata) and per position the candidates' keys [n, d_in] and their
 indices into the table (int32). Any change to the pool's manifest (a sharer added, removed or
 re-added) changes the name, so a stale index is never read; it is rebuilt on first use and the
-index files this module wrote for earlier manifests are removed. Positions are read from a memory
-map when the forward pass reaches them, so memory never holds every sharer's keys at once.
+index files this module wrote for earlier manifests are removed. A position's keys are read when the
+forward pass reaches it, through a handle closed at once, so memory never holds (or keeps mapped)
+every sharer's keys; the build reads one sharer file at a time (Pool.sharer_keys) for the same reason.
 """
 
 from __future__ import annotations
@@ -27,25 +28,29 @@ PREFIX = "keys-"
 class KeyIndex:
     def __init__(self, path: Path):
         self.path = path
-        self._file = safe_open(path, framework="pt", device="cpu")
-        meta = self._file.metadata()
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata()
+            self._names = set(f.keys())
         self.sharers: list[str] = json.loads(meta["sharers"])
         self._dims: dict[str, int] = json.loads(meta["dims"])
-        self._names = set(self._file.keys())
 
     @classmethod
     def of(cls, pool) -> "KeyIndex":
         """The index of `pool` as it is now: opened if written already, else built (one pass over the sharer files)."""
         path = pool.path / f"{PREFIX}{sha256_file(pool.path / 'pool.sqlite')[:16]}.safetensors"
         if not path.exists():
-            sharers = pool.sharers()
-            row = {sid: i for i, sid in enumerate(sharers)}
+            sharers = pool.sharers()  # in the order `candidates(pos)` gives them
+            rows: dict[str, list[int]] = {pos: [] for pos in pool.positions}
+            keys: dict[str, list[torch.Tensor]] = {pos: [] for pos in pool.positions}
+            for i, sid in enumerate(sharers):
+                for pos, key in pool.sharer_keys(sid).items():
+                    rows[pos].append(i)
+                    keys[pos].append(key)
             tensors = {}
             for pos in pool.positions:
-                ids, keys = pool.keys(pos)
-                if ids:
-                    tensors[f"{pos}.keys"] = keys.contiguous()
-                    tensors[f"{pos}.sharers"] = torch.tensor([row[s] for s in ids], dtype=torch.int32)
+                if rows[pos]:
+                    tensors[f"{pos}.keys"] = torch.stack(keys.pop(pos))
+                    tensors[f"{pos}.sharers"] = torch.tensor(rows[pos], dtype=torch.int32)
             dims = {pos: d_in for pos, (d_in, _) in pool.shapes.items()}
             with atomic_path(path) as tmp:
                 save_file(tensors, tmp, metadata={"sharers": json.dumps(sharers), "dims": json.dumps(dims)})
@@ -58,5 +63,6 @@ class KeyIndex:
         """(candidate sharer ids, their keys [n, d_in]) at `position`, as `Pool.keys` gives them."""
         if f"{position}.keys" not in self._names:
             return [], torch.empty(0, self._dims[position])
-        rows = self._file.get_tensor(f"{position}.sharers").tolist()
-        return [self.sharers[i] for i in rows], self._file.get_tensor(f"{position}.keys")
+        with safe_open(self.path, framework="pt", device="cpu") as f:  # closed at once: no page stays mapped
+            rows = f.get_tensor(f"{position}.sharers").tolist()
+            return [self.sharers[i] for i in rows], f.get_tensor(f"{position}.keys")

@@ -324,6 +324,14 @@ class Pool:
             "SELECT p.name FROM shares JOIN positions p ON p.idx = shares.position WHERE shares.sharer = ?", (idx,))}
         return {p: (h.get_tensor(f"{p}.lora_A"), h.get_tensor(f"{p}.lora_B")) for p in self.positions if p in shared}
 
+    def sharer_keys(self, sharer_id: str) -> dict[str, torch.Tensor]:
+        """{position: key} of one sharer's shared pieces, through a handle closed afterwards: building the
+        key index (keyindex.py) over thousands of sharers then does not keep their files mapped."""
+        _, file = self._sharer(sharer_id)
+        suffix = f".{self.key}"
+        with safe_open(self.path / file, framework="pt", device="cpu") as h:
+            return {name[: -len(suffix)]: h.get_tensor(name) for name in h.keys() if name.endswith(suffix)}
+
     def _open(self, file: str) -> Any:
         """A cached safe_open handle (LRU): opening thousands of files per position is slow.
         Correct because a sharer file's name carries its content hash and is never rewritten."""
