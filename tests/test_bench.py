@@ -210,4 +210,6 @@ def test_alternating_costs_in_results(benched):
     ratios = sorted(u["time_ratio"] for u in a["users"].values())
     assert a["time_ratio"]["min"] == ratios[0] and a["time_ratio"]["max"] == ratios[-1]
     assert a["history_budget"]["recent_k"] == r["config"]["assembly"]["recent_k"]
-    assert "Timed alternately in one process for 2 targets" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "Timed alternately in one process for 2 targets" in md
+    assert f"History budget of assembly: the {a['history_budget']['recent_k']} newest items." in md

@@ -268,7 +268,10 @@ def results_table(r: dict) -> str:
         f"{r['n_sharers']} sharers, seed {r['seed']}",
         "",
         f"Primary metric: {primary} ({'higher' if r['primary_metric']['higher_is_better'] else 'lower'} is better). "
-        f"Base: {r['base_model']} on {r['machine']['device']}, {r['date']}.",
+        f"Base: {r['base_model']} on {r['machine']['device']}, {r['date']}."
+        + (f" History budget of assembly: the {a['recent_k']} newest items"
+           + (f", at most {a['budget_tokens']} tokens." if a.get("budget_tokens") else ".")
+           if (a := r.get("config", {}).get("assembly")) else ""),
         "",
         *lines,
         *(["", "Share of OPPU's gain: from non_personalized to oppu; for methods with retrieval (+rag), "
