@@ -4,7 +4,8 @@ of 10, 100, 1000 sharers.
 Pieces and keys are random, of the real base's shapes (the default base, SmolLM2-135M: 30 layers x
 q, k, v, o = 120 positions, LoRA r=8, fp32 as sharers store them): this measures time and memory,
 not quality. Each pool is built in a temporary folder; each measurement runs in a fresh process
-(so its peak RSS is its own), loads the base, opens the pool (sha256 of every sharer file, as
+(so its peak RSS is its own), loads the base and runs one plain forward over the history (the
+"model" memory: weights paged in, one forward's working memory), opens the pool (sha256 of every sharer file, as
 `Run.open_pool` does), makes the Assembler (which builds the pool's key index on first use, once
 per pool), then assembles a synthetic target of `--items` history items `--repeats` times. The
 processes run in rounds over the pool sizes, so that the machine's drift hits every size alike.
@@ -31,7 +32,7 @@ from perpcs.data import Item
 from perpcs.models import load_base, prepare_base
 from perpcs.pool import Pool
 from perpcs.tasks import Task
-from perpcs.training import LoraSettings
+from perpcs.training import LoraSettings, collate, history_examples
 from perpcs.utils import write_json
 
 TASK = Task(name="scale", kind="classification", labels=["yes", "no"], instruction="Does this user like it?")
@@ -77,6 +78,9 @@ def rss_now_mb() -> dict[str, float]:
 def measure(pool_dir: Path, items: int, repeats: int, seed: int) -> dict:
     """In this (fresh) process: load the base, open the pool, assemble one synthetic target `repeats` times."""
     model, tok = load_base(prepare_base())
+    with torch.no_grad():  # the model's own footprint: weights paged in (memory-mapped) and one plain forward
+        batch = collate(history_examples(TASK, tok, history(items, seed)), tok.pad_token_id)
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     model_mb = rss_mb()
     t0 = time.perf_counter()
     pool = Pool.open(pool_dir)

@@ -330,7 +330,8 @@ class Pool:
         _, file = self._sharer(sharer_id)
         suffix = f".{self.key}"
         with safe_open(self.path / file, framework="pt", device="cpu") as h:
-            return {name[: -len(suffix)]: h.get_tensor(name) for name in h.keys() if name.endswith(suffix)}
+            # cloned: a tensor read from a memory map may keep the whole file mapped while it lives
+            return {name[: -len(suffix)]: h.get_tensor(name).clone() for name in h.keys() if name.endswith(suffix)}
 
     def _open(self, file: str) -> Any:
         """A cached safe_open handle (LRU): opening thousands of files per position is slow.
