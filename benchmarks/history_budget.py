@@ -9,8 +9,11 @@ Nothing is written inside the runs read: each pool is opened through links in OU
 key index is written there). Usage:
 
     python benchmarks/history_budget.py --pool gate=/work/runs/demo0/run \\
-        --pool act-cat=/work/runs/cost/act-cat/run --budgets 4 8 16 32 all \\
+        --pool act-cat=/work/runs/cost/act-cat/run --budgets 4 8 16 32 all --costs 2 \\
         --out /work/runs/cost/budget --results benchmarks/results/history-budget.json
+
+With `--costs N`, OPPU training and assembly at the chosen budget are then timed alternately for the
+first N targets (perpcs.costs), with the OPPU adapter and recipe sizes.
 """
 
 import argparse
@@ -23,6 +26,7 @@ from tqdm.auto import tqdm
 
 from perpcs.assembly import Assembler
 from perpcs.baselines import generate, prompts
+from perpcs.costs import alternating_costs
 from perpcs.evaluation import primary_metric, score
 from perpcs.pipeline import Run
 from perpcs.pool import Pool
@@ -74,7 +78,7 @@ def paired_ci(a: np.ndarray, b: np.ndarray, seed: int) -> tuple[float, float]:
     return float(r.confidence_interval.low), float(r.confidence_interval.high)
 
 
-def main(pools: dict[str, str], budgets: list[str], out: Path, results: Path, seed: int) -> None:
+def main(pools: dict[str, str], budgets: list[str], out: Path, results: Path, seed: int, costs: int) -> None:
     report = {"budgets": budgets, "seed": seed, "pools": {}}
     for name, folder in pools.items():
         run = Run(folder)
@@ -96,9 +100,16 @@ def main(pools: dict[str, str], budgets: list[str], out: Path, results: Path, se
                 chosen = b
         report["pools"][name] = {"run": str(folder), "config": run.config.model_dump(), "full_ci": (lo, hi),
                                  "metric": primary_metric(run.data.task)[0], "chosen": chosen, "budgets": rows}
+        if costs:  # OPPU vs assembly at the chosen budget, alternately in this process (perpcs.costs)
+            settings = run.config.assembly.model_copy(update={"recent_k": longest if chosen == "all" else int(chosen)})
+            report["pools"][name]["alternating_costs"] = alternating_costs(run, run.split["targets"][:costs], pool, settings)
+        a = report["pools"][name].get("alternating_costs")
         print(f"{name}: full history {rows['all']['mean']:.3f} (95% CI {lo:.3f}-{hi:.3f}, {len(full)} queries); "
               + "; ".join(f"{b}: {rows[b]['mean']:.3f} ({rows[b]['mean_assembly_seconds']:.1f} s/target)" for b in budgets)
-              + f"; smallest inside: {chosen}", flush=True)
+              + f"; smallest inside: {chosen}"
+              + (f"; at {chosen}: OPPU / assembly {a['time_ratio']['median']:.1f}x (median of {len(a['users'])}, "
+                 f"{a['time_ratio']['min']:.1f}-{a['time_ratio']['max']:.1f}), adapter / recipe "
+                 f"{a['storage_ratio']['median']:.0f}x" if a else ""), flush=True)
         write_json(results, report)  # after each pool: a later failure keeps what was measured
     plot(report, results.with_suffix(".png"))
     print(f"wrote {results} and {results.with_suffix('.png')}")
@@ -128,7 +139,8 @@ if __name__ == "__main__":
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results/history-budget.json"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--costs", type=int, default=0, help="also time OPPU vs assembly at the chosen budget for N targets")
     a = ap.parse_args()
     if "all" not in a.budgets:
         ap.error("--budgets must include 'all' (the full history the others are compared with)")
-    main(dict(p.split("=", 1) for p in a.pool), a.budgets, a.out, a.results, a.seed)
+    main(dict(p.split("=", 1) for p in a.pool), a.budgets, a.out, a.results, a.seed, a.costs)

@@ -19,7 +19,7 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from perpcs.assembly import Assembler
+from perpcs.assembly import Assembler, AssemblySettings
 from perpcs.pipeline import Run
 from perpcs.recipe_format import EXTENSION
 from perpcs.training import train_lora
@@ -37,11 +37,13 @@ def oppu_seconds(run: Run, model, tok, user_id: str, keep: Path | None = None):
     return peft_model.unload(), stats["seconds"]
 
 
-def assembly_seconds(run: Run, model, tok, user_id: str, keep: Path | None = None):
-    """(the model, unwrapped again; seconds) of assembling `user_id`'s recipe from `run`'s pool, with
-    the Assembler (pool and key index opened) made before the clock starts, as in bulk assembly."""
+def assembly_seconds(run: Run, model, tok, user_id: str, keep: Path | None = None, pool=None,
+                     settings: AssemblySettings | None = None):
+    """(the model, unwrapped again; seconds) of assembling `user_id`'s recipe from `run`'s pool with its
+    settings (or the given ones), the Assembler (pool and key index opened) made before the clock
+    starts, as in bulk assembly."""
     user = run.data.user(user_id)
-    assembler = Assembler(model, run.open_pool(), run.config.assembly)
+    assembler = Assembler(model, pool or run.open_pool(), settings or run.config.assembly)
     try:
         t0 = time.perf_counter()
         recipe = assembler.recipe(run.data.task, tok, user.history, user.profile, user=user_id)
@@ -59,20 +61,22 @@ def spread(values: Sequence[float]) -> dict:
     return {"median": statistics.median(values), "q1": q1, "q3": q3, "min": min(values), "max": max(values)}
 
 
-def alternating_costs(run: Run, user_ids: Sequence[str]) -> dict:
-    """OPPU training and Per-Pcs assembly timed alternately per target in this process, with the
-    per-target time ratios (OPPU / assembly) and their spread, and the on-disk size of each."""
+def alternating_costs(run: Run, user_ids: Sequence[str], pool=None, settings: AssemblySettings | None = None) -> dict:
+    """OPPU training and Per-Pcs assembly (the run's pool and settings, or the given ones) timed
+    alternately per target in this process, with the per-target time ratios (OPPU / assembly) and
+    their spread, and the on-disk size of each."""
     model, tok = run.merged
+    settings = settings or run.config.assembly
     per_user = {}
     with tempfile.TemporaryDirectory() as tmp:
         for uid in tqdm(user_ids, desc="costs: OPPU and assembly, alternately"):
             adapter, recipe = Path(tmp) / f"{len(per_user)}-adapter", Path(tmp) / f"{len(per_user)}{EXTENSION}"
             model, oppu = oppu_seconds(run, model, tok, uid, adapter)
-            model, assembly = assembly_seconds(run, model, tok, uid, recipe)
+            model, assembly = assembly_seconds(run, model, tok, uid, recipe, pool, settings)
             per_user[uid] = {"oppu_seconds": oppu, "assembly_seconds": assembly, "time_ratio": oppu / assembly,
                              "oppu_adapter_bytes": dir_bytes(adapter), "recipe_bytes": recipe.stat().st_size}
     values = list(per_user.values())
     return {"users": per_user,
             "time_ratio": spread([v["time_ratio"] for v in values]),
             "storage_ratio": spread([v["oppu_adapter_bytes"] / v["recipe_bytes"] for v in values]),
-            "history_budget": {"recent_k": run.config.assembly.recent_k, "budget_tokens": run.config.assembly.budget_tokens}}
+            "history_budget": {"recent_k": settings.recent_k, "budget_tokens": settings.budget_tokens}}
