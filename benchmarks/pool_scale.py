@@ -8,7 +8,9 @@ not quality. Each pool is built in a temporary folder; each measurement runs in 
 "model" memory: weights paged in, one forward's working memory), opens the pool (sha256 of every sharer file, as
 `Run.open_pool` does), makes the Assembler (which builds the pool's key index on first use, once
 per pool), then assembles a synthetic target of `--items` history items `--repeats` times. The
-processes run in rounds over the pool sizes, so that the machine's drift hits every size alike.
+processes run in rounds over the pool sizes. Time is also measured alternately in one process (all
+pools opened, one model, pool sizes in turn): the machine drifts between processes, and the time
+growth reported is this alternating one.
 
     python benchmarks/pool_scale.py --sharers 10 100 1000 --out benchmarks/results/pool-scale.json
 """
@@ -97,6 +99,22 @@ def measure(pool_dir: Path, items: int, repeats: int, seed: int) -> dict:
             "assembly_seconds": seconds, "model_rss_mb": model_mb, "peak_rss_mb": rss_mb(), "rss_at_end_mb": rss_now_mb()}
 
 
+def alternate(pool_dirs: list[Path], items: int, repeats: int, seed: int) -> list[list[float]]:
+    """In one process, on one model: assembly seconds from each pool in turn, `repeats` rounds (the
+    machine drifts between processes; within one, every pool size sees the same drift)."""
+    model, tok = load_base(prepare_base())
+    pools = [Pool.open(d) for d in pool_dirs]
+    seconds: list[list[float]] = [[] for _ in pools]
+    for r in range(repeats):
+        for i, pool in enumerate(pools):
+            assembler = Assembler(model, pool, AssemblySettings(seed=seed))
+            t0 = time.perf_counter()
+            assembler.recipe(TASK, tok, history(items, seed + r))
+            seconds[i].append(time.perf_counter() - t0)
+            model = assembler.unload()
+    return seconds
+
+
 def main(sizes: list[int], out: Path, items: int, repeats: int, rounds: int, seed: int) -> None:
     model, _ = load_base(prepare_base())
     shapes = positions(model.config)
@@ -115,21 +133,29 @@ def main(sizes: list[int], out: Path, items: int, repeats: int, rounds: int, see
                                        "--repeats", str(repeats), "--seed", str(seed)],
                                       capture_output=True, text=True, check=True)
                 result["sizes"][n]["runs"].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        proc = subprocess.run([sys.executable, __file__, "--alternate", *map(str, pools.values()), "--items", str(items),
+                               "--repeats", str(2 * repeats), "--seed", str(seed)], capture_output=True, text=True, check=True)
+        for n, seconds in zip(sizes, json.loads(proc.stdout.strip().splitlines()[-1])):
+            result["sizes"][n]["alternating_seconds"] = seconds
     for n, s in result["sizes"].items():
         runs = s["runs"]
+        s["alternating_median_seconds"] = statistics.median(s["alternating_seconds"])
         s["assembly_seconds"] = statistics.median(min(r["assembly_seconds"]) for r in runs)
         s["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
         s["model_rss_mb"] = min(r["model_rss_mb"] for r in runs)
         s["rss_over_model_mb"] = max(r["peak_rss_mb"] - r["model_rss_mb"] for r in runs)
     lo, hi = result["sizes"][min(sizes)], result["sizes"][max(sizes)]
-    result["time_growth"] = hi["assembly_seconds"] / lo["assembly_seconds"]
+    result["time_growth"] = hi["alternating_median_seconds"] / lo["alternating_median_seconds"]
+    result["time_growth_separate_processes"] = hi["assembly_seconds"] / lo["assembly_seconds"]
     write_json(out, result)
     plot(result, out.with_suffix(".png"))
     for n, s in result["sizes"].items():
-        print(f"{n:>6} sharers: assembly {s['assembly_seconds']:.2f} s, peak RSS {s['peak_rss_mb']:.0f} MB "
+        print(f"{n:>6} sharers: assembly {s['alternating_median_seconds']:.2f} s (alternating in one process; "
+              f"{s['assembly_seconds']:.2f} s in its own), peak RSS {s['peak_rss_mb']:.0f} MB "
               f"(model {s['model_rss_mb']:.0f} MB, +{s['rss_over_model_mb']:.0f} MB), key index "
               f"{statistics.median(r['index_seconds'] for r in s['runs']):.2f} s once per pool")
-    print(f"time growth {min(sizes)} -> {max(sizes)} sharers: {result['time_growth']:.2f}x; wrote {out} and "
+    print(f"time growth {min(sizes)} -> {max(sizes)} sharers: {result['time_growth']:.2f}x (alternating; "
+          f"{result['time_growth_separate_processes']:.2f}x across processes); wrote {out} and "
           f"{out.with_suffix('.png')}")
 
 
@@ -141,7 +167,9 @@ def plot(result: dict, path: Path) -> None:
     sizes = [int(n) for n in result["sizes"]]
     s = list(result["sizes"].values())
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-    a.plot(sizes, [x["assembly_seconds"] for x in s], "o-")
+    a.plot(sizes, [x["alternating_median_seconds"] for x in s], "o-", label="alternating, one process")
+    a.plot(sizes, [x["assembly_seconds"] for x in s], "s--", label="each size in its own process")
+    a.legend()
     a.set(xscale="log", xlabel="sharers in the pool", ylabel="assembly seconds (one target)", ylim=(0, None))
     b.plot(sizes, [x["peak_rss_mb"] for x in s], "o-", label="peak RSS")
     b.plot(sizes, [x["model_rss_mb"] for x in s], "s--", label="after loading the model")
@@ -162,8 +190,11 @@ if __name__ == "__main__":
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # internal: one measurement, in a fresh process
+    ap.add_argument("--alternate", type=Path, nargs="+", help=argparse.SUPPRESS)  # internal: time, pools in turn
     a = ap.parse_args()
-    if a.measure:
+    if a.alternate:
+        print(json.dumps(alternate(a.alternate, a.items, a.repeats, a.seed)))
+    elif a.measure:
         print(json.dumps(measure(a.measure, a.items, a.repeats, a.seed)))
     else:
         main(a.sharers, a.out, a.items, a.repeats, a.rounds, a.seed)
