@@ -204,12 +204,12 @@ def test_lost_recipe_is_reassembled_alone(done_run, monkeypatch):
     folder, _ = done_run
     run = Run(folder)
     lost, kept = run.split["targets"]
-    old = run.recipe_path(lost).read_text()
+    old = run.recipe_path(lost).read_bytes()
     kept_mtime = run.recipe_path(kept).stat().st_mtime_ns
     run.recipe_path(lost).unlink()
     monkeypatch.setattr("perpcs.pipeline.train_lora", lambda *a, **k: pytest.fail("retrained"))
     run.pipeline()
-    assert run.recipe_path(lost).read_text() == old  # assembly is deterministic
+    assert run.recipe_path(lost).read_bytes() == old  # assembly is deterministic
     assert run.recipe_path(kept).stat().st_mtime_ns == kept_mtime
 
 
