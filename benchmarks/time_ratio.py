@@ -10,13 +10,14 @@ pool given. It trains nothing that is kept. Usage:
     python benchmarks/time_ratio.py BENCH_OUT [--variant NAME ...] [--user ID] [--rounds 2]
 
 BENCH_OUT is a `perpcs bench` output folder; `--variant` adds a pool from BENCH_OUT/variants/NAME.
+The timing itself is `perpcs.costs` (what `perpcs bench` reports for a few targets); this script adds
+the full-forward loss and other pools.
 """
 
 import argparse
-import time
 
 from perpcs import training
-from perpcs.assembly import Assembler
+from perpcs.costs import assembly_seconds, oppu_seconds
 from perpcs.pipeline import Run
 
 
@@ -29,30 +30,22 @@ def main(out: str, variants: list[str], user_id: str | None, rounds: int) -> Non
     model, tok = run.merged
     uid = user_id or run.split["targets"][0]
     user = run.data.user(uid)
-    examples = run.examples(user, tok)
     settings = run.config.training("sharer_train", uid)
     pools = {"perpcs": run, **{v: Run(f"{out}/variants/{v}/run") for v in variants}}
-    print(f"user {uid}: {len(user.history)} history items, {sum(map(len, (e.input_ids for e in examples)))} tokens; "
-          f"OPPU {settings.steps} steps of {settings.batch_size}")
+    print(f"user {uid}: {len(user.history)} history items, "
+          f"{sum(len(e.input_ids) for e in run.examples(user, tok))} tokens; OPPU {settings.steps} steps of {settings.batch_size}")
     label_loss = training.lm_loss
     for r in range(rounds):
         times = {}
         for name, loss in (("oppu", label_loss), ("oppu, full-forward loss", full_forward_loss)):
             training.lm_loss = loss  # the loss `train` calls
             try:
-                peft_model, stats = training.train_lora(model, examples, run.config.lora, settings, tok.pad_token_id,
-                                                        desc=name)
+                model, times[name] = oppu_seconds(run, uid)
             finally:
                 training.lm_loss = label_loss
-            model = peft_model.unload()
-            times[name] = stats["seconds"]
-            print(f"round {r}: {name}: {stats['seconds']:.2f} s, final loss {stats['final_loss']:.4f}", flush=True)
+            print(f"round {r}: {name}: {times[name]:.2f} s", flush=True)
         for name, source in pools.items():
-            assembler = Assembler(model, source.open_pool(), source.config.assembly)
-            t0 = time.perf_counter()
-            assembler.recipe(run.data.task, tok, user.history, user.profile, user=uid)
-            seconds = time.perf_counter() - t0
-            model = assembler.unload()
+            model, seconds = assembly_seconds(source, model, tok, uid)
             print(f"round {r}: assembly {name}: {seconds:.2f} s; OPPU / assembly "
                   + ", ".join(f"{times[k] / seconds:.1f}x ({k})" for k in times), flush=True)
 

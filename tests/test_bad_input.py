@@ -91,12 +91,15 @@ def point_sharer_at(pool: Path, file: str) -> None:
 
 
 def edit_recipe(run: Path, edit: Callable[[dict], None]) -> tuple[str, Path]:
-    """Edit the first target's recipe file; returns (user, recipe path)."""
+    """Edit the first target's recipe, written back as a JSON recipe (the layout a person can edit,
+    which `Run.recipe_path` prefers); returns (user, recipe path)."""
     user = json.loads((run / "split.json").read_text())["targets"][0]
-    path = Run(run).recipe_path(user)
-    recipe = json.loads(path.read_text())
+    binary = Run(run).recipe_path(user)
+    recipe = Recipe.load(binary).model_dump(mode="json")
     edit(recipe)
+    path = binary.with_suffix(".json")
     path.write_text(json.dumps(recipe))
+    binary.unlink()
     return user, path
 
 

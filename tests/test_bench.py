@@ -9,6 +9,7 @@ from perpcs.bench import Bench, BenchSettings, bench, results_table
 from perpcs.data import load_dataset
 from perpcs.evaluation import read_lamp_outputs, score
 from perpcs.pipeline import Run, safe_name
+from perpcs.recipe import Recipe
 from perpcs.utils import read_json
 
 
@@ -46,7 +47,8 @@ def test_results_schema(benched, tiny_data):
     assert r["one_time"]["task_adapt_seconds"] == stats["task_adapt"]["seconds"]
     for key in ("sharer_lora_seconds", "gate_seconds", "pool_bytes"):
         assert r["one_time"][key] == stats["build_pool"][key] > 0
-    assert r["one_time"]["pool_bytes"] == files_bytes(run.pool_path)
+    index = sum(p.stat().st_size for p in run.pool_path.glob("keys-*.safetensors"))  # assembly's key index, made later
+    assert r["one_time"]["pool_bytes"] == files_bytes(run.pool_path) - index and index > 0
 
 
 def test_preds_are_lamp_files_of_the_targets_queries_and_metrics_recompute(benched):
@@ -258,5 +260,26 @@ def test_results_report_each_users_budget_and_strength(benched):
         assert b["steps"] == 2  # tiny_run_config's fixed budget
     assert set(r["oppu"]) == set(run.split["targets"]) and all(b["steps"] == 2 for b in r["oppu"].values())
     for uid, strength in r["strength"].items():
-        recipe = read_json(run.recipe_path(uid))
-        assert strength == recipe["strength"] == recipe["settings"]["strength"] == 1.0  # the default rule
+        recipe = Recipe.load(run.recipe_path(uid))
+        assert strength == recipe.strength == recipe.settings["strength"] == 1.0  # the default rule
+
+
+def test_alternating_costs_in_results(benched, tmp_path):
+    """The alternating timing (perpcs.costs) covers the first cost_targets targets; its OPPU adapter and
+    recipe are the same sizes as the bench's own (same training, same assembly)."""
+    out, run = benched
+    r = read_json(out / "results.json")
+    a = r["alternating_costs"]
+    targets = run.split["targets"][:BenchSettings().cost_targets]
+    assert list(a["users"]) == targets
+    for uid, u in a["users"].items():
+        assert u["time_ratio"] == pytest.approx(u["oppu_seconds"] / u["assembly_seconds"])
+        same = Recipe.load(run.recipe_path(uid)).model_copy(update={"seconds": None})  # only the run's has seconds
+        assert u["recipe_bytes"] == same.save(tmp_path / f"{uid}.recipe").stat().st_size
+        assert u["oppu_adapter_bytes"] == files_bytes(run.folder / "oppu" / safe_name(uid) / "adapter")
+    ratios = sorted(u["time_ratio"] for u in a["users"].values())
+    assert a["time_ratio"]["min"] == ratios[0] and a["time_ratio"]["max"] == ratios[-1]
+    assert a["history_budget"]["recent_k"] == r["config"]["assembly"]["recent_k"]
+    md = (out / "results.md").read_text()
+    assert "Timed alternately in one process for 2 targets" in md
+    assert f"History budget of assembly: the {a['history_budget']['recent_k']} newest items." in md

@@ -93,7 +93,7 @@ def test_pipeline_writes_every_step(done_run):
     assert set(pool.sharers()) == {pool.pseudonym(s["user_id"]) for s in selection}
     for s in selection:
         assert (run.sharer_dir(s["user_id"]) / "adapter" / "adapter_model.safetensors").exists()
-    assert sorted(p.name for p in (folder / "recipes").iterdir()) == sorted(f"{safe_name(u)}.json"
+    assert sorted(p.name for p in (folder / "recipes").iterdir()) == sorted(f"{safe_name(u)}.recipe"
                                                                            for u in split["targets"])
     for u in split["targets"]:
         recipe = Recipe.load(run.recipe_path(u))

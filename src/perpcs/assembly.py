@@ -14,6 +14,7 @@ averaged over batches. The result is a `Recipe`: for each position the chosen sh
 from __future__ import annotations
 
 import math
+from itertools import accumulate
 from typing import Literal, Sequence
 
 import torch
@@ -22,19 +23,22 @@ from pydantic import BaseModel, ConfigDict
 
 from perpcs.data import Item
 from perpcs.gates import lora_layers
-from perpcs.recipe import Recipe, pad_rank, peft_lora_config
+from perpcs.keyindex import KeyIndex
+from perpcs.recipe import Recipe, mix_pieces, peft_lora_config
 from perpcs.strength import best_strength, holdout_size, strength_scores
 from perpcs.tasks import Task
 from perpcs.training import IGNORE, Example, collate, history_examples
 
 
 class AssemblySettings(BaseModel):
-    """Reference defaults: top-k 3, tau 1, recent_k 2000, batches of 16."""
+    """Reference defaults: top-k 3, tau 1, batches of 16. The reference reads up to 2000 history items;
+    16 keep the demo's quality within the CI of full history at 20x less than OPPU's time (benchmarks/README.md)."""
 
     model_config = ConfigDict(extra="forbid")
     top_k: int = 3
     temperature: float = 1.0
-    recent_k: int = 2000
+    recent_k: int = 16  # history budget in items, newest first (measured: benchmarks/README.md, "Past the paper's costs")
+    budget_tokens: int | None = None  # and in tokens: the newest items whose examples fit (at least one item)
     batch_size: int = 16
     select: Literal["topk", "sample", "topp"] = "topk"
     sample_topk: int = 10
@@ -82,11 +86,11 @@ def piece_scores(h: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, key: s
     if not mask.any():
         raise ValueError("no token predicts an output token in this batch (are all targets truncated away?)")
     d = h.shape[-1]
-    hn = F.layer_norm(h.float(), (d,))
-    keys = keys.to(hn.device, hn.dtype)
-    if key == "gate":
-        return example_means(hn @ F.layer_norm(keys, (d,)).T / math.sqrt(d), mask).mean(0)  # over [B, T, n]
-    mean = example_means(hn, mask).mean(0)  # [d]
+    mean = example_means(F.layer_norm(h.float(), (d,)), mask).mean(0)  # [d]
+    keys = keys.to(mean.device, mean.dtype)
+    if key == "gate":  # linear in LN(h): averaging first gives the same scores for n x d work, not B x T x n x d
+        # a row-wise sum, not a matrix product: a piece's score then does not depend on the other candidates
+        return (F.layer_norm(keys, (d,)) * mean).sum(-1) / math.sqrt(d)
     c = keys.mean(0)
     return math.sqrt(d) * F.cosine_similarity((mean - c).unsqueeze(0), keys - c, dim=-1)
 
@@ -138,21 +142,6 @@ def choose(scores: torch.Tensor, settings: AssemblySettings, generator: torch.Ge
     return idx, torch.softmax(scores[idx] / settings.temperature, 0)
 
 
-def mix_pieces(pieces: Sequence[tuple[torch.Tensor, torch.Tensor]], weights: Sequence[float], mix: str,
-               rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mix (A_j, B_j) with weights w_j.
-
-    `linear` (the paper): A = sum w_j A_j, B = sum w_j B_j (mixed separately).
-    `cat` (exact): A = [w_1 A_1; ...; w_k A_k], B = [B_1 ... B_k], so B A = sum w_j B_j A_j;
-    zero-padded to `rank` rows so every position has the same LoRA rank.
-    """
-    if mix == "linear":
-        return (sum(w * a for (a, _), w in zip(pieces, weights)), sum(w * b for (_, b), w in zip(pieces, weights)))
-    A = torch.cat([w * a for (a, _), w in zip(pieces, weights)], 0)
-    B = torch.cat([b for _, b in pieces], 1)
-    return pad_rank(A, B, rank) if rank is not None else (A, B)
-
-
 class _Done(Exception):
     """Raised after the last position is assembled: the rest of the forward (and the LM head) is not needed."""
 
@@ -179,22 +168,20 @@ class Assembler:
         missing = set(pool.positions) - set(self.layers)
         if missing:
             raise ValueError(f"the model has no module at pool positions {sorted(missing)[:5]}: pool from another architecture?")
-        self.keys = {pos: pool.keys(pos) for pos in pool.positions}
-        self._pieces: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.keys = KeyIndex.of(pool)  # read per position as the forward pass reaches it
 
     def unload(self):
         """The merged model without the working LoRA."""
         return self.model.unload()
 
-    def piece(self, sharer: str, pos: str) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (sharer, pos)
-        if key not in self._pieces:
-            self._pieces[key] = self.pool.piece(sharer, pos)
-        return self._pieces[key]
-
     def examples(self, task: Task, tokenizer, history: Sequence[Item], profile: str | None = None) -> list[Example]:
         s = self.settings
-        return history_examples(task, tokenizer, list(history)[-s.recent_k:], s.max_len, s.retrieval_copies, profile)
+        items = list(history)[-s.recent_k:]
+        if s.budget_tokens is not None:
+            newest_first = [len(e.input_ids) for e in history_examples(task, tokenizer, items[::-1], s.max_len)]
+            kept = max(1, sum(total <= s.budget_tokens for total in accumulate(newest_first)))
+            items = items[len(items) - kept:]
+        return history_examples(task, tokenizer, items, s.max_len, s.retrieval_copies, profile)
 
     @torch.no_grad()
     def assemble(self, examples: Sequence[Example], pad_id: int, trace: list | None = None) -> dict[str, dict[str, float]]:
@@ -228,7 +215,7 @@ class Assembler:
 
     def _hook(self, pos, mask, generator, totals, batch_trace):
         def hook(module, args):
-            ids, keys = self.keys[pos]
+            ids, keys = self.keys.keys(pos)
             if not ids:  # no sharer shares this position (low sharing ratio): leave it without update
                 with torch.no_grad():
                     module.lora_B["default"].weight.zero_()
@@ -238,7 +225,7 @@ class Assembler:
                 scores = piece_scores(args[0], keys, mask, self.pool.key).cpu()
                 idx, w = choose(scores, self.settings, generator)
                 chosen = [ids[i] for i in idx.tolist()]
-                install(module, mix_pieces([self.piece(c, pos) for c in chosen], w.tolist(), self.settings.mix,
+                install(module, mix_pieces([self.pool.piece(c, pos) for c in chosen], w.tolist(), self.settings.mix,
                                            module.lora_A["default"].weight.shape[0]))
                 for c, wi in zip(chosen, w.tolist()):
                     totals[pos][c] = totals[pos].get(c, 0.0) + wi
@@ -255,13 +242,13 @@ class Assembler:
             if not chosen:
                 layer.lora_B["default"].weight.zero_()
                 continue
-            A, B = mix_pieces([self.piece(sid, pos) for sid in chosen], list(chosen.values()), self.settings.mix,
+            A, B = mix_pieces([self.pool.piece(sid, pos) for sid in chosen], list(chosen.values()), self.settings.mix,
                               layer.lora_A["default"].weight.shape[0])
             install(layer, (A, strength * B))
 
     def recipe(self, task: Task, tokenizer, history: Sequence[Item], profile: str | None = None,
                user: str | None = None, trace: list | None = None) -> Recipe:
-        """The target user's recipe from their own history (only the `recent_k` newest items); with
+        """The target user's recipe from their own history (only its newest items within the budget); with
         strength "auto", from all but the newest few, on which the strength is then chosen."""
         s, history = self.settings, list(history)
         v = holdout_size(len(history), s.holdout_items) if s.strength == "auto" else 0

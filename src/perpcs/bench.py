@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
 from perpcs.baselines import METHODS, average_loras, generate, load_lora, prompts, split_method
+from perpcs.costs import alternating_costs
 from perpcs.data import User
 from perpcs.evaluation import primary_metric, score, write_lamp_outputs
 from perpcs.pipeline import PAPER_RULE, Run, RunConfig, check_later_steps, safe_name
@@ -51,6 +52,8 @@ class BenchSettings(BaseModel):
     # each target keeps only its newest K history items (OPPU trains on them, retrieval reads them;
     # Per-Pcs reads its run's `assembly.recent_k`): the history curve (`perpcs curve`)
     history_k: int | None = Field(None, ge=1)
+    # targets whose OPPU training and assembly are also timed alternately in one process (perpcs.costs)
+    cost_targets: int = 2
 
     @field_validator("methods")
     @classmethod
@@ -256,6 +259,8 @@ def bench(data: str | Path, out: str | Path, config: RunConfig, settings: BenchS
     selection_plot(run, out / "selection.png", groups)
     for vname in variants:
         selection_plot(Run(out / "variants" / vname / "run"), out / f"selection-{vname}.png", groups)
+    if settings.cost_targets:
+        results["alternating_costs"] = alternating_costs(run, run.split["targets"][:settings.cost_targets])
     write_json(out / "results.json", results)
     write_text(out / "results.md", results_table(results))
     return results
@@ -303,7 +308,10 @@ def results_table(r: dict) -> str:
         f"{r['n_sharers']} sharers, seed {r['seed']}",
         "",
         f"Primary metric: {primary} ({'higher' if r['primary_metric']['higher_is_better'] else 'lower'} is better). "
-        f"Base: {r['base_model']} on {r['machine']['device']}, {r['date']}.",
+        f"Base: {r['base_model']} on {r['machine']['device']}, {r['date']}."
+        + (f" History budget of assembly: the {a['recent_k']} newest items"
+           + (f", at most {a['budget_tokens']} tokens." if a.get("budget_tokens") else ".")
+           if (a := r.get("config", {}).get("assembly")) else ""),
         "",
         *lines,
         *(["", "Share of OPPU's gain: from non_personalized to oppu" + ("; for methods with retrieval (+rag), "
@@ -316,6 +324,10 @@ def results_table(r: dict) -> str:
         f"gates {o['gate_seconds']:.0f} s, pool {_fmt_bytes(o['pool_bytes'])}; model loading {o['model_load_seconds']:.0f} s.",
         *([f"Known latent groups: {d['same_group_weight']:.0%} of the assembled weight comes from sharers of the "
            f"target's own group (random picking: {d['same_group_chance']:.0%})."] if (d := r.get("diagnostics")) else []),
+        *([f"Timed alternately in one process for {len(a['users'])} targets (perpcs.costs, history budget "
+           f"{a['history_budget']}): OPPU takes {a['time_ratio']['median']:.1f}x the time of Per-Pcs assembly "
+           f"(median; min {a['time_ratio']['min']:.1f}x, max {a['time_ratio']['max']:.1f}x); its adapter "
+           f"is {a['storage_ratio']['median']:.0f}x the recipe on disk."] if (a := r.get("alternating_costs")) else []),
         *(f"Variant {name}: {json.dumps(v['settings'])}, same task model and sharer LoRAs; piece keys "
           f"{v['gate_seconds']:.0f} s, pool {_fmt_bytes(v['pool_bytes'])}"
           + (f"; {v['diagnostics']['same_group_weight']:.0%} of its assembled weight from the target's own group."

@@ -257,10 +257,13 @@ def assemble(
     run: Path = typer.Option(..., "--run"),
     user: Optional[str] = typer.Option(None, "--user", help="with --history: a user who need not be in the run's data"),
     history: Optional[Path] = typer.Option(None, "--history", help="that user's history, JSONL of {input, output}"),
+    users: Optional[str] = typer.Option(None, "--users", help="FILE (one user id a line) or 'all' (every user of "
+                                        "the data set); default: the run's target users"),
     executor: str = EXECUTOR,
     ray_address: Optional[str] = RAY_ADDRESS,
 ) -> None:
-    """Step 5: a recipe per target user (or for --user from --history), from their history, no training."""
+    """Step 5: a recipe per user from their history, no training; model and pool opened once for all users
+    (or for --user from --history: a user who need not be in the run's data)."""
     from perpcs.data import load_history
     from perpcs.executors import make_executor
     from perpcs.pipeline import Run
@@ -271,12 +274,35 @@ def assemble(
             raise ValueError("--user and --history go together")
         if user is not None:
             r.assemble_history(user, load_history(history, r.data.task))
-            console.print(f"wrote the recipe of {user!r} to {r.recipe_path(user)}", markup=False)
+            console.print(f"wrote the recipe of {user!r} to {r.recipe_path(user)}")
             return
-        recipes = r.assemble(executor=make_executor(executor, ray_address))
+        ids = None if users is None else bulk_users(users, {u.user_id for u in r.data.users})
+        recipes = r.assemble(ids, executor=make_executor(executor, ray_address))
     except (ValueError, OSError, KeyError) as e:
         fail(str(e))
-    console.print(f"wrote {len(recipes)} recipes to {r.folder / 'recipes'}")
+    rate = r.stats().get("assemble", {}).get("users_per_hour")
+    console.print(f"wrote {len(recipes)} recipes to {r.folder / 'recipes'}"
+                  + (f" ({rate:.0f} users per hour, in {r.folder / 'stats.json'})" if rate else " (all there already)"))
+
+
+def bulk_users(spec: str, known: set[str]) -> list[str]:
+    """`--users`: 'all', or a file of user ids, one a line (blank lines skipped), each checked against the data."""
+    if spec == "all":
+        return sorted(known)
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"--users {spec}: no such file (give a file of user ids, one a line, or 'all')")
+    from perpcs.utils import text_lines
+
+    ids = []
+    for lineno, line in text_lines(path):
+        if line.strip():
+            if line.strip() not in known:
+                raise ValueError(f"{path}: line {lineno}: no user {line.strip()!r} in the run's data set")
+            ids.append(line.strip())
+    if not ids:
+        raise ValueError(f"{path}: no user ids")
+    return list(dict.fromkeys(ids))
 
 
 @app.command("export")

@@ -125,11 +125,20 @@ def load_users(path: str | Path, task: Task | None = None) -> list[User]:
                                  f"({query_ids[q.id]})")
             query_ids[q.id] = f"{where.rsplit(': ', 1)[1]}, user {user.user_id!r}"
         if task is not None:
-            task.check_user(user, where)
+            check_user(task, user, where)
         users.append(user)
     if not users:
         raise InputError(f"{path}: no users")
     return users
+
+
+def check_user(task: Task, user: User, where: str) -> None:
+    """Reject outputs a task cannot score (e.g. a label outside the label set)."""
+    for field, items in (("history", user.history), ("queries", user.queries)):
+        for i, it in enumerate(items):
+            problem = task.output_problem(it.output)
+            if problem:
+                raise InputError(f"{where}: field '{field}.{i}.output': {problem}")
 
 
 def load_history(path: str | Path, task: Task) -> list[Item]:

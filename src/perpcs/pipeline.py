@@ -7,7 +7,7 @@
     RUN/sharers/<id>/            step 2-3: a sharer's own LoRA (peft folder), its pieces with their keys
                                  (pieces.safetensors, what a Ray worker hands back) and training stats
     RUN/pool/                    step 4: the shared pieces and gates (see docs/pool.md)
-    RUN/recipes/<id>.json        step 5: each target user's recipe
+    RUN/recipes/<id>.recipe      step 5: each target user's recipe (binary, see recipe_format.py)
     RUN/stats.json               seconds and sizes of every step
     RUN/run.lock                 held by the one process writing into the run
 
@@ -42,6 +42,7 @@ from perpcs.gates import lora_layers, train_gates
 from perpcs.models import fingerprint, load_base, prepare_base
 from perpcs.pool import Pool, share_mask
 from perpcs.recipe import ADAPTER_FILES, Recipe, export_adapter
+from perpcs.recipe_format import EXTENSION as RECIPE_EXTENSION
 from perpcs.selection import Selection, load_selection, save_selection, select_sharers
 from perpcs.training import LoraSettings, TrainSettings, history_examples, lora_state, split_heldout, train_lora
 from perpcs.utils import (atomic_dir, atomic_path, check_output_dir, deep_merge, read_json, remove_temp,
@@ -441,7 +442,9 @@ class Run:
     # --- step 5 ---
 
     def recipe_path(self, user_id: str) -> Path:
-        return self.folder / "recipes" / f"{safe_name(user_id)}.json"
+        """The binary recipe (`recipe_format`); a JSON one where an older perpcs wrote that."""
+        old = self.folder / "recipes" / f"{safe_name(user_id)}.json"
+        return old if old.exists() else old.with_suffix(RECIPE_EXTENSION)
 
     @_writes
     def assemble(self, user_ids: list[str] | None = None, executor=None) -> dict[str, Recipe]:
@@ -449,6 +452,9 @@ class Run:
         With an `executor`, users are assembled in chunks, one per worker."""
         user_ids = self.split["targets"] if user_ids is None else user_ids
         todo = [u for u in user_ids if not self.recipe_path(u).exists()]
+        if executor is None:
+            self.merged  # loaded before the clock starts: users per hour is the steady rate
+        t_all = time.perf_counter()
         if executor is None or not todo:
             seconds = self.assemble_users(todo)
         else:
@@ -456,9 +462,12 @@ class Run:
             seconds = {u: s for part in executor.map(partial(assemble_task, str(self.folder)), chunks,
                                                      desc="step 5: assemble") for u, s in part.items()}
         if seconds:
-            seconds = {**self.stats().get("assemble", {}).get("seconds_per_user", {}), **seconds}
-            self.record("assemble", {"seconds_per_user": seconds,
-                                     "recipe_bytes": {u: self.recipe_path(u).stat().st_size for u in seconds}})
+            users_per_hour = 3600 * len(seconds) / (time.perf_counter() - t_all)
+            before = self.stats().get("assemble", {})
+            self.record("assemble", {"seconds_per_user": {**before.get("seconds_per_user", {}), **seconds},
+                                     "users_per_hour": users_per_hour,
+                                     "recipe_bytes": {**before.get("recipe_bytes", {}),
+                                                      **{u: self.recipe_path(u).stat().st_size for u in seconds}}})
         return {u: Recipe.load(self.recipe_path(u)) for u in user_ids}
 
     def assemble_users(self, user_ids: list[str]) -> dict[str, float]:

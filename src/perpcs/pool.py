@@ -31,6 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_tensors
 
 from perpcs.errors import InputError
+from perpcs.keyindex import PREFIX as KEY_INDEX_PREFIX
 from perpcs.utils import atomic_path, dir_bytes, sha256_file
 
 FORMAT_VERSION = 1
@@ -330,6 +331,15 @@ class Pool:
             "SELECT p.name FROM shares JOIN positions p ON p.idx = shares.position WHERE shares.sharer = ?", (idx,))}
         return {p: (h.get_tensor(f"{p}.lora_A"), h.get_tensor(f"{p}.lora_B")) for p in self.positions if p in shared}
 
+    def sharer_keys(self, sharer_id: str) -> dict[str, torch.Tensor]:
+        """{position: key} of one sharer's shared pieces, through a handle closed afterwards: building the
+        key index (keyindex.py) over thousands of sharers then does not keep their files mapped."""
+        _, file = self._sharer(sharer_id)
+        suffix = f".{self.key}"
+        with safe_open(self.path / file, framework="pt", device="cpu") as h:
+            # cloned: a tensor read from a memory map may keep the whole file mapped while it lives
+            return {name[: -len(suffix)]: h.get_tensor(name).clone() for name in h.keys() if name.endswith(suffix)}
+
     def _open(self, file: str) -> Any:
         """A cached safe_open handle (LRU): opening thousands of files per position is slow.
         Correct because a sharer file's name carries its content hash and is never rewritten."""
@@ -347,8 +357,8 @@ class Pool:
     # --- size ---
 
     def nbytes(self) -> int:
-        """Bytes on disk of the whole pool folder (manifest and sharer files)."""
-        return dir_bytes(self.path)
+        """Bytes on disk of the pool: manifest and sharer files, not the key index (a cache made on first use)."""
+        return dir_bytes(self.path) - sum(f.stat().st_size for f in self.path.glob(f"{KEY_INDEX_PREFIX}*.safetensors"))
 
     def sharer_nbytes(self, sharer_id: str) -> int:
         return self._db.execute("SELECT nbytes FROM sharers WHERE idx = ?", (self._sharer(sharer_id)[0],)).fetchone()[0]

@@ -10,13 +10,16 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from safetensors.torch import save_file
 
-from perpcs.utils import atomic_dir, write_text
+from perpcs.data import format_validation_error
+from perpcs.errors import InputError
+from perpcs.recipe_format import is_packed, pack, unpack
+from perpcs.utils import atomic_dir, atomic_path, write_text
 
 FORMAT = "perpcs-recipe/1"
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md"}  # what a peft adapter folder holds
@@ -50,16 +53,28 @@ class Recipe(BaseModel):
         return pieces
 
     def save(self, path: str | Path) -> Path:
-        """Compact JSON (it is what a target user stores instead of a whole adapter)."""
-        return write_text(path, self.model_dump_json(exclude_none=True))
+        """JSON for a `.json` path, else the compact binary layout (`recipe_format`, about 1 KB)."""
+        if Path(path).suffix == ".json":
+            return write_text(path, self.model_dump_json(exclude_none=True))
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(pack(self.model_dump(mode="json", exclude={"pieces"}, exclude_none=True), self.pieces))
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
+        """Either layout, told apart by the binary one's magic bytes."""
         path = Path(path)
+        data = path.read_bytes()
         try:
-            recipe = cls.model_validate(json.loads(path.read_text(encoding="utf-8")))
-        except (json.JSONDecodeError, ValidationError) as e:
-            raise ValueError(f"{path}: not a perpcs recipe: {e}") from None
+            if is_packed(data):
+                fields, pieces = unpack(data)
+                recipe = cls.model_validate({**fields, "pieces": pieces})
+            else:
+                recipe = cls.model_validate(json.loads(data.decode("utf-8")))
+        except ValidationError as e:
+            raise InputError(format_validation_error(f"{path}: not a perpcs recipe", e)) from None
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise InputError(f"{path}: not a perpcs recipe: {e}") from None
         if recipe.format != FORMAT:
             raise ValueError(f"{path}: recipe format {recipe.format!r}, this perpcs reads {FORMAT!r}")
         return recipe
@@ -82,10 +97,23 @@ def peft_lora_config(lora: dict, rank: int, base_path: str | None = None):
                       bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_path)
 
 
+def mix_pieces(pieces: Sequence[tuple[torch.Tensor, torch.Tensor]], weights: Sequence[float], mix: str,
+               rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mix (A_j, B_j) with weights w_j.
+
+    `linear` (the paper): A = sum w_j A_j, B = sum w_j B_j (mixed separately).
+    `cat` (exact): A = [w_1 A_1; ...; w_k A_k], B = [B_1 ... B_k], so B A = sum w_j B_j A_j;
+    zero-padded to `rank` rows so every position has the same LoRA rank.
+    """
+    if mix == "linear":
+        return (sum(w * a for (a, _), w in zip(pieces, weights)), sum(w * b for (_, b), w in zip(pieces, weights)))
+    A = torch.cat([w * a for (a, _), w in zip(pieces, weights)], 0)
+    B = torch.cat([b for _, b in pieces], 1)
+    return pad_rank(A, B, rank) if rank is not None else (A, B)
+
+
 def materialize(recipe: Recipe, pool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{position: (A, B)} of the recipe's PEFT, reading only the selected pieces."""
-    from perpcs.assembly import mix_pieces
-
     check_pool(recipe, pool)
     rank = recipe.rank()
     out = {}

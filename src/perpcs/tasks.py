@@ -9,18 +9,22 @@ from __future__ import annotations
 import logging
 import math
 import re
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import Literal, Protocol, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from perpcs.errors import InputError
 
-if TYPE_CHECKING:  # only for type hints; data.py imports this module
-    from perpcs.data import Item, User
-
 Kind = Literal["classification", "rating", "generation"]
 log = logging.getLogger(__name__)
 CUT_SHORT_WARN = 0.05  # share of generated answers at the token budget above which a run warns
+
+
+class Shown(Protocol):
+    """What a prompt shows of an earlier item (a `data.Item` is one); data.py imports this module, not back."""
+
+    input: str
+    output: str
 
 
 class Task(BaseModel):
@@ -56,14 +60,6 @@ class Task(BaseModel):
             return self.max_new_tokens
         return {"classification": 8, "rating": 4, "generation": 32}[self.kind]
 
-    def check_user(self, user: "User", where: str) -> None:
-        """Reject outputs a task cannot score (e.g. a label outside the label set)."""
-        for field, items in (("history", user.history), ("queries", user.queries)):
-            for i, it in enumerate(items):
-                problem = self.output_problem(it.output)
-                if problem:
-                    raise InputError(f"{where}: field '{field}.{i}.output': {problem}")
-
     def output_problem(self, output: str) -> str | None:
         if self.kind == "classification" and output.strip() not in self.labels:
             return f"{output!r} is not one of the task's labels {self.labels}"
@@ -73,7 +69,7 @@ class Task(BaseModel):
                 return f"{output!r} is not a number in the scale {list(self.scale)}"
         return None
 
-    def format_prompt(self, input: str, retrieved: Sequence["Item"] = (), profile: str | None = None) -> str:
+    def format_prompt(self, input: str, retrieved: Sequence[Shown] = (), profile: str | None = None) -> str:
         """The prompt for one item, ending where the model must write the output.
 
         Plain text (no chat template) so that any causal LM works; `retrieved` are the user's own

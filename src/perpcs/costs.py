@@ -1,0 +1,79 @@
+"""What personalizing one user costs with OPPU and with Per-Pcs, measured so the two compare.
+
+A bench times OPPU and assembly in phases minutes apart, and a shared machine's speed drifts in
+between (benchmarks/README.md). Here both run for the same target, one right after the other, in
+one process, on the same merged model and threads: OPPU training with the sharers' settings (what
+the bench's OPPU does; nothing trained is kept) and assembly with the run's pool and settings. Each
+target gives one ratio; the spread of the ratios says how much the drift still moves them. The same
+pass writes each OPPU adapter with `save_pretrained` and each recipe in the run's format, to
+temporary folders, so the storage ratio is measured in the same run too.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+from tqdm.auto import tqdm
+
+from perpcs.assembly import Assembler, AssemblySettings
+from perpcs.pipeline import Run
+from perpcs.recipe_format import EXTENSION
+from perpcs.utils import dir_bytes
+
+
+def oppu_seconds(run: Run, user_id: str, keep: Path | None = None):
+    """(the model, unwrapped again; seconds) of training `user_id`'s own LoRA as the bench's OPPU does;
+    with `keep`, the adapter is written there with `save_pretrained` (after the clock stops)."""
+    peft_model, stats = run.user_lora(run.data.user(user_id), desc=f"oppu {user_id}")
+    if keep is not None:
+        peft_model.save_pretrained(keep)
+    return peft_model.unload(), stats["seconds"]
+
+
+def assembly_seconds(run: Run, model, tok, user_id: str, keep: Path | None = None, pool=None,
+                     settings: AssemblySettings | None = None):
+    """(the model, unwrapped again; seconds) of assembling `user_id`'s recipe from `run`'s pool with its
+    settings (or the given ones), the Assembler (pool and key index opened) made before the clock
+    starts, as in bulk assembly."""
+    user = run.data.user(user_id)
+    assembler = Assembler(model, pool or run.open_pool(), settings or run.config.assembly)
+    try:
+        t0 = time.perf_counter()
+        recipe = assembler.recipe(run.data.task, tok, user.history, user.profile, user=user_id)
+        seconds = time.perf_counter() - t0
+    finally:
+        model = assembler.unload()
+    if keep is not None:
+        recipe.save(keep)
+    return model, seconds
+
+
+def spread(values: Sequence[float]) -> dict:
+    """Median, quartiles and range of `values`."""
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else (values[0],) * 3
+    return {"median": statistics.median(values), "q1": q1, "q3": q3, "min": min(values), "max": max(values)}
+
+
+def alternating_costs(run: Run, user_ids: Sequence[str], pool=None, settings: AssemblySettings | None = None) -> dict:
+    """OPPU training and Per-Pcs assembly (the run's pool and settings, or the given ones) timed
+    alternately per target in this process, with the per-target time ratios (OPPU / assembly) and
+    their spread, and the on-disk size of each."""
+    model, tok = run.merged
+    settings = settings or run.config.assembly
+    per_user = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for uid in tqdm(user_ids, desc="costs: OPPU and assembly, alternately"):
+            adapter, recipe = Path(tmp) / f"{len(per_user)}-adapter", Path(tmp) / f"{len(per_user)}{EXTENSION}"
+            model, oppu = oppu_seconds(run, uid, adapter)
+            model, assembly = assembly_seconds(run, model, tok, uid, recipe, pool, settings)
+            per_user[uid] = {"oppu_seconds": oppu, "assembly_seconds": assembly, "time_ratio": oppu / assembly,
+                             "oppu_adapter_bytes": dir_bytes(adapter), "recipe_bytes": recipe.stat().st_size}
+    values = list(per_user.values())
+    return {"users": per_user,
+            "time_ratio": spread([v["time_ratio"] for v in values]),
+            "storage_ratio": spread([v["oppu_adapter_bytes"] / v["recipe_bytes"] for v in values]),
+            "history_budget": {"recent_k": settings.recent_k, "budget_tokens": settings.budget_tokens}}
