@@ -129,12 +129,15 @@ class Bench:
         finally:
             peft_model.unload()
 
+    def oppu_dir(self, user_id: str) -> Path:
+        k = self.settings.history_k  # OPPU of a truncated history is another LoRA, kept apart
+        return self.run.folder / ("oppu" if k is None else f"oppu-newest{k}") / safe_name(user_id)
+
     def oppu(self, user: User):
         """Train (or reload) the user's own LoRA with the sharers' settings and budget."""
         from peft import PeftModel
 
-        k = self.settings.history_k  # OPPU of a truncated history is another LoRA, kept apart
-        folder = self.run.folder / ("oppu" if k is None else f"oppu-newest{k}") / safe_name(user.user_id)
+        folder = self.oppu_dir(user.user_id)
         stats_path = folder / "stats.json"
         if stats_path.exists():
             peft_model = PeftModel.from_pretrained(self.model, folder / "adapter")
@@ -219,6 +222,9 @@ def bench(data: str | Path, out: str | Path, config: RunConfig, settings: BenchS
     t0 = time.perf_counter()
     b = Bench(run, settings, out)
     load_seconds = time.perf_counter() - t0
+    # first, so that the bench's OPPU reuses the adapters trained while timing (no target trains twice)
+    costs = (alternating_costs(run, run.split["targets"][:settings.cost_targets], oppu_dir=b.oppu_dir)
+             if settings.cost_targets else None)
     methods = b.evaluate()
     stats = run.stats()
     name, higher = primary_metric(run.data.task)
@@ -259,8 +265,8 @@ def bench(data: str | Path, out: str | Path, config: RunConfig, settings: BenchS
     selection_plot(run, out / "selection.png", groups)
     for vname in variants:
         selection_plot(Run(out / "variants" / vname / "run"), out / f"selection-{vname}.png", groups)
-    if settings.cost_targets:
-        results["alternating_costs"] = alternating_costs(run, run.split["targets"][:settings.cost_targets])
+    if costs:
+        results["alternating_costs"] = costs
     write_json(out / "results.json", results)
     write_text(out / "results.md", results_table(results))
     return results

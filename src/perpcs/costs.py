@@ -15,22 +15,24 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from tqdm.auto import tqdm
 
 from perpcs.assembly import Assembler, AssemblySettings
 from perpcs.pipeline import Run
 from perpcs.recipe_format import EXTENSION
-from perpcs.utils import dir_bytes
+from perpcs.utils import dir_bytes, write_json
 
 
 def oppu_seconds(run: Run, user_id: str, keep: Path | None = None):
     """(the model, unwrapped again; seconds) of training `user_id`'s own LoRA as the bench's OPPU does;
-    with `keep`, the adapter is written there with `save_pretrained` (after the clock stops)."""
+    with `keep`, the adapter is written there as the bench keeps it (`keep/adapter` by `save_pretrained`,
+    `keep/stats.json`), after the clock stops."""
     peft_model, stats = run.user_lora(run.data.user(user_id), desc=f"oppu {user_id}")
     if keep is not None:
-        peft_model.save_pretrained(keep)
+        peft_model.save_pretrained(keep / "adapter")
+        write_json(keep / "stats.json", stats)
     return peft_model.unload(), stats["seconds"]
 
 
@@ -58,20 +60,24 @@ def spread(values: Sequence[float]) -> dict:
     return {"median": statistics.median(values), "q1": q1, "q3": q3, "min": min(values), "max": max(values)}
 
 
-def alternating_costs(run: Run, user_ids: Sequence[str], pool=None, settings: AssemblySettings | None = None) -> dict:
+def alternating_costs(run: Run, user_ids: Sequence[str], pool=None, settings: AssemblySettings | None = None,
+                      oppu_dir: Callable[[str], Path] | None = None) -> dict:
     """OPPU training and Per-Pcs assembly (the run's pool and settings, or the given ones) timed
     alternately per target in this process, with the per-target time ratios (OPPU / assembly) and
-    their spread, and the on-disk size of each."""
+    their spread, and the on-disk size of each. `oppu_dir(user)`: where the bench keeps that user's
+    OPPU; an OPPU trained here is kept there if none is yet, so the bench does not train it twice."""
     model, tok = run.merged
     settings = settings or run.config.assembly
     per_user = {}
     with tempfile.TemporaryDirectory() as tmp:
         for uid in tqdm(user_ids, desc="costs: OPPU and assembly, alternately"):
-            adapter, recipe = Path(tmp) / f"{len(per_user)}-adapter", Path(tmp) / f"{len(per_user)}{EXTENSION}"
-            model, oppu = oppu_seconds(run, uid, adapter)
+            keep, recipe = Path(tmp) / f"{len(per_user)}-oppu", Path(tmp) / f"{len(per_user)}{EXTENSION}"
+            if oppu_dir is not None and not (oppu_dir(uid) / "stats.json").exists():
+                keep = oppu_dir(uid)
+            model, oppu = oppu_seconds(run, uid, keep)
             model, assembly = assembly_seconds(run, model, tok, uid, recipe, pool, settings)
             per_user[uid] = {"oppu_seconds": oppu, "assembly_seconds": assembly, "time_ratio": oppu / assembly,
-                             "oppu_adapter_bytes": dir_bytes(adapter), "recipe_bytes": recipe.stat().st_size}
+                             "oppu_adapter_bytes": dir_bytes(keep / "adapter"), "recipe_bytes": recipe.stat().st_size}
     values = list(per_user.values())
     return {"users": per_user,
             "time_ratio": spread([v["time_ratio"] for v in values]),
