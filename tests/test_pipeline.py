@@ -306,6 +306,10 @@ def test_build_config_precedence(tmp_path):
     default = RunConfig(data="d")
     assert cfg.sharer_train.batch_size == default.sharer_train.batch_size  # untouched keys keep the run's defaults
     assert cfg.task_train == default.task_train
+    # assembly formats history as training did, unless told otherwise (the run's validator sees that)
+    assert build_config(tmp_path, None, 0, None, None, None, ["retrieval_copies=true"]).assembly.retrieval_copies
+    told = build_config(tmp_path, None, 0, None, None, None, ["retrieval_copies=true", "assembly.retrieval_copies=false"])
+    assert told.retrieval_copies and not told.assembly.retrieval_copies
 
 
 def test_assembly_formats_history_as_training_unless_told_otherwise():

@@ -173,6 +173,7 @@ def build_config(data: Path, base: Optional[str], seed: int, targets: Optional[i
 
     flags = {"data": str(data), "seed": seed, "base": base, "n_targets": targets, "n_sharers": sharers}
     cfg = RunConfig(data=str(data)).model_dump()
+    del cfg["assembly"]["retrieval_copies"]  # unset: it follows `retrieval_copies` unless a layer sets it
     for layer in (read_json(config) if config else {}, {k: v for k, v in flags.items() if v is not None},
                   parse_overrides(overrides)):
         deep_merge(cfg, layer)
