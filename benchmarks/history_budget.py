@@ -5,8 +5,8 @@ target of the run with the run's other settings, answers the targets' queries gr
 each query with the task's primary metric. The 95% CI of full-history assembly comes from a
 bootstrap over queries (scipy.stats.bootstrap, percentile); the chosen budget is the smallest whose mean
 lies inside it. The paired difference to full history (same queries) is bootstrapped too.
-Nothing is written inside the runs read: each pool is opened through links in OUT/pools/NAME (its
-key index is written there). Usage:
+Nothing is written inside the runs read: each pool is copied to OUT/pools/NAME (its key index is
+written there). Usage:
 
     python benchmarks/history_budget.py --pool gate=/work/runs/demo0/run \\
         --pool act-cat=/work/runs/cost/act-cat/run --budgets 4 8 16 32 all --costs 2 \\
@@ -17,6 +17,7 @@ first N targets (perpcs.costs), with the OPPU adapter and recipe sizes.
 """
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 
@@ -34,12 +35,12 @@ from perpcs.recipe import apply_recipe
 from perpcs.utils import write_json
 
 
-def linked_pool(run: Run, folder: Path) -> Pool:
-    """The run's pool, opened through links in `folder`, so that files written beside it land there."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in ("pool.sqlite", "sharers"):
-        if not (folder / name).exists():
-            (folder / name).symlink_to((run.pool_path / name).resolve())
+def copied_pool(run: Run, folder: Path) -> Pool:
+    """A copy of the run's pool in `folder`, so that files written beside it (the key index) land there.
+    A copy, not links: a pool refuses sharer files that resolve outside its folder."""
+    if not folder.exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(run.pool_path, folder, ignore=shutil.ignore_patterns("keys-*"))
     return Pool.open(folder, run.merged_fingerprint, run.config.lora.model_dump())
 
 
@@ -82,7 +83,7 @@ def main(pools: dict[str, str], budgets: list[str], out: Path, results: Path, se
     report = {"budgets": budgets, "seed": seed, "pools": {}}
     for name, folder in pools.items():
         run = Run(folder)
-        pool = linked_pool(run, out / "pools" / name)
+        pool = copied_pool(run, out / "pools" / name)
         longest = max(len(u.history) for u in run.users(run.split["targets"]))
         rows = {}
         for b in tqdm(budgets, desc=f"{name}: budgets"):
