@@ -36,7 +36,7 @@ import torch
 from vllm import LLM, SamplingParams
 from vllm.lora.request import LoRARequest
 
-from perpcs.baselines import generate
+from perpcs.generation import generate
 from perpcs.models import load_base
 from perpcs.pipeline import Run
 from perpcs.recipe import Recipe, apply_recipe

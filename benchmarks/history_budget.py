@@ -26,7 +26,8 @@ from scipy.stats import bootstrap
 from tqdm.auto import tqdm
 
 from perpcs.assembly import Assembler
-from perpcs.baselines import generate, prompts
+from perpcs.generation import generate
+from perpcs.retrieval import prompts
 from perpcs.costs import alternating_costs
 from perpcs.evaluation import primary_metric, score
 from perpcs.pipeline import Run
@@ -50,7 +51,7 @@ def per_query(run: Run, pool: Pool, budget: int) -> tuple[dict[str, float], list
     task = run.data.task
     metric, _ = primary_metric(task)
     targets = run.users(run.split["targets"])
-    assembler = Assembler(model, pool, run.config.assembly.model_copy(update={"recent_k": budget}))
+    assembler = Assembler.for_run(model, pool, run.config, run.config.assembly.model_copy(update={"recent_k": budget}))
     recipes, seconds = {}, []
     for user in targets:
         t0 = time.perf_counter()

@@ -11,10 +11,11 @@ import json
 import sys
 from pathlib import Path
 
-from perpcs.baselines import generate
+from perpcs.generation import generate
 from perpcs.data import load_dataset
 from perpcs.models import load_base
-from perpcs.training import LoraSettings, TrainSettings, history_examples, train_lora
+from perpcs.settings import LoraSettings, TrainSettings
+from perpcs.training import history_examples, train_lora
 
 
 def main(data: str, run: str, uid: str, *configs: str) -> None:

@@ -29,12 +29,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from perpcs.assembly import Assembler, AssemblySettings
+from perpcs.assembly import Assembler
+from perpcs.settings import AssemblySettings
 from perpcs.data import Item
 from perpcs.models import load_base, prepare_base
 from perpcs.pool import Pool
 from perpcs.tasks import Task
-from perpcs.training import LoraSettings, collate, history_examples
+from perpcs.settings import LoraSettings
+from perpcs.training import collate, history_examples
 from perpcs.utils import write_json
 
 TASK = Task(name="scale", kind="classification", labels=["yes", "no"], instruction="Does this user like it?")
@@ -88,7 +90,7 @@ def measure(pool_dir: Path, items: int, repeats: int, seed: int) -> dict:
     pool = Pool.open(pool_dir)
     open_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    assembler = Assembler(model, pool, AssemblySettings(seed=seed))
+    assembler = Assembler(model, pool, AssemblySettings(), seed=seed)
     index_seconds = time.perf_counter() - t0
     seconds = []
     for r in range(repeats):
@@ -107,7 +109,7 @@ def alternate(pool_dirs: list[Path], items: int, repeats: int, seed: int) -> lis
     seconds: list[list[float]] = [[] for _ in pools]
     for r in range(repeats):
         for i, pool in enumerate(pools):
-            assembler = Assembler(model, pool, AssemblySettings(seed=seed))
+            assembler = Assembler(model, pool, AssemblySettings(), seed=seed)
             t0 = time.perf_counter()
             assembler.recipe(TASK, tok, history(items, seed + r))
             seconds[i].append(time.perf_counter() - t0)

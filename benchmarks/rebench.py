@@ -16,8 +16,8 @@ inside one bench instead, use `perpcs bench --variant NAME:KEY=VALUE,...`.
 import argparse
 from pathlib import Path
 
-from perpcs.bench import BenchSettings, bench
-from perpcs.cli import parse_overrides, parse_variants
+from perpcs.bench import bench
+from perpcs.settings import BenchSettings, parse_overrides, parse_variants
 from perpcs.pipeline import Run
 
 

@@ -26,11 +26,12 @@ import numpy as np
 from scipy.stats import binomtest, bootstrap
 from tqdm.auto import tqdm
 
-from perpcs.baselines import generate, prompts
-from perpcs.bench import Bench, BenchSettings
-from perpcs.cli import parse_variants
+from perpcs.generation import generate
+from perpcs.retrieval import prompts
+from perpcs.bench import Bench
 from perpcs.evaluation import primary_metric, score
-from perpcs.pipeline import PAPER_RULE, Run
+from perpcs.pipeline import Run
+from perpcs.settings import PAPER_RULE, BenchSettings, parse_variants
 from perpcs.selection import history_embeddings
 from perpcs.utils import write_json, write_text
 
@@ -100,8 +101,8 @@ def main(src: Path, out: Path, rules: dict[str, dict], max_users: int | None, se
         run = derive_rule(base, out / name / "run", overrides, derived)
         derived.append(run)
         bench = Bench(run, settings, out / name)
-        bench.pool, bench.sharers = run.open_pool(), sorted(sharers)
-        bench.sharer_embeddings = history_embeddings(run.users(bench.sharers))
+        bench.ctx.pool, bench.ctx.sharers = run.open_pool(), sorted(sharers)
+        bench.ctx.sharer_embeddings = history_embeddings(run.users(bench.ctx.sharers))
         if name == "baselines":
             methods = {"non_personalized": "non_personalized", "peft_retrieval": "peft_retrieval"}
         else:

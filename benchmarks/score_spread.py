@@ -21,7 +21,7 @@ def main(folder: str) -> None:
     run = Run(folder)
     model, tok = run.merged
     pool = run.open_pool()
-    assembler = Assembler(model, pool, run.config.assembly)
+    assembler = Assembler.for_run(model, pool, run.config)
     scores = {}  # target -> position -> score vector (first history batch)
     for uid in run.split["targets"]:
         user = run.data.user(uid)

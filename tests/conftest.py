@@ -75,7 +75,7 @@ def tiny_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_run_config(tiny_data, tiny_base):
     """Make a RunConfig on the tiny base and data with tiny budgets (2 targets, 3 sharers, 1-2 steps)."""
-    from perpcs.pipeline import RunConfig
+    from perpcs.settings import RunConfig
 
     def make(**overrides) -> RunConfig:
         cfg = dict(data=str(tiny_data), base=str(tiny_base), n_targets=2, n_sharers=3, min_sharer_items=1,
@@ -91,3 +91,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+class Invocation:
+    """A CLI run: `exit_code`, `output` and `exception`; unpacks as (exit code, output with whitespace
+    squashed, since rich wraps long messages)."""
+
+    def __init__(self, result):
+        self.exit_code, self.output, self.exception = result.exit_code, result.output, result.exception
+
+    def __iter__(self):
+        return iter((self.exit_code, " ".join(self.output.split())))
+
+
+@pytest.fixture
+def cli():
+    """`cli("bench", "--quick", ...)`: the perpcs command run in-process (typer's CliRunner)."""
+    from typer.testing import CliRunner
+
+    from perpcs.cli import app
+
+    return lambda *args: Invocation(CliRunner().invoke(app, [str(a) for a in args]))

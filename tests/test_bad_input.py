@@ -16,11 +16,9 @@ from typing import Callable, NamedTuple
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from small_sources import SOURCES, TASK, USERS, data_folder, write_sources
 
-from perpcs.cli import app
 from perpcs.errors import InputError
 from perpcs.pipeline import Run
 from perpcs.recipe import Recipe
@@ -38,10 +36,6 @@ def finished_run(tmp_path_factory, tiny_run_config):
 
 def run_copy(finished_run: Path, tmp: Path) -> Path:
     return Path(shutil.copytree(finished_run, tmp / "run", symlinks=True))
-
-
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def squash(text: str) -> str:
@@ -322,7 +316,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_fails_cleanly(case, tmp_path, request, monkeypatch):
+def test_bad_input_fails_cleanly(case, tmp_path, request, monkeypatch, cli):
     finished = request.getfixturevalue("finished_run") if case.needs_run else None
     monkeypatch.setenv("PERPCS_HOME", str(tmp_path / "home"))
     work = tmp_path / "work"
@@ -349,7 +343,7 @@ def test_bad_input_fails_cleanly(case, tmp_path, request, monkeypatch):
 # --- cases whose fix is a behaviour ---
 
 
-def test_export_replaces_a_previous_adapter_and_with_force_any_folder(finished_run, tmp_path):
+def test_export_replaces_a_previous_adapter_and_with_force_any_folder(finished_run, tmp_path, cli):
     run = run_copy(finished_run, tmp_path)
     out = tmp_path / "adapter"
     assert cli(*_export(run, out)).exit_code == 0
@@ -387,7 +381,7 @@ def test_atomic_dir_never_removes_what_it_did_not_create(tmp_path):
     ("lamp", None, {"questions.json", "outputs.json"}),
     ("perpcs", None, {"users.json"}),
 ], ids=["csv-with-bom", "lamp-gz", "perpcs-gz"])
-def test_bom_and_gz_are_read(fmt, files, gz, tmp_path):
+def test_bom_and_gz_are_read(fmt, files, gz, tmp_path, cli):
     paths = write_sources(fmt, tmp_path / "src", files, gz)
     result = cli(*_import(fmt, paths, tmp_path))
     assert result.exit_code == 0, result.output
@@ -416,7 +410,8 @@ def test_step0_interrupted_anywhere_resumes(finished_run, tmp_path, monkeypatch)
 
 
 def test_recipe_keeps_its_seconds_so_bench_needs_no_stats(finished_run, tmp_path):
-    from perpcs.bench import Bench, BenchSettings
+    from perpcs.bench import Bench
+    from perpcs.settings import BenchSettings
 
     run = Run(run_copy(finished_run, tmp_path))
     user = run.users(run.split["targets"])[0]

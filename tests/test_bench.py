@@ -4,11 +4,14 @@ import statistics
 
 import pytest
 
-from perpcs.baselines import METHODS
-from perpcs.bench import Bench, BenchSettings, bench, results_table
+from perpcs.bench import Bench, bench
+from perpcs.methods import rows
+from perpcs.settings import BenchSettings
+from perpcs.tables import results_table
 from perpcs.data import load_dataset
 from perpcs.evaluation import read_lamp_outputs, score
-from perpcs.pipeline import Run, safe_name
+from perpcs.pipeline import Run
+from perpcs.runfolder import safe_name
 from perpcs.recipe import Recipe
 from perpcs.utils import read_json
 
@@ -24,7 +27,7 @@ def benched(tmp_path_factory, tiny_data, tiny_run_config):
 
 
 VARIANTS = {"act": {"key": "activation", "assembly": {"mix": "cat"}}}
-ROWS = [*METHODS, "act", "act+rag"]
+ROWS = [*rows(), "act", "act+rag"]
 
 
 def files_bytes(folder) -> int:
@@ -165,16 +168,7 @@ def test_results_table_ratios_to_oppu():
 # --- the command ---
 
 
-def cli(*args):
-    from typer.testing import CliRunner
-
-    from perpcs.cli import app
-
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, " ".join(result.output.split())
-
-
-def test_cli_bench_quick(tiny_base, tiny_data, tmp_path):
+def test_cli_bench_quick(tiny_base, tiny_data, tmp_path, cli):
     code, out = cli("bench", "--quick", "--base", tiny_base, "--data", tiny_data, "--out", tmp_path,
                     "--variant", "act:key=activation,assembly.mix=cat")
     assert code == 0, out
@@ -184,7 +178,7 @@ def test_cli_bench_quick(tiny_base, tiny_data, tmp_path):
     assert "| perpcs |" in out
 
 
-def test_cli_bench_bad_input_exits_2_before_any_work(tiny_base, tiny_data, tmp_path):
+def test_cli_bench_bad_input_exits_2_before_any_work(tiny_base, tiny_data, tmp_path, cli):
     base = ("bench", "--quick", "--base", tiny_base, "--data", tiny_data, "--out", tmp_path / "o")
     for args, message in [(("--methods", "nope"), "unknown methods ['nope']"),
                           (("--set", "assembly.top_k"), "--set 'assembly.top_k': expected KEY=VALUE"),

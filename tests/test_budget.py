@@ -6,9 +6,11 @@ from conftest import tiny_llama
 
 from perpcs.data import Item
 from perpcs.pipeline import Run
+from perpcs.user_lora import train_user_lora
 from perpcs.tasks import Task
-from perpcs.training import (LoraSettings, TrainSettings, heldout_loss, history_examples, lora_state, n_steps,
-                             split_heldout, train_lora)
+from perpcs.lora import lora_state
+from perpcs.settings import LoraSettings, TrainSettings
+from perpcs.training import heldout_loss, history_examples, n_steps, split_heldout, train_lora
 
 LORA = LoraSettings(r=2, alpha=4.0, dropout=0.0, target_modules=["q_proj", "v_proj"])
 TASK = Task(name="t", kind="generation", instruction="Title it.", input_name="In", output_name="Out")
@@ -71,9 +73,9 @@ def test_user_lora_holds_out_the_newest_history_items_never_the_queries(tiny_run
     user = run.data.users[0]
     tok = run.merged[1]  # step 0 trains before train_lora is replaced
     seen = {}
-    monkeypatch.setattr("perpcs.pipeline.train_lora",
+    monkeypatch.setattr("perpcs.user_lora.train_lora",
                         lambda model, examples, lora, settings, pad, desc, val_examples: seen.update(examples=examples, val=val_examples))
-    run.user_lora(user, desc="t")
+    train_user_lora(run, user, desc="t")
     v = int(0.2 * len(user.history))
     assert v >= 1
     assert seen["val"] == history_examples(run.data.task, tok, user.history[-v:])

@@ -12,14 +12,15 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from perpcs.assembly import Assembler, AssemblySettings, activation_means, choose, mix_pieces, piece_scores, predict_mask
+from perpcs.assembly import Assembler, activation_means, choose, piece_scores, predict_mask
 from perpcs.data import Item
-from perpcs.gates import Gates, lora_layers, train_gates
+from perpcs.gates import Gates, train_gates
 from perpcs.pool import Pool
 from perpcs.recipe import SERVED_RANKS, Recipe, apply_recipe, export_adapter, materialize, served_rank
 from perpcs.tasks import Task
-from perpcs.training import (IGNORE, Example, LoraSettings, TrainSettings, add_lora, collate, history_examples,
-                             lm_loss, lora_state, train_lora)
+from perpcs.lora import lora_layers, lora_state, mix_pieces
+from perpcs.settings import AssemblySettings, LoraSettings, RunConfig, TrainSettings
+from perpcs.training import IGNORE, Example, add_lora, collate, history_examples, lm_loss, train_lora
 
 R, ALPHA = 2, 4.0
 LORA = LoraSettings(r=R, alpha=ALPHA, dropout=0.0, target_modules=["q_proj", "v_proj"])
@@ -472,3 +473,15 @@ def test_foreign_or_corrupted_pools_and_recipes_are_refused(tmp_path, tokenizer)
     victim.unlink()
     with pytest.raises(FileNotFoundError, match="is missing"):
         Pool.open(tmp_path / "twin")
+
+
+def test_assembler_formats_history_as_the_run_does(tmp_path, tokenizer):
+    pool = make_pool(tmp_path / "pool", {u: random_pieces(i) for i, u in enumerate(USERS)})
+    asm = Assembler.for_run(tiny_llama(), pool, RunConfig(data="d", retrieval_copies=True, max_len=40, seed=5))
+    examples = asm.examples(TASK, tokenizer, HISTORY)
+    assert len(examples) == 2 * len(HISTORY) - 1 and max(len(e.input_ids) for e in examples) == 40
+    recipe = asm.recipe(TASK, tokenizer, HISTORY)
+    asm.unload()
+    # a recipe records the assembly settings, then the history format and seed it was made with
+    assert list(recipe.settings)[-3:] == ["retrieval_copies", "max_len", "seed"]
+    assert (recipe.settings["retrieval_copies"], recipe.settings["max_len"], recipe.settings["seed"]) == (True, 40, 5)

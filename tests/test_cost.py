@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from conftest import tiny_llama
 from test_core import HISTORY, L0, LORA, POSITIONS, TASK, USERS, make_pool, random_pieces
 
-from perpcs.assembly import Assembler, AssemblySettings, example_means, piece_scores
+from perpcs.assembly import Assembler, example_means, piece_scores
+from perpcs.settings import AssemblySettings
 from perpcs.keyindex import KeyIndex
 from perpcs.recipe import Recipe, materialize
 from perpcs.recipe_format import unpack
@@ -148,7 +149,8 @@ def test_bulk_assembly_equals_one_by_one(tmp_path, tiny_run_config):
 
 
 def test_run_reads_the_json_recipes_of_older_runs(tmp_path, tiny_run_config):
-    from perpcs.pipeline import Run, safe_name
+    from perpcs.pipeline import Run
+    from perpcs.runfolder import safe_name
 
     run = Run.create(tmp_path / "run", tiny_run_config())
     old = tmp_path / "run" / "recipes" / f"{safe_name('u0')}.json"

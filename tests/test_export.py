@@ -45,7 +45,7 @@ def test_cat_adapter_padded_to_a_served_rank_and_base_exports(tmp_path, tiny_run
 def test_paper_config_is_a_run_config(tmp_path):
     from pathlib import Path
 
-    from perpcs.cli import build_config
+    from perpcs.settings import build_config
 
     cfg = build_config(tmp_path, None, 0, None, None, Path(__file__).parents[1] / "configs" / "paper.json", [])
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (8, 8.0, 0.05)
@@ -53,4 +53,4 @@ def test_paper_config_is_a_run_config(tmp_path):
     assert (cfg.sharer_train.lr, cfg.sharer_train.steps, cfg.sharer_train.batch_size) == (2e-5, 100, 6)
     assert (cfg.gate_train.lr, cfg.gate_train.steps) == (2e-5, 200)
     assert (cfg.assembly.top_k, cfg.assembly.temperature, cfg.assembly.recent_k, cfg.assembly.batch_size) == (3, 1.0, 2000, 16)
-    assert cfg.device == "cuda" and cfg.assembly.retrieval_copies
+    assert cfg.device == "cuda" and cfg.retrieval_copies and cfg.max_len == 512

@@ -9,7 +9,9 @@ import torch
 
 from perpcs.data import Item, User
 from perpcs.models import fingerprint, load_base
-from perpcs.pipeline import PAPER_RULE, Run, RunConfig, safe_name, split_users
+from perpcs.pipeline import Run
+from perpcs.runfolder import safe_name, split_users
+from perpcs.settings import PAPER_RULE, RunConfig
 from perpcs.pool import Pool
 from perpcs.recipe import Recipe, apply_recipe
 from perpcs.utils import read_json
@@ -133,8 +135,9 @@ def test_second_pipeline_retrains_nothing(done_run, tiny_run_config, monkeypatch
 
     def refuse(*a, **k):
         raise AssertionError("a finished step ran again")
-    for name in ("train_lora", "train_gates", "select_sharers", "split_users"):
-        monkeypatch.setattr(f"perpcs.pipeline.{name}", refuse)
+    for name in ("pipeline.train_lora", "user_lora.train_lora", "pipeline.train_gates", "pipeline.select_sharers",
+                 "runfolder.split_users"):
+        monkeypatch.setattr(f"perpcs.{name}", refuse)
     t0 = time.perf_counter()
     recipes = Run.create(folder, tiny_run_config(**PAPER_RULE)).pipeline()
     seconds = time.perf_counter() - t0
@@ -150,10 +153,10 @@ def test_derived_run_with_activation_keys_reuses_the_sharers_loras(done_run, tmp
     from peft import PeftModel
 
     from perpcs.assembly import activation_means
-    from perpcs.gates import lora_layers
+    from perpcs.lora import lora_layers
 
-    for name in ("train_lora", "train_gates"):
-        monkeypatch.setattr(f"perpcs.pipeline.{name}", lambda *a, **k: pytest.fail("trained again"))
+    for name in ("pipeline.train_lora", "user_lora.train_lora", "pipeline.train_gates"):
+        monkeypatch.setattr(f"perpcs.{name}", lambda *a, **k: pytest.fail("trained again"))
     old = Run(done_run[0])
     run = old.derive(tmp_path / "run", tiny_run_config(key="activation", assembly={"mix": "cat"}))
     recipes = run.pipeline()
@@ -175,11 +178,13 @@ def test_derived_run_with_activation_keys_reuses_the_sharers_loras(done_run, tmp
 def test_derived_run_with_more_sharers_trains_only_the_new_ones(done_run, tmp_path, tiny_run_config, monkeypatch):
     """Another sharer count selects again; a sharer the first run had keeps its LoRA (linked), only
     the others train, and the task model and split are the first run's."""
-    import perpcs.pipeline
+    import perpcs.user_lora
 
     trained = []
-    real = perpcs.pipeline.train_lora
-    monkeypatch.setattr("perpcs.pipeline.train_lora", lambda *a, desc, **k: trained.append(desc) or real(*a, desc=desc, **k))
+    real = perpcs.user_lora.train_lora
+    monkeypatch.setattr("perpcs.pipeline.train_lora", lambda *a, **k: pytest.fail("task LoRA trained again"))
+    monkeypatch.setattr("perpcs.user_lora.train_lora",
+                        lambda *a, desc, **k: trained.append(desc) or real(*a, desc=desc, **k))
     old = Run(done_run[0])
     run = old.derive(tmp_path / "run", tiny_run_config(n_sharers=5, selection="active"))
     run.pipeline()
@@ -207,7 +212,8 @@ def test_lost_recipe_is_reassembled_alone(done_run, monkeypatch):
     old = Recipe.load(run.recipe_path(lost)).model_dump(exclude={"seconds"})
     kept_mtime = run.recipe_path(kept).stat().st_mtime_ns
     run.recipe_path(lost).unlink()
-    monkeypatch.setattr("perpcs.pipeline.train_lora", lambda *a, **k: pytest.fail("retrained"))
+    for name in ("pipeline.train_lora", "user_lora.train_lora"):
+        monkeypatch.setattr(f"perpcs.{name}", lambda *a, **k: pytest.fail("retrained"))
     run.pipeline()
     assert Recipe.load(run.recipe_path(lost)).model_dump(exclude={"seconds"}) == old  # assembly is deterministic
     assert run.recipe_path(kept).stat().st_mtime_ns == kept_mtime
@@ -264,17 +270,8 @@ def test_same_seed_same_result(done_run, tmp_path, tiny_run_config):
 # --- CLI: settings and the run-folder commands ---
 
 
-def cli(*args):
-    from typer.testing import CliRunner
-
-    from perpcs.cli import app
-
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, " ".join(result.output.split())  # rich wraps long messages
-
-
 def test_parse_overrides_nests_keys_and_reads_json():
-    from perpcs.cli import parse_overrides
+    from perpcs.settings import parse_overrides
 
     got = parse_overrides(["assembly.top_k=5", "sharer_train.lr=5e-4", "sharer_train.steps=3", "selection=active",
                            "lora.target_modules=[\"q_proj\"]", 'device="cpu"', "a.b.c=true", "note=1 2"])
@@ -286,7 +283,7 @@ def test_parse_overrides_nests_keys_and_reads_json():
 
 
 def test_parse_variants():
-    from perpcs.cli import parse_variants
+    from perpcs.settings import parse_variants
 
     assert parse_variants(["act:key=activation,assembly.mix=cat", "k5:assembly.top_k=5"]) == \
         {"act": {"key": "activation", "assembly": {"mix": "cat"}}, "k5": {"assembly": {"top_k": 5}}}
@@ -296,7 +293,7 @@ def test_parse_variants():
 
 
 def test_build_config_precedence(tmp_path):
-    from perpcs.cli import build_config
+    from perpcs.settings import build_config
     from perpcs.utils import write_json
 
     file = write_json(tmp_path / "cfg.json", {"n_targets": 5, "n_sharers": 4, "sharer_train": {"lr": 0.1, "steps": 7}})
@@ -306,22 +303,24 @@ def test_build_config_precedence(tmp_path):
     default = RunConfig(data="d")
     assert cfg.sharer_train.batch_size == default.sharer_train.batch_size  # untouched keys keep the run's defaults
     assert cfg.task_train == default.task_train
-    # assembly formats history as training did, unless told otherwise (the run's validator sees that)
-    assert build_config(tmp_path, None, 0, None, None, None, ["retrieval_copies=true"]).assembly.retrieval_copies
-    told = build_config(tmp_path, None, 0, None, None, None, ["retrieval_copies=true", "assembly.retrieval_copies=false"])
-    assert told.retrieval_copies and not told.assembly.retrieval_copies
+    # an older config's assembly.retrieval_copies is read as the run's setting when they agree
+    assert build_config(tmp_path, None, 0, None, None, None, ["retrieval_copies=true"]).retrieval_copies
+    same = build_config(tmp_path, None, 0, None, None, None, ["retrieval_copies=true", "assembly.retrieval_copies=true"])
+    assert same == build_config(tmp_path, None, 0, None, None, None, ["retrieval_copies=true"])
+    with pytest.raises(ValueError, match="assembly.retrieval_copies=false: assembly uses the run's retrieval_copies"):
+        build_config(tmp_path, None, 0, None, None, None, ["retrieval_copies=true", "assembly.retrieval_copies=false"])
 
 
-def test_assembly_formats_history_as_training_unless_told_otherwise():
-    assert RunConfig(data="d", retrieval_copies=True).assembly.retrieval_copies is True
-    assert RunConfig(data="d").assembly.retrieval_copies is False
-    explicit = RunConfig(data="d", retrieval_copies=True, assembly={"retrieval_copies": False})
-    assert explicit.assembly.retrieval_copies is False
-    saved = RunConfig.model_validate_json(explicit.model_dump_json())  # run.json keeps the choice
-    assert saved.assembly.retrieval_copies is False and saved.retrieval_copies is True
+def test_older_run_json_repeating_the_history_format_in_assembly_still_reads():
+    config = RunConfig(data="d", retrieval_copies=True, max_len=64, seed=5)
+    # run.json of an older perpcs repeated the three in `assembly` (and a never-read max_len in training)
+    old = {**config.model_dump(), "assembly": {**config.assembly.model_dump(), "retrieval_copies": True,
+                                               "max_len": 64, "seed": 0},
+           "task_train": {**config.task_train.model_dump(), "max_len": 256}}
+    assert RunConfig.model_validate(old) == config
 
 
-def test_cli_refuses_bad_settings_and_foreign_run_folders(done_run, tiny_data, tmp_path):
+def test_cli_refuses_bad_settings_and_foreign_run_folders(done_run, tiny_data, tmp_path, cli):
     folder, _ = done_run
     code, out = cli("init", "--data", tiny_data, "--run", tmp_path / "r", "--set", "n_targets")
     assert code == 2 and "expected KEY=VALUE" in out
@@ -334,7 +333,7 @@ def test_cli_refuses_bad_settings_and_foreign_run_folders(done_run, tiny_data, t
     assert code == 2 and "other settings (base, n_targets" in out
 
 
-def test_cli_export(done_run, tmp_path):
+def test_cli_export(done_run, tmp_path, cli):
     folder, _ = done_run
     code, out = cli("export", "--run", folder, "--user", "nobody", "--out", tmp_path / "a")
     assert code == 2 and "no recipe for user 'nobody'" in out

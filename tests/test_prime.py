@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from perpcs.prime import PrimeSettings, merge, mix_loras, search
-from perpcs.training import LoraSettings, TrainSettings, encode, lora_state, train_lora
+from perpcs.lora import lora_state, mix_loras
+from perpcs.prime import merge, search
+from perpcs.settings import LoraSettings, PrimeSettings, TrainSettings
+from perpcs.training import encode, train_lora
 
 
 def test_search_counts_its_loss_evaluations_and_finds_the_better_sharer():

@@ -9,16 +9,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def cli(*args):
-    from typer.testing import CliRunner
-
-    from perpcs.cli import app
-
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, " ".join(result.output.split())
-
-
-def test_bench_seeds_pool_queries_by_seed_and_id(tiny_base, tiny_data, tmp_path):
+def test_bench_seeds_pool_queries_by_seed_and_id(tiny_base, tiny_data, tmp_path, cli):
     code, out = cli("bench", "--quick", "--base", tiny_base, "--data", tiny_data, "--out", tmp_path,
                     "--methods", "non_personalized", "--methods", "perpcs", "--methods", "oppu",
                     "--seeds", "0,1", "--oppu-targets", "1")
@@ -47,7 +38,7 @@ def test_bench_seeds_pool_queries_by_seed_and_id(tiny_base, tiny_data, tmp_path)
     assert code == 2 and "--seeds '0,x'" in out
 
 
-def test_curve_truncates_every_targets_history(tiny_base, tiny_data, tmp_path):
+def test_curve_truncates_every_targets_history(tiny_base, tiny_data, tmp_path, cli):
     code, out = cli("curve", "--quick", "--base", tiny_base, "--data", tiny_data, "--out", tmp_path,
                     "--points", "1,2", "--points", "all")
     assert code == 0, out
@@ -58,7 +49,8 @@ def test_curve_truncates_every_targets_history(tiny_base, tiny_data, tmp_path):
     for by_point in r["methods"].values():
         for v in by_point.values():
             assert v["n"] == 4 and v["ci"][0] <= v["mean"] <= v["ci"][1]
-    from perpcs.pipeline import Run, safe_name
+    from perpcs.pipeline import Run
+    from perpcs.runfolder import safe_name
     from perpcs.recipe import Recipe
 
     k1 = Run(tmp_path / "k-1" / "run")

@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from perpcs.baselines import generate
+from perpcs.generation import generate
 from perpcs.cli import app as cli
 from perpcs.models import load_base
 from perpcs.pipeline import Run

@@ -6,7 +6,8 @@ from conftest import tiny_llama
 from rouge_score.rouge_scorer import RougeScorer
 from test_core import POSITIONS, TASK, make_pool, random_pieces
 
-from perpcs.assembly import Assembler, AssemblySettings
+from perpcs.assembly import Assembler
+from perpcs.settings import AssemblySettings
 from perpcs.data import Item
 from perpcs.recipe import Recipe, apply_recipe, materialize
 from perpcs.strength import best_strength, holdout_size

@@ -9,53 +9,30 @@ activations that already use the assembled shallower pieces.
 History is processed in batches (of similar lengths, to save padding); as in the reference, the
 final PEFT is the plain average of the per-batch PEFTs, i.e. each sharer's weight at a position
 averaged over batches. The result is a `Recipe`: for each position the chosen sharers and weights.
+`assemble_users` and `assemble_history` do this for users of a run folder (the pipeline, Ray
+workers, the server).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from itertools import accumulate
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict
+from tqdm.auto import tqdm
 
 from perpcs.data import Item
-from perpcs.gates import lora_layers
 from perpcs.keyindex import KeyIndex
-from perpcs.recipe import Recipe, mix_pieces, peft_lora_config
+from perpcs.lora import clear, inference_config, install, lora_layers, mix_pieces
+from perpcs.recipe import Recipe
+from perpcs.runfolder import RunFolder
+from perpcs.settings import AssemblySettings, KeyKind, RunConfig
 from perpcs.strength import best_strength, holdout_size, strength_scores
 from perpcs.tasks import Task
 from perpcs.training import IGNORE, Example, collate, history_examples
-
-
-class AssemblySettings(BaseModel):
-    """Reference defaults: top-k 3, tau 1, batches of 16. The reference reads up to 2000 history items;
-    16 keep the demo's quality within the CI of full history at 20x less than OPPU's time (benchmarks/README.md)."""
-
-    model_config = ConfigDict(extra="forbid")
-    top_k: int = 3
-    temperature: float = 1.0
-    recent_k: int = 16  # history budget in items, newest first (measured: benchmarks/README.md, "Past the paper's costs")
-    budget_tokens: int | None = None  # and in tokens: the newest items whose examples fit (at least one item)
-    batch_size: int = 16
-    select: Literal["topk", "sample", "topp"] = "topk"
-    sample_topk: int = 10
-    sample_temperature: float = 1.0
-    top_p: float = 0.9
-    mix: Literal["linear", "cat"] = "linear"
-    # alpha scaling the assembled update, or "auto": chosen per target among `strengths` on its
-    # `holdout_items` newest history items, which assembly then does not read (see `strength`)
-    strength: float | Literal["auto"] = 1.0
-    strengths: list[float] = [0.0, 0.5, 1.0]
-    holdout_items: int = 4
-    # how "auto" scores a candidate: the task's metric on greedy outputs, or the outputs' loss;
-    # "kind": metric for generation, loss for classification and rating
-    strength_by: Literal["kind", "metric", "loss"] = "kind"
-    retrieval_copies: bool = False
-    max_len: int = 256
-    seed: int = 0
 
 
 def predict_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -71,7 +48,7 @@ def example_means(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return ((x * m).sum(1) / m.sum(1).clamp(min=1))[mask.any(1)]
 
 
-def piece_scores(h: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, key: str = "gate") -> torch.Tensor:
+def piece_scores(h: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, key: KeyKind = "gate") -> torch.Tensor:
     """Score of each candidate piece [n] from module input h [B, T, d], piece keys [n, d], mask [B, T].
 
     Both kinds average over the masked tokens of each example, then over the examples that have any
@@ -152,23 +129,31 @@ class Assembler:
     The model is wrapped in place with a working LoRA on the pool's positions, of rank r
     (linear) or r times the most pieces one position can take (cat; with strength "auto" all of
     a position's candidates, since the recipe averaged over batches may name more than top-k);
-    `unload()` gives it back.
+    `unload()` gives it back. History examples are formatted with `max_len` and `retrieval_copies`
+    (a run's: `for_run`); `seed` seeds select="sample".
     """
 
-    def __init__(self, model, pool, settings: AssemblySettings):
+    def __init__(self, model, pool, settings: AssemblySettings, max_len: int = 256, retrieval_copies: bool = False,
+                 seed: int = 0):
         from peft import get_peft_model
 
         self.pool, self.settings = pool, settings
+        self.max_len, self.retrieval_copies, self.seed = max_len, retrieval_copies, seed
         every = settings.select == "topp" or settings.strength == "auto"
         most = max(len(pool.candidates(p)) for p in pool.positions) if every else settings.top_k
         r = int(pool.lora_config["r"])
         rank = r if settings.mix == "linear" else r * most
-        self.model = get_peft_model(model, peft_lora_config(pool.lora_config, rank)).eval()
+        self.model = get_peft_model(model, inference_config(pool.lora_config, rank)).eval()
         self.layers = lora_layers(self.model)
         missing = set(pool.positions) - set(self.layers)
         if missing:
             raise ValueError(f"the model has no module at pool positions {sorted(missing)[:5]}: pool from another architecture?")
         self.keys = KeyIndex.of(pool)  # read per position as the forward pass reaches it
+
+    @classmethod
+    def for_run(cls, model, pool, config: RunConfig, settings: AssemblySettings | None = None) -> "Assembler":
+        """An assembler with a run's assembly settings (or `settings`) and its history format and seed."""
+        return cls(model, pool, settings or config.assembly, config.max_len, config.retrieval_copies, config.seed)
 
     def unload(self):
         """The merged model without the working LoRA."""
@@ -178,10 +163,10 @@ class Assembler:
         s = self.settings
         items = list(history)[-s.recent_k:]
         if s.budget_tokens is not None:
-            newest_first = [len(e.input_ids) for e in history_examples(task, tokenizer, items[::-1], s.max_len)]
+            newest_first = [len(e.input_ids) for e in history_examples(task, tokenizer, items[::-1], self.max_len)]
             kept = max(1, sum(total <= s.budget_tokens for total in accumulate(newest_first)))
             items = items[len(items) - kept:]
-        return history_examples(task, tokenizer, items, s.max_len, s.retrieval_copies, profile)
+        return history_examples(task, tokenizer, items, self.max_len, self.retrieval_copies, profile)
 
     @torch.no_grad()
     def assemble(self, examples: Sequence[Example], pad_id: int, trace: list | None = None) -> dict[str, dict[str, float]]:
@@ -190,7 +175,7 @@ class Assembler:
         if not examples:
             raise ValueError("cannot assemble from an empty history")
         device = next(self.model.parameters()).device
-        generator = torch.Generator().manual_seed(s.seed)
+        generator = torch.Generator().manual_seed(self.seed)
         # Batches of similar length waste less compute on padding; scores are per-example means, so
         # only which examples share a batch changes, not what any example contributes.
         ordered = sorted(examples, key=lambda e: len(e.input_ids))
@@ -217,8 +202,7 @@ class Assembler:
         def hook(module, args):
             ids, keys = self.keys.keys(pos)
             if not ids:  # no sharer shares this position (low sharing ratio): leave it without update
-                with torch.no_grad():
-                    module.lora_B["default"].weight.zero_()
+                clear(module)
                 batch_trace[pos] = ([], torch.empty(0))
             else:
                 # chosen on the CPU: the seeded generator is a CPU one (multinomial refuses it for CUDA scores)
@@ -240,11 +224,16 @@ class Assembler:
         for pos, chosen in weights.items():
             layer = self.layers[pos]
             if not chosen:
-                layer.lora_B["default"].weight.zero_()
+                clear(layer)
                 continue
             A, B = mix_pieces([self.pool.piece(sid, pos) for sid in chosen], list(chosen.values()), self.settings.mix,
                               layer.lora_A["default"].weight.shape[0])
             install(layer, (A, strength * B))
+
+    def recorded_settings(self) -> dict:
+        """What a recipe records of how it was made: the assembly settings and the history format."""
+        return {**self.settings.model_dump(), "retrieval_copies": self.retrieval_copies, "max_len": self.max_len,
+                "seed": self.seed}
 
     def recipe(self, task: Task, tokenizer, history: Sequence[Item], profile: str | None = None,
                user: str | None = None, trace: list | None = None) -> Recipe:
@@ -258,17 +247,41 @@ class Assembler:
         if v:
             by_metric = s.strength_by == "metric" or (s.strength_by == "kind" and task.kind == "generation")
             scores = strength_scores(self.model, lambda a: self.install_weights(weights, a), task, tokenizer,
-                                     history[-v:], s.strengths, by_metric, s.max_len)
+                                     history[-v:], s.strengths, by_metric, self.max_len)
             strength = best_strength(scores)
         return Recipe(pool_id=self.pool.pool_id, base_fingerprint=self.pool.base_fingerprint,
-                      lora=self.pool.lora_config, mix=s.mix, top_k=s.top_k, user=user, settings=s.model_dump(),
+                      lora=self.pool.lora_config, mix=s.mix, top_k=s.top_k, user=user, settings=self.recorded_settings(),
                       strength=strength, strength_scores=scores,
                       pieces={p: [(sid, round(w, 7)) for sid, w in ws.items()] for p, ws in weights.items()})
 
 
-@torch.no_grad()
-def install(layer, piece: tuple[torch.Tensor, torch.Tensor], adapter: str = "default") -> None:
-    """Write (A, B) into a peft LoRA layer's adapter weights."""
-    A, B = piece
-    layer.lora_A[adapter].weight.copy_(A)
-    layer.lora_B[adapter].weight.copy_(B)
+def assemble_users(run: RunFolder, user_ids: list[str]) -> dict[str, float]:
+    """Step 5 for these users of the run's data, each recipe saved as it is made; seconds per user."""
+    if not user_ids:
+        return {}
+    model, tok = run.merged
+    assembler = Assembler.for_run(model, run.open_pool(), run.config)
+    seconds = {}
+    try:
+        for uid in tqdm(user_ids, desc="step 5: assemble"):
+            user = run.data.user(uid)
+            t0 = time.perf_counter()
+            recipe = assembler.recipe(run.data.task, tok, user.history, user.profile, user=uid)
+            seconds[uid] = recipe.seconds = time.perf_counter() - t0
+            recipe.save(run.recipe_path(uid))
+    finally:
+        assembler.unload()
+    return seconds
+
+
+def assemble_history(run: RunFolder, user_id: str, history: list[Item], profile: str | None = None) -> Recipe:
+    """The recipe of a user who need not be in the run's data, from the history given (not kept);
+    saved with the others, so `export` and `perpcs serve` find it."""
+    model, tok = run.merged
+    assembler = Assembler.for_run(model, run.open_pool(), run.config)
+    try:
+        recipe = assembler.recipe(run.data.task, tok, history, profile, user=user_id)
+    finally:
+        assembler.unload()
+    recipe.save(run.recipe_path(user_id))
+    return recipe

@@ -145,41 +145,7 @@ def model_prepare(base: Optional[str] = typer.Option(None, "--base", help="HF id
         fail(str(e))
     print(json.dumps(asdict(info), indent=2))
 
-# --- pipeline steps (pipeline.py) ---
-def parse_overrides(pairs: list[str]) -> dict:
-    """`--set a.b=value` pairs into a nested dict (values parsed as JSON when they parse, else text)."""
-    out: dict = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set {pair!r}: expected KEY=VALUE, e.g. sharer_train.lr=5e-4")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
-
-
-def build_config(data: Path, base: Optional[str], seed: int, targets: Optional[int], sharers: Optional[int],
-                 config: Optional[Path], overrides: list[str]):
-    """A RunConfig from defaults < --config file < flags < --set overrides (nested sections merge key by key)."""
-    from perpcs.pipeline import RunConfig
-    from perpcs.utils import deep_merge, read_json
-
-    flags = {"data": str(data), "seed": seed, "base": base, "n_targets": targets, "n_sharers": sharers}
-    cfg = RunConfig(data=str(data)).model_dump()
-    del cfg["assembly"]["retrieval_copies"]  # unset: it follows `retrieval_copies` unless a layer sets it
-    for layer in (read_json(config) if config else {}, {k: v for k, v in flags.items() if v is not None},
-                  parse_overrides(overrides)):
-        deep_merge(cfg, layer)
-    return RunConfig.model_validate(cfg)
-
-
+# --- pipeline steps (pipeline.py; settings in settings.py) ---
 EXECUTOR = typer.Option("local", "--executor", help="where sharers and bulk assembly run: local (this process) "
                         "or ray (a local Ray, or the cluster at --ray-address)")
 RAY_ADDRESS = typer.Option(None, "--ray-address", help="Ray cluster to join, e.g. ray://head:10001 (docs/scale.md)")
@@ -202,6 +168,7 @@ def _run_command(all_steps: bool):
 
         from perpcs.executors import make_executor
         from perpcs.pipeline import Run
+        from perpcs.settings import build_config
 
         try:
             if not all_steps and (executor != "local" or ray_address):
@@ -333,24 +300,10 @@ def export_base(run: Path = typer.Option(..., "--run"),
     console.print(f"wrote the merged base to {path} (serve it, e.g. vllm serve {path} --enable-lora)")
 
 # --- bench and demo (bench.py) ---
-QUICK = ["task_train.steps=4", "sharer_train.steps=3", "gate_train.steps=2", "n_targets=2", "n_sharers=3",
-         "min_sharer_items=1"]
-
-
-def parse_variants(specs: list[str]) -> dict[str, dict]:
-    """'NAME:KEY=VALUE,KEY=VALUE' -> {NAME: nested settings}, e.g. 'act:key=activation,assembly.mix=cat'."""
-    out = {}
-    for spec in specs:
-        name, sep, pairs = spec.partition(":")
-        if not sep or not name or not pairs:
-            raise ValueError(f"--variant {spec!r}: expected NAME:KEY=VALUE[,KEY=VALUE...]")
-        out[name] = parse_overrides(pairs.split(","))
-    return out
-
-
 def _bench(data: Path, out: Path, config, methods: list[str], variants: dict[str, dict],
            oppu_targets: Optional[int] = None) -> None:
-    from perpcs.bench import BenchSettings, bench
+    from perpcs.bench import bench
+    from perpcs.settings import BenchSettings
 
     settings = BenchSettings(**({"methods": methods} if methods else {}), variants=variants, oppu_targets=oppu_targets)
     bench(data, out, config, settings)
@@ -393,10 +346,11 @@ def bench_command(
     from pydantic import ValidationError
 
     from perpcs.report import report
+    from perpcs.settings import build_config, parse_variants
 
     try:
         runs = [(out / f"seed-{s}" if seeds else out, build_config(data, base, s, targets, sharers, config,
-                                                                   (QUICK if quick else []) + overrides))
+                                                                   overrides, quick))
                 for s in (parse_seeds(seeds) if seeds else [seed])]
         for folder, cfg in runs:
             _bench(data, folder, cfg, methods, parse_variants(variants), oppu_targets)
@@ -426,9 +380,10 @@ def curve_command(
     from pydantic import ValidationError
 
     from perpcs.curve import POINTS, curve, parse_points
+    from perpcs.settings import build_config
 
     try:
-        cfg = build_config(data, base, seed, targets, sharers, config, (QUICK if quick else []) + overrides)
+        cfg = build_config(data, base, seed, targets, sharers, config, overrides, quick)
         chosen = parse_points([p for spec in points for p in spec.split(",")] or list(POINTS))
         curve(data, out, cfg, chosen, oppu_targets)
     except (ValueError, OSError, ValidationError) as e:
@@ -456,13 +411,14 @@ def report_command(
 @app.command("demo")
 def demo(out: Path = typer.Option(Path("runs/demo"), "--out"), seed: int = typer.Option(0, "--seed")) -> None:
     """Synthesise the built-in collaborative data set and run the full bench on it (about 15 minutes on 2 CPU cores)."""
-    from perpcs.bench import DEMO_CONFIG
+    from perpcs.settings import DEMO_CONFIG, build_config
     from perpcs.synth import save_synthetic, synthesize
 
     data = out / "data"
     save_synthetic(synthesize("classification", n_users=DEMO_CONFIG["users"], n_queries=DEMO_CONFIG["queries"], seed=seed), data)
     console.print(f"wrote synthetic data to {data}")
-    cfg = build_config(data, None, seed, None, None, None, [f"{k}={json.dumps(v)}" for k, v in DEMO_CONFIG["run"].items()])
+    cfg = build_config(data, None, seed, None, None, None,
+                       [f"{k}={json.dumps(v)}" for k, v in DEMO_CONFIG["run"].items()])
     _bench(data, out, cfg, [], DEMO_CONFIG["variants"])
 
 

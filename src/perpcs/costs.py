@@ -19,30 +19,32 @@ from typing import Callable, Sequence
 
 from tqdm.auto import tqdm
 
-from perpcs.assembly import Assembler, AssemblySettings
-from perpcs.pipeline import Run
+from perpcs.assembly import Assembler
+from perpcs.lora import save_adapter
 from perpcs.recipe_format import EXTENSION
-from perpcs.utils import dir_bytes, write_json
+from perpcs.runfolder import RunFolder
+from perpcs.settings import AssemblySettings
+from perpcs.user_lora import train_user_lora
+from perpcs.utils import dir_bytes
 
 
-def oppu_seconds(run: Run, user_id: str, keep: Path | None = None):
+def oppu_seconds(run: RunFolder, user_id: str, keep: Path | None = None):
     """(the model, unwrapped again; seconds) of training `user_id`'s own LoRA as the bench's OPPU does;
     with `keep`, the adapter is written there as the bench keeps it (`keep/adapter` by `save_pretrained`,
     `keep/stats.json`), after the clock stops."""
-    peft_model, stats = run.user_lora(run.data.user(user_id), desc=f"oppu {user_id}")
+    peft_model, stats = train_user_lora(run, run.data.user(user_id), desc=f"oppu {user_id}")
     if keep is not None:
-        peft_model.save_pretrained(keep / "adapter")
-        write_json(keep / "stats.json", stats)
+        save_adapter(peft_model, stats, keep)
     return peft_model.unload(), stats["seconds"]
 
 
-def assembly_seconds(run: Run, model, tok, user_id: str, keep: Path | None = None, pool=None,
+def assembly_seconds(run: RunFolder, model, tok, user_id: str, keep: Path | None = None, pool=None,
                      settings: AssemblySettings | None = None):
     """(the model, unwrapped again; seconds) of assembling `user_id`'s recipe from `run`'s pool with its
     settings (or the given ones), the Assembler (pool and key index opened) made before the clock
     starts, as in bulk assembly."""
     user = run.data.user(user_id)
-    assembler = Assembler(model, pool or run.open_pool(), settings or run.config.assembly)
+    assembler = Assembler.for_run(model, pool or run.open_pool(), run.config, settings)
     try:
         t0 = time.perf_counter()
         recipe = assembler.recipe(run.data.task, tok, user.history, user.profile, user=user_id)
@@ -60,7 +62,7 @@ def spread(values: Sequence[float]) -> dict:
     return {"median": statistics.median(values), "q1": q1, "q3": q3, "min": min(values), "max": max(values)}
 
 
-def alternating_costs(run: Run, user_ids: Sequence[str], pool=None, settings: AssemblySettings | None = None,
+def alternating_costs(run: RunFolder, user_ids: Sequence[str], pool=None, settings: AssemblySettings | None = None,
                       oppu_dir: Callable[[str], Path] | None = None) -> dict:
     """OPPU training and Per-Pcs assembly (the run's pool and settings, or the given ones) timed
     alternately per target in this process, with the per-target time ratios (OPPU / assembly) and

@@ -17,12 +17,14 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from perpcs.bench import Bench, BenchSettings
+from perpcs.bench import Bench
 from perpcs.evaluation import primary_metric
-from perpcs.pipeline import Run, RunConfig
+from perpcs.pipeline import Run
 from perpcs.report import folder_scores
+from perpcs.settings import BenchSettings, RunConfig
 from perpcs.stats import bootstrap_ci
-from perpcs.utils import atomic_path, write_json, write_text
+from perpcs.tables import curve_table
+from perpcs.utils import atomic_path, link, write_json, write_text
 
 POINTS = ("1", "2", "4", "8", "16", "32", "all")
 METHODS = ("perpcs", "oppu")
@@ -54,11 +56,11 @@ def curve(data: str | Path, out: str | Path, config: RunConfig, points: list[str
             link_pool(run, prun)
             prun.pipeline()
             settings = BenchSettings(methods=list(METHODS), oppu_targets=oppu_targets, history_k=int(point))
-        results = {"dataset": str(data), "methods": Bench(prun, settings, folder).evaluate()}
-        for m, scores in folder_scores(folder, results).items():
+        methods = Bench(prun, settings, folder).evaluate()
+        for m, scores in folder_scores(folder, data, methods).items():
             lo, hi = bootstrap_ci(scores.values(), config.seed)
             rows[m][point] = {"n": len(scores), "mean": sum(scores.values()) / len(scores), "ci": [lo, hi],
-                              "personalize_seconds_per_user": results["methods"][m]["personalize_seconds_per_user"]}
+                              "personalize_seconds_per_user": methods[m]["personalize_seconds_per_user"]}
     r = {"dataset": str(data), "task": task.name, "seed": config.seed, "points": points, "longest_history": longest,
          "primary_metric": {"name": primary, "higher_is_better": higher}, "methods": rows}
     write_json(out / "curve.json", r)
@@ -70,10 +72,9 @@ def curve(data: str | Path, out: str | Path, config: RunConfig, points: list[str
 def link_pool(src: Run, dst: Run) -> None:
     """A point changes only assembly settings, so its pool (piece keys included) is the run's own,
     linked rather than rebuilt: no gate is trained again (`Run.derive` links only task and LoRAs)."""
-    for rel in [Path("pool"), *(dst.sharer_dir(s.user_id).relative_to(dst.folder) / "stats.json" for s in src.select())]:
-        if not (dst.folder / rel).exists():
-            (dst.folder / rel).parent.mkdir(parents=True, exist_ok=True)
-            (dst.folder / rel).symlink_to((src.folder / rel).resolve())
+    for rel in [Path("pool"), *(dst.sharer_dir(s.user_id).relative_to(dst.folder) / "stats.json"
+                                for s in src.selection())]:
+        link(src.folder / rel, dst.folder / rel)
 
 
 def curve_plot(r: dict, path: Path) -> Path:
@@ -109,17 +110,3 @@ def curve_plot(r: dict, path: Path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     return path
-
-
-def curve_table(r: dict) -> str:
-    primary = r["primary_metric"]["name"]
-    lines = [f"# perpcs curve: {r['task']}, seed {r['seed']}", "",
-             f"{primary} (95% bootstrap CI) when each target keeps only its newest k history items; points "
-             "below 5 are the cold start. Without any history item a target gets the non-personalized model.", "",
-             "![history curve](curve.png)", "",
-             "| method | " + " | ".join(f"k = {p}" for p in r["points"]) + " |", "|---|" + "---|" * len(r["points"])]
-    for m, by_point in r["methods"].items():
-        lines.append(f"| {m} | " + " | ".join(
-            f"{v['mean']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}] (n {v['n']})" if (v := by_point.get(p)) else "-"
-            for p in r["points"]) + " |")
-    return "\n".join(lines) + "\n"

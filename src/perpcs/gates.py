@@ -13,15 +13,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from perpcs.training import Example, TrainSettings, train
-
-
-def lora_layers(peft_model, adapter: str = "default") -> dict[str, nn.Module]:
-    """{position: peft LoraLayer} for every module that carries `adapter`."""
-    from peft.tuners.lora import LoraLayer
-
-    return {name.removeprefix("base_model.model."): m for name, m in peft_model.named_modules()
-            if isinstance(m, LoraLayer) and adapter in m.lora_A}
+from perpcs.lora import lora_layers
+from perpcs.settings import TrainSettings
+from perpcs.training import Example, train
 
 
 class Gates(nn.Module):

@@ -24,7 +24,7 @@ import secrets
 import sqlite3
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -32,10 +32,11 @@ from safetensors.torch import save as save_tensors
 
 from perpcs.errors import InputError
 from perpcs.keyindex import PREFIX as KEY_INDEX_PREFIX
+from perpcs.settings import KeyKind
 from perpcs.utils import atomic_path, dir_bytes, sha256_file
 
 FORMAT_VERSION = 1
-KEYS = ("gate", "activation")
+KEYS = get_args(KeyKind)
 MANIFEST = "pool.sqlite"
 SHARER_DIR = "sharers"
 _MAX_OPEN = 8192  # cached safe_open handles: one memory map each, no open file descriptor
@@ -93,7 +94,7 @@ class Pool:
         self.lora_config: dict = json.loads(meta["lora_config"])
         self.sharing_ratio = float(meta["sharing_ratio"])
         self.seed = int(meta["seed"])
-        self.key: str = meta.get("key", "gate")  # pools written before activation keys have gates
+        self.key: KeyKind = meta.get("key", "gate")  # pools written before activation keys have gates
         if self.key not in KEYS:
             raise ValueError(f"{manifest}: unknown piece key {self.key!r} (known: {', '.join(KEYS)})")
         self._salt = meta["salt"]
@@ -108,7 +109,7 @@ class Pool:
     @classmethod
     def create(cls, path: str | os.PathLike, base_fingerprint: str, lora_config: dict,
                positions: dict[str, tuple[int, int]], seed: int = 0, sharing_ratio: float = 1.0,
-               key: str = "gate") -> Pool:
+               key: KeyKind = "gate") -> Pool:
         """A new, empty pool. `positions` (position -> (d_in, d_out)) in forward order, layer 0 first;
         `seed` and `sharing_ratio` choose the share mask of sharers added without an explicit one;
         `key` says what the pieces' keys are (a trained gate, or the sharer's mean activation)."""
@@ -322,14 +323,6 @@ class Pool:
             raise ValueError(f"{self.path}: sharer {sharer_id} does not share position {position}")
         h = self._open(file)
         return h.get_tensor(f"{position}.lora_A"), h.get_tensor(f"{position}.lora_B")
-
-    def sharer_pieces(self, sharer_id: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Every shared (A, B) of one sharer, in position order (the whole-PEFT retrieval baseline)."""
-        idx, file = self._sharer(sharer_id)
-        h = self._open(file)
-        shared = {p for (p,) in self._db.execute(
-            "SELECT p.name FROM shares JOIN positions p ON p.idx = shares.position WHERE shares.sharer = ?", (idx,))}
-        return {p: (h.get_tensor(f"{p}.lora_A"), h.get_tensor(f"{p}.lora_B")) for p in self.positions if p in shared}
 
     def sharer_keys(self, sharer_id: str) -> dict[str, torch.Tensor]:
         """{position: key} of one sharer's shared pieces, through a handle closed afterwards: building the

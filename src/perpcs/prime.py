@@ -6,51 +6,21 @@ to minimise the LM loss on the target's newest history items, within a budget of
 (10 by default, PriME's). No gradient and no LoRA of the target's own: a few forward passes.
 
 Weights are the softmax of the CMA-ES vector: the search is unconstrained, the weights stay positive
-and sum to 1 (a convex mix, as `baselines.average_loras`; the start x = 0 is exactly that average).
+and sum to 1 (a convex mix, as `lora.average_loras`; the start x = 0 is exactly that average).
 A and B are each mixed with the weights, as the paper's linear mix.
 """
 
 from __future__ import annotations
 
-import hashlib
 from typing import Callable, Sequence
 
 import cma
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from perpcs.assembly import install
-from perpcs.baselines import load_lora
-from perpcs.data import User
-from perpcs.gates import lora_layers
-from perpcs.pipeline import Run
-from perpcs.recipe import apply_lora
-from perpcs.selection import history_embeddings, nearest_users
-from perpcs.training import Example, collate, history_examples, lm_loss
-
-Lora = dict[str, tuple[torch.Tensor, torch.Tensor]]
-
-
-class PrimeSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    m: int = Field(3, ge=1)  # sharers mixed
-    items: int = Field(8, ge=1)  # the target's newest history items the loss is measured on
-    budget: int = Field(10, ge=1)  # loss evaluations in all
-    popsize: int = Field(5, ge=2)  # CMA-ES population: budget // popsize generations
-    sigma0: float = Field(1.0, gt=0)  # initial step size on the softmax logits
-
-    @model_validator(mode="after")
-    def _one_generation_at_least(self) -> "PrimeSettings":
-        if self.budget < self.popsize:
-            raise ValueError(f"prime budget {self.budget} is less than one CMA-ES generation (popsize {self.popsize})")
-        return self
-
-
-def mix_loras(loras: Sequence[Lora], weights: Sequence[float]) -> Lora:
-    """A and B each mixed with `weights` (uniform weights: `average_loras`)."""
-    return {pos: (sum(w * l[pos][0] for w, l in zip(weights, loras)), sum(w * l[pos][1] for w, l in zip(weights, loras)))
-            for pos in loras[0]}
+from perpcs.lora import Lora, apply_lora, install, lora_layers, mix_loras
+from perpcs.settings import PrimeSettings
+from perpcs.training import Example, collate, lm_loss
 
 
 def softmax(x) -> np.ndarray:
@@ -76,8 +46,6 @@ def search(loss: Callable[[np.ndarray], float], m: int, settings: PrimeSettings,
     return tried[best][1], [f for f, _ in tried]
 
 
-
-
 @torch.no_grad()
 def merge(model, lora_config: dict, loras: Sequence[Lora], examples: Sequence[Example], pad_id: int,
           settings: PrimeSettings, seed: int):
@@ -98,18 +66,3 @@ def merge(model, lora_config: dict, loras: Sequence[Lora], examples: Sequence[Ex
     weights, losses = search(loss, len(loras), settings, seed)
     set_weights(weights)
     return peft_model, weights, losses
-
-
-def prime_user(run: Run, model, tokenizer, user: User, sharers: list[str], sharer_embeddings: np.ndarray,
-               settings: PrimeSettings):
-    """The bench's `prime` for one target: its m nearest sharers (as `peft_retrieval` finds them), the
-    mix searched on its newest history items, seeded by the run's seed and the user. Returns (peft model,
-    the sharers mixed, their weights, the losses evaluated)."""
-    idx = nearest_users(history_embeddings([user])[0], sharer_embeddings, min(settings.m, len(sharers)))
-    chosen = [sharers[i] for i in idx]
-    examples = history_examples(run.data.task, tokenizer, user.history[-settings.items:], run.config.max_len)
-    seed = int.from_bytes(hashlib.sha256(f"{run.config.seed}:prime:{user.user_id}".encode()).digest()[:4], "big")
-    peft_model, weights, losses = merge(model, run.config.lora.model_dump(),
-                                        [load_lora(run.sharer_dir(u) / "adapter") for u in chosen], examples,
-                                        tokenizer.pad_token_id, settings, seed)
-    return peft_model, chosen, weights, losses

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from perpcs.data import format_validation_error
 from perpcs.errors import InputError
+from perpcs.lora import apply_lora, inference_config, mix_pieces, pad_rank, peft_state_dict
 from perpcs.recipe_format import is_packed, pack, unpack
 from perpcs.utils import atomic_dir, atomic_path, write_text
 
@@ -85,31 +86,7 @@ class Recipe(BaseModel):
         return r if self.mix == "linear" else r * max(1, max(len(v) for v in self.pieces.values()))
 
     def peft_config(self, base_path: str | None = None):
-        return peft_lora_config(self.lora, self.rank(), base_path)
-
-
-def peft_lora_config(lora: dict, rank: int, base_path: str | None = None):
-    """A peft LoraConfig of `rank` whose scaling alpha / rank equals the sharers' alpha / r (no dropout: inference)."""
-    from peft import LoraConfig
-
-    alpha = float(lora["alpha"]) * rank / int(lora["r"])
-    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(lora["target_modules"]),
-                      bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_path)
-
-
-def mix_pieces(pieces: Sequence[tuple[torch.Tensor, torch.Tensor]], weights: Sequence[float], mix: str,
-               rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mix (A_j, B_j) with weights w_j.
-
-    `linear` (the paper): A = sum w_j A_j, B = sum w_j B_j (mixed separately).
-    `cat` (exact): A = [w_1 A_1; ...; w_k A_k], B = [B_1 ... B_k], so B A = sum w_j B_j A_j;
-    zero-padded to `rank` rows so every position has the same LoRA rank.
-    """
-    if mix == "linear":
-        return (sum(w * a for (a, _), w in zip(pieces, weights)), sum(w * b for (_, b), w in zip(pieces, weights)))
-    A = torch.cat([w * a for (a, _), w in zip(pieces, weights)], 0)
-    B = torch.cat([b for _, b in pieces], 1)
-    return pad_rank(A, B, rank) if rank is not None else (A, B)
+        return inference_config(self.lora, self.rank(), base_path)
 
 
 def materialize(recipe: Recipe, pool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -134,26 +111,6 @@ def check_pool(recipe: Recipe, pool) -> None:
                          f"not from this pool {pool.pool_id} on base {pool.base_fingerprint}")
 
 
-def peft_state_dict(weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """peft's on-disk key names for {position: (A, B)}."""
-    sd = {}
-    for pos, (A, B) in weights.items():
-        sd[f"base_model.model.{pos}.lora_A.weight"] = A.contiguous()
-        sd[f"base_model.model.{pos}.lora_B.weight"] = B.contiguous()
-    return sd
-
-
-def apply_lora(model, lora: dict, rank: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]):
-    """Wrap a merged base (in place) in a peft model carrying the given LoRA weights; `.unload()` undoes it."""
-    from peft import get_peft_model, set_peft_model_state_dict
-
-    peft_model = get_peft_model(model, peft_lora_config(lora, rank))
-    result = set_peft_model_state_dict(peft_model, peft_state_dict(weights))
-    if result.unexpected_keys:
-        raise ValueError(f"LoRA positions not in the model: {result.unexpected_keys[:5]}")
-    return peft_model.eval()
-
-
 def apply_recipe(model, recipe: Recipe, pool):
     """The merged base carrying the recipe's PEFT, in memory."""
     return apply_lora(model, recipe.lora, recipe.rank(), materialize(recipe, pool))
@@ -167,12 +124,6 @@ def served_rank(rank: int) -> int:
     raise ValueError(f"LoRA rank {rank} is above the largest vLLM serves ({SERVED_RANKS[-1]}): lower top_k or r")
 
 
-def pad_rank(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) with zero rows of A and columns of B up to `rank`: B A, the update, is unchanged."""
-    extra = rank - A.shape[0]
-    return torch.cat([A, A.new_zeros(extra, A.shape[1])], 0), torch.cat([B, B.new_zeros(B.shape[0], extra)], 1)
-
-
 def export_adapter(recipe: Recipe, pool, out: str | Path, base_path: str | None = None,
                    replace: bool = False) -> Path:
     """Write a standard PEFT adapter folder, LoRA weights only (atomically: temp folder, then rename).
@@ -182,7 +133,7 @@ def export_adapter(recipe: Recipe, pool, out: str | Path, base_path: str | None 
     rank = served_rank(recipe.rank())
     weights = {pos: pad_rank(A, B, rank) for pos, (A, B) in weights.items()}
     with atomic_dir(out, replace=replace) as tmp:
-        peft_lora_config(recipe.lora, rank, base_path).save_pretrained(tmp)
+        inference_config(recipe.lora, rank, base_path).save_pretrained(tmp)
         save_file(peft_state_dict(weights), tmp / "adapter_model.safetensors",
                   metadata={"format": "pt", "perpcs_pool": recipe.pool_id, "base_fingerprint": recipe.base_fingerprint})
     return Path(out)

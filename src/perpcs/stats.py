@@ -18,11 +18,11 @@ from typing import Mapping
 import numpy as np
 from scipy.stats import binomtest, bootstrap
 
-from perpcs.baselines import split_method
+from perpcs.methods import split_method
 
 LEVEL = 0.95
 RESAMPLES = 10_000
-# every method is compared, query by query, with these (the references)
+# every method is compared, query by query, with these
 REFERENCES = ("non_personalized", "peft_retrieval", "oppu")
 
 

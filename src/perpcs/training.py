@@ -16,55 +16,15 @@ from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict
 from tqdm.auto import tqdm
 
 from perpcs.data import Item
+from perpcs.lora import training_config
 from perpcs.retrieval import bm25_top
+from perpcs.settings import LoraSettings, TrainSettings
 from perpcs.tasks import Task
 
 IGNORE = -100
-
-
-class LoraSettings(BaseModel):
-    """The LoRA shape. Pieces are only exchangeable between PEFTs of the same settings."""
-
-    model_config = ConfigDict(extra="forbid")
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
-
-    def peft_config(self, r: int | None = None, alpha: float | None = None):
-        from peft import LoraConfig
-
-        return LoraConfig(r=r or self.r, lora_alpha=alpha or self.alpha, lora_dropout=self.dropout,
-                          target_modules=list(self.target_modules), bias="none", task_type="CAUSAL_LM")
-
-
-class TrainSettings(BaseModel):
-    """One training run: optimiser and budget. `steps` wins over `epochs` when both are given.
-
-    A per-user budget (sharers, OPPU) is `epochs` capped at `max_steps`, so a 3-item history is not
-    trained for 30 steps and a 500-item one gets its epoch; with `val_fraction` > 0 the newest items
-    (that fraction, at most `val_items`; none while it rounds to 0) are held out, their loss is
-    measured after each epoch, training stops after `patience` epochs without improvement, and the
-    best epoch's weights are kept.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-    lr: float = 1e-3
-    steps: int | None = None
-    epochs: float = 1.0
-    max_steps: int | None = None
-    val_fraction: float = 0.0
-    val_items: int = 8
-    patience: int = 1
-    batch_size: int = 4
-    grad_clip: float = 1.0
-    weight_decay: float = 0.0
-    max_len: int = 256
-    seed: int = 0
 
 
 @dataclass
@@ -214,7 +174,7 @@ def add_lora(model, lora: LoraSettings, seed: int):
     from peft import get_peft_model
 
     torch.manual_seed(seed)
-    return get_peft_model(model, lora.peft_config())
+    return get_peft_model(model, training_config(lora))
 
 
 def train_lora(model, examples: Sequence[Example], lora: LoraSettings, settings: TrainSettings, pad_id: int,
@@ -224,16 +184,3 @@ def train_lora(model, examples: Sequence[Example], lora: LoraSettings, settings:
     params = [p for p in peft_model.parameters() if p.requires_grad]
     stats = train(peft_model, params, examples, settings, pad_id, desc, val_examples)
     return peft_model, stats
-
-
-@torch.no_grad()
-def lora_state(peft_model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{position: (A, B)} of the active adapter; a position is the module name inside the base model."""
-    from peft.tuners.lora import LoraLayer
-
-    out = {}
-    for name, m in peft_model.named_modules():
-        if isinstance(m, LoraLayer) and "default" in m.lora_A:
-            pos = name.removeprefix("base_model.model.")
-            out[pos] = (m.lora_A["default"].weight.detach().clone(), m.lora_B["default"].weight.detach().clone())
-    return out

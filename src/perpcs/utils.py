@@ -194,6 +194,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def derived_seed(*parts: object) -> int:
+    """A 32-bit seed from the run's seed and what it seeds (e.g. step and user): its own stream for each,
+    the same one for the same parts."""
+    key = ":".join(str(p) for p in parts).encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:4], "big")
+
+
+def link(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Make `dst` a symbolic link to `src` (resolved), unless `dst` exists; for files a derived run reuses."""
+    dst = Path(dst)
+    if not dst.exists():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.symlink_to(Path(src).resolve())
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -1,0 +1,295 @@
+"""Every setting of perpcs, once: a run's (steps 0-5), the bench's, the presets, and `--set` parsing.
+
+The CLI and the benchmark scripts build their settings here. A run's settings are `RunConfig`,
+saved as RUN/run.json; `build_config` layers defaults < a JSON file < flags < `--set` overrides.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from perpcs.utils import deep_merge, derived_seed, read_json
+
+# What a piece's key is: its gate trained with the sharer's LoRA frozen (the paper), or the
+# sharer's mean activation at the piece's position over its own history.
+KeyKind = Literal["gate", "activation"]
+
+
+class LoraSettings(BaseModel):
+    """The LoRA shape. Pieces are only exchangeable between PEFTs of the same settings."""
+
+    model_config = ConfigDict(extra="forbid")
+    r: int = Field(8, description="LoRA rank of every sharer, OPPU and the task LoRA")
+    alpha: float = Field(16.0, description="LoRA alpha: the update is scaled by alpha / r")
+    dropout: float = Field(0.05, description="dropout on the LoRA branch while training")
+    target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj"],
+                                      description="module names LoRA wraps in every layer (one piece each)")
+
+
+class TrainSettings(BaseModel):
+    """One training run: optimiser and budget. `steps` wins over `epochs` when both are given.
+
+    A per-user budget (sharers, OPPU) is `epochs` capped at `max_steps`, so a 3-item history is not
+    trained for 30 steps and a 500-item one gets its epoch; with `val_fraction` > 0 the newest items
+    (that fraction, at most `val_items`; none while it rounds to 0) are held out, their loss is
+    measured after each epoch, training stops after `patience` epochs without improvement, and the
+    best epoch's weights are kept.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    lr: float = Field(1e-3, description="AdamW learning rate")
+    steps: int | None = Field(None, description="optimiser steps; None: `epochs` (capped at `max_steps`)")
+    epochs: float = Field(1.0, description="passes over the examples when `steps` is None")
+    max_steps: int | None = Field(None, description="cap on the steps `epochs` gives")
+    val_fraction: float = Field(0.0, description="share of the newest items held out to stop on")
+    val_items: int = Field(8, description="at most this many held-out items")
+    patience: int = Field(1, description="epochs without a better held-out loss before stopping")
+    batch_size: int = Field(4, description="examples per step")
+    grad_clip: float = Field(1.0, description="gradient norm clip (0: none)")
+    weight_decay: float = Field(0.0, description="AdamW weight decay")
+    seed: int = Field(0, description="initialisation, batch order and dropout (set per user by `RunConfig.training`)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_unread_max_len(cls, data: Any) -> Any:
+        """Run folders of older perpcs saved a `max_len` here that nothing read; the run's `max_len` is the one."""
+        if isinstance(data, dict) and "max_len" in data:
+            data = {k: v for k, v in data.items() if k != "max_len"}
+        return data
+
+
+class AssemblySettings(BaseModel):
+    """Step 5. Reference defaults: top-k 3, tau 1, batches of 16; the history budget is
+    `recent_k` items (the reference reads up to 2000; why fewer: benchmarks/README.md). History
+    examples are formatted with the run's `max_len` and `retrieval_copies`, as in training."""
+
+    model_config = ConfigDict(extra="forbid")
+    top_k: int = Field(3, description="pieces mixed at each position")
+    temperature: float = Field(1.0, description="tau of the softmax(s / tau) mixing weights")
+    recent_k: int = Field(16, description="history budget in items, newest first")
+    budget_tokens: int | None = Field(None, description="and in tokens: the newest items whose examples fit "
+                                      "(at least one item)")
+    batch_size: int = Field(16, description="history examples per forward")
+    select: Literal["topk", "sample", "topp"] = Field("topk", description="top-k, sampled top-k, or nucleus")
+    sample_topk: int = Field(10, description="select=sample: draw from this many best pieces")
+    sample_temperature: float = Field(1.0, description="select=sample: temperature of the draw")
+    top_p: float = Field(0.9, description="select=topp: softmax mass of the pieces kept")
+    mix: Literal["linear", "cat"] = Field("linear", description="linear: A and B mixed separately (the paper); "
+                                          "cat: the exact sum of w_j B_j A_j")
+    strength: float | Literal["auto"] = Field(1.0, description="alpha scaling the assembled update, or auto: "
+                                              "chosen per target among `strengths` on its `holdout_items` newest "
+                                              "history items, which assembly then does not read (see `strength`)")
+    strengths: list[float] = Field([0.0, 0.5, 1.0], description="strength=auto: the candidates")
+    holdout_items: int = Field(4, description="strength=auto: at most this many items held out")
+    strength_by: Literal["kind", "metric", "loss"] = Field(
+        "kind", description="how auto scores a candidate: the task's metric on greedy outputs, or the outputs' "
+        "loss; kind: metric for generation, loss for classification and rating")
+
+
+# Settings of steps 3-5 only: a derived run (`Run.derive`) may change these and reuse steps 0-2.
+LATER_STEPS = ("device", "key", "share_ratio", "gate_train", "assembly")
+# Settings of step 1: a derived run may change these too; it then selects again, and each sharer it
+# has in common with the run it derives from keeps its LoRA.
+SELECTION_STEP = ("n_sharers", "selection", "min_sharer_items")
+# What older run.json files held in `assembly` and the run now holds once.
+_FROM_RUN = ("retrieval_copies", "max_len", "seed")
+
+
+class RunConfig(BaseModel):
+    """Everything a run depends on. Defaults are sized for SmolLM2-135M on 2 CPU cores (docs/hyperparameters.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+    data: str = Field(description="data folder (task.json + users.jsonl)")
+    data_sha256: str | None = Field(None, description="set by Run.create (`perpcs.data.data_sha256`): "
+                                    "a changed data folder is refused")
+    base: str | None = Field(None, description="base model: HF id, local folder or .gguf (None: SmolLM2-135M)")
+    seed: int = Field(0, description="seeds the split, selection, every training run and assembly's sampling")
+    device: str = Field("auto", description="auto (cuda if present), cpu or cuda")
+    n_targets: int = Field(8, description="target users: the most active")
+    base_fraction: float = Field(0.3, description="share of the other users that train the task LoRA")
+    n_sharers: int = Field(6, description="sharers S chosen among the remaining candidates")
+    selection: str = Field("cluster", description="sharer selection: random, active or cluster")
+    min_sharer_items: int = Field(10, description="cluster: skip a cluster whose best user has fewer items")
+    share_ratio: float = Field(1.0, description="sharing ratio rho: share of its positions each sharer shares")
+    key: KeyKind = Field("activation", description="piece keys (the default rule, README; the paper's: PAPER_RULE)")
+    retrieval_copies: bool = Field(False, description="train and assemble also on each item with its most "
+                                   "similar earlier item in the prompt")
+    max_len: int = Field(256, description="tokens per example (long prompts lose their start)")
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    task_train: TrainSettings = Field(default_factory=lambda: TrainSettings(lr=2e-3, steps=30, batch_size=8),
+                                      description="step 0: the task LoRA on the base users")
+    sharer_train: TrainSettings = Field(default_factory=lambda: TrainSettings(
+        lr=3e-3, epochs=2, max_steps=160, val_fraction=0.1, val_items=8, patience=1, batch_size=4),
+        description="step 2: each sharer's LoRA, and OPPU's")
+    gate_train: TrainSettings = Field(default_factory=lambda: TrainSettings(lr=1e-2, steps=10, batch_size=4),
+                                      description="step 3 with key=gate: the gates")
+    assembly: AssemblySettings = Field(default_factory=lambda: AssemblySettings(mix="cat"),
+                                       description="step 5")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _assembly_reads_the_runs_format(cls, data: Any) -> Any:
+        """Run folders and configs of older perpcs repeated `retrieval_copies`, `max_len` and `seed` in
+        `assembly`: taken out where they say what the run says (assembly's seed was 0 by default)."""
+        if not isinstance(data, dict) or not isinstance(data.get("assembly"), dict):
+            return data
+        assembly = dict(data["assembly"])
+        for name in _FROM_RUN:
+            if name in assembly:
+                value = assembly.pop(name)
+                run_value = data.get(name, cls.model_fields[name].default)
+                if value != run_value and not (name == "seed" and value == 0):
+                    raise ValueError(f"assembly.{name}={json.dumps(value)}: assembly uses the run's {name} "
+                                     f"({json.dumps(run_value)}); set {name} instead")
+        return {**data, "assembly": assembly}
+
+    def updated(self, overrides: dict) -> "RunConfig":
+        """These settings with `overrides` (nested sections merged key by key), validated."""
+        return RunConfig.model_validate(deep_merge(self.model_dump(), overrides))
+
+    def training(self, which: str, user_id: str = "") -> TrainSettings:
+        """The settings of one training run, seeded from the run's seed, the step and the user
+        (so each LoRA has its own initialisation and batch order, and the same seed repeats them)."""
+        settings: TrainSettings = getattr(self, which)
+        return settings.model_copy(update={"seed": derived_seed(self.seed, which, user_id)})
+
+
+def check_later_steps(config: RunConfig, new: RunConfig, also: tuple[str, ...] = ()) -> RunConfig:
+    """`new`, if it differs from `config` only in settings of steps 3-5 (and `also`): what a run
+    derived from `config`'s run may change."""
+    allowed = LATER_STEPS + also
+    changed = [k for k in RunConfig.model_fields  # data_sha256: the data itself is checked when a run reads it
+               if k not in allowed + ("data_sha256",) and getattr(new, k) != getattr(config, k)]
+    if changed:
+        raise ValueError(f"a derived run may change only {', '.join(allowed)}; "
+                         f"not these: {', '.join(changed)}")
+    return new
+
+
+class PrimeSettings(BaseModel):
+    """The bench's `prime` (see `perpcs.prime`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    m: int = Field(3, ge=1, description="sharers mixed")
+    items: int = Field(8, ge=1, description="the target's newest history items the loss is measured on")
+    budget: int = Field(10, ge=1, description="loss evaluations in all")
+    popsize: int = Field(5, ge=2, description="CMA-ES population: budget // popsize generations")
+    sigma0: float = Field(1.0, gt=0, description="initial step size on the softmax logits")
+
+    @model_validator(mode="after")
+    def _one_generation_at_least(self) -> "PrimeSettings":
+        if self.budget < self.popsize:
+            raise ValueError(f"prime budget {self.budget} is less than one CMA-ES generation (popsize {self.popsize})")
+        return self
+
+
+def _method_rows() -> list[str]:
+    from perpcs.methods import rows
+
+    return rows()
+
+
+class BenchSettings(BaseModel):
+    """What `perpcs bench` runs beside the pipeline (the run's own settings are its `RunConfig`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    methods: list[str] = Field(default_factory=_method_rows, description="rows to run (`perpcs.methods`)")
+    rag_k: int = Field(1, description="history items BM25 puts in the prompt of a +rag row")
+    retrieval_m: int = Field(1, description="peft_retrieval: sharers whose whole LoRAs are averaged")
+    gen_batch_size: int = Field(16, description="prompts per generate call")
+    variants: dict[str, dict] = Field({}, description="name -> settings of steps 3-5 (e.g. {'key': 'activation'}): "
+                                      "each reuses the run's task model and sharer LoRAs (`Run.derive`) and is "
+                                      "reported as rows `name` and `name+rag`")
+    oppu_targets: int | None = Field(None, ge=1, description="OPPU (and oppu+rag) on the first M targets only, "
+                                     "every other method on all: OPPU is the only method that trains per target; "
+                                     "comparisons with it use the queries they share")
+    prime: PrimeSettings = PrimeSettings()
+    history_k: int | None = Field(None, ge=1, description="each target keeps only its newest K history items "
+                                  "(OPPU trains on them, retrieval reads them; Per-Pcs reads its run's "
+                                  "`assembly.recent_k`): the history curve (`perpcs curve`)")
+    cost_targets: int = Field(2, description="targets whose OPPU training and assembly are also timed alternately "
+                              "in one process (perpcs.costs)")
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, methods: list[str]) -> list[str]:
+        """Checked here, before the pipeline runs, not after it."""
+        known = _method_rows()
+        unknown = sorted(set(methods) - set(known))
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; known: {', '.join(known)}")
+        if not methods:
+            raise ValueError(f"no methods to run; known: {', '.join(known)}")
+        return methods
+
+    @field_validator("variants")
+    @classmethod
+    def _variant_names(cls, variants: dict[str, dict]) -> dict[str, dict]:
+        known = _method_rows()
+        for name in variants:
+            if name in known or "+" in name or not name.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(f"variant name {name!r}: use letters, digits, - and _, and not a method's name")
+        return variants
+
+
+# --- presets ---
+
+# The paper's selection rule exactly (trained gates, linear A/B mix, the assembled update as is):
+# `--set key=gate --set assembly.mix=linear --set assembly.strength=1`.
+PAPER_RULE = {"key": "gate", "assembly": {"mix": "linear", "strength": 1.0}}
+# `--quick`: tiny budgets that check the harness; the numbers mean nothing.
+QUICK = ["task_train.steps=4", "sharer_train.steps=3", "gate_train.steps=2", "n_targets=2", "n_sharers=3",
+         "min_sharer_items=1"]
+# The demo's data size and budgets: chosen so that `perpcs demo` runs in about 15 minutes on 2 CPU cores.
+# Per-Pcs with the default rule, and the paper's rule beside it as a variant (see README).
+DEMO_CONFIG = {"users": 48, "queries": 12, "run": {"n_targets": 5, "n_sharers": 6, "task_train": {"steps": 25}},
+               "variants": {"perpcs-paper": PAPER_RULE}}
+
+
+# --- parsing ---
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """`--set a.b=value` pairs into a nested dict (values parsed as JSON when they parse, else text)."""
+    out: dict = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {pair!r}: expected KEY=VALUE, e.g. sharer_train.lr=5e-4")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def parse_variants(specs: list[str]) -> dict[str, dict]:
+    """'NAME:KEY=VALUE,KEY=VALUE' -> {NAME: nested settings}, e.g. 'act:key=activation,assembly.mix=cat'."""
+    out = {}
+    for spec in specs:
+        name, sep, pairs = spec.partition(":")
+        if not sep or not name or not pairs:
+            raise ValueError(f"--variant {spec!r}: expected NAME:KEY=VALUE[,KEY=VALUE...]")
+        out[name] = parse_overrides(pairs.split(","))
+    return out
+
+
+def build_config(data: str | Path, base: str | None = None, seed: int = 0, targets: int | None = None,
+                 sharers: int | None = None, config: str | Path | None = None, overrides: list[str] = (),
+                 quick: bool = False) -> RunConfig:
+    """A RunConfig from defaults < --config file < flags < (`QUICK` with `quick`) < --set overrides
+    (nested sections merge key by key)."""
+    flags = {"data": str(data), "seed": seed, "base": base, "n_targets": targets, "n_sharers": sharers}
+    cfg = RunConfig(data=str(data)).model_dump()
+    for layer in (read_json(config) if config else {}, {k: v for k, v in flags.items() if v is not None},
+                  parse_overrides((QUICK if quick else []) + list(overrides))):
+        deep_merge(cfg, layer)
+    return RunConfig.model_validate(cfg)

@@ -1,0 +1,142 @@
+"""Every Markdown table perpcs writes: the bench's results.md, the pooled report.md and the curve's curve.md."""
+
+from __future__ import annotations
+
+import json
+
+from perpcs.methods import split_method
+from perpcs.stats import REFERENCES, gain_share
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def results_table(r: dict) -> str:
+    """The markdown table a person reads first: method x metrics x cost, with ratios to OPPU."""
+    methods = r["methods"]
+    metric_names = [k for k in next(iter(methods.values()))["metrics"] if k != "n"]
+    primary = r["primary_metric"]["name"]
+    oppu, base = methods.get("oppu"), methods.get("non_personalized")
+    rag_pair = "rag" in methods and "oppu+rag" in methods
+    head = ["method", *metric_names, "personalize s/user", "bytes/user"]
+    if oppu:
+        head += ["time vs OPPU", "storage vs OPPU"]
+    if oppu and base:
+        head.append("share of OPPU's gain")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    higher = r["primary_metric"]["higher_is_better"]
+    shares = ({m: st["gain_share"] for m, st in r["statistics"]["methods"].items()} if "statistics" in r else
+              {m: gain_share({k: v["metrics"][primary] for k, v in methods.items()}, m, higher) for m in methods})
+    for name, m in methods.items():
+        row = [name, *(f"{m['metrics'][k]:.4f}" for k in metric_names),
+               f"{m['personalize_seconds_per_user']:.2f}", _fmt_bytes(m["bytes_per_user"])]
+        kind = split_method(name)[0]
+        if oppu:
+            t, b = m["personalize_seconds_per_user"], m["bytes_per_user"]
+            row += [f"{oppu['personalize_seconds_per_user'] / t:.1f}x less" if t and kind != "oppu" else "-",
+                    f"{oppu['bytes_per_user'] / b:.0f}x less" if b and kind != "oppu" else "-"]
+        if oppu and base:
+            share = shares[name]
+            row.append("-" if share is None else f"{share + 0.0:.0%}")  # + 0.0: no '-0%'
+        lines.append("| " + " | ".join(row) + " |")
+    o = r["one_time"]
+    return "\n".join([
+        f"# perpcs bench: {r['task']} ({r['kind']}), {r['n_targets']} target users, {r['n_queries']} queries, "
+        f"{r['n_sharers']} sharers, seed {r['seed']}",
+        "",
+        f"Primary metric: {primary} ({'higher' if r['primary_metric']['higher_is_better'] else 'lower'} is better). "
+        f"Base: {r['base_model']} on {r['machine']['device']}, {r['date']}."
+        + (f" History budget of assembly: the {a['recent_k']} newest items"
+           + (f", at most {a['budget_tokens']} tokens." if a.get("budget_tokens") else ".")
+           if (a := r.get("config", {}).get("assembly")) else ""),
+        "",
+        *lines,
+        *(["", "Share of OPPU's gain: from non_personalized to oppu" + ("; for methods with retrieval (+rag), "
+               "from rag to oppu+rag" if rag_pair else "") + "; shown only where OPPU's gain is positive."]
+          if oppu and base else []),
+        *(["", f"OPPU ran on the first {r['oppu_targets']} targets only ({oppu['metrics']['n']} queries); "
+               "every other method on all targets."] if oppu and r.get("oppu_targets") else []),
+        "",
+        f"One-time costs: task adaptation {o['task_adapt_seconds']:.0f} s, sharer LoRAs {o['sharer_lora_seconds']:.0f} s, "
+        f"gates {o['gate_seconds']:.0f} s, pool {_fmt_bytes(o['pool_bytes'])}; model loading {o['model_load_seconds']:.0f} s.",
+        *([f"Known latent groups: {d['same_group_weight']:.0%} of the assembled weight comes from sharers of the "
+           f"target's own group (random picking: {d['same_group_chance']:.0%})."] if (d := r.get("diagnostics")) else []),
+        *([f"Timed alternately in one process for {len(a['users'])} targets (perpcs.costs, history budget "
+           f"{a['history_budget']}): OPPU takes {a['time_ratio']['median']:.1f}x the time of Per-Pcs assembly "
+           f"(median; min {a['time_ratio']['min']:.1f}x, max {a['time_ratio']['max']:.1f}x); its adapter "
+           f"is {a['storage_ratio']['median']:.0f}x the recipe on disk."] if (a := r.get("alternating_costs")) else []),
+        *(f"Variant {name}: {json.dumps(v['settings'])}, same task model and sharer LoRAs; piece keys "
+          f"{v['gate_seconds']:.0f} s, pool {_fmt_bytes(v['pool_bytes'])}"
+          + (f"; {v['diagnostics']['same_group_weight']:.0%} of its assembled weight from the target's own group."
+             if "diagnostics" in v else ".")
+          for name, v in r.get("variants", {}).items()),
+        *(["", "![results: metric with CI against personalization seconds](results.png)",
+           "![selection: assembled weight by sharer and layer, per target](selection.png)",
+           *(f"![selection of variant {name}](selection-{name}.png)" for name in r.get("variants", {})),
+           *statistics_lines(r)] if "statistics" in r else []),
+        "",
+    ])
+
+
+def _num(x: float) -> str:
+    return f"{x:.3f}"
+
+
+def statistics_lines(r: dict) -> list[str]:
+    """Markdown: each method's primary metric with its CI, then every method against the references."""
+    s, primary = r["statistics"], r["primary_metric"]["name"]
+    lower = "" if r["primary_metric"]["higher_is_better"] else " (lower is better: a negative difference is a gain)"
+    lines = ["", f"## {primary} with {s['level']:.0%} CIs ({s['ci']}, seed {s['seed']})", "",
+             f"| method | queries | {primary} | {s['level']:.0%} CI | share of OPPU's gain (OPPU's queries) |",
+             "|---|---|---|---|---|"]
+    for m, st in s["methods"].items():
+        share = "-" if st["gain_share"] is None else f"{st['gain_share'] + 0.0:.0%}"
+        lines.append(f"| {m} | {st['n']} | {_num(st['mean'])} | [{_num(st['ci'][0])}, {_num(st['ci'][1])}] | {share} |")
+    lines += ["", f"Paired per query, on the queries both scored: wins / losses / ties of the row against the "
+              f"reference, the {s['test']}, and the mean difference row - reference with its paired bootstrap "
+              f"CI{lower}.", "",
+              "| method | vs | queries | wins | losses | ties | p | difference | CI of difference |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for m, st in s["methods"].items():
+        for ref, c in st["vs"].items():
+            if c is not None:
+                lines.append(f"| {m} | {ref} | {c['n']} | {c['wins']} | {c['losses']} | {c['ties']} | {c['p']:.2g} "
+                             f"| {c['diff']:+.3f} | [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] |")
+    return lines
+
+
+def report_table(r: dict) -> str:
+    """The pooled report's markdown: per-seed metric and costs, then the pooled statistics."""
+    primary = r["primary_metric"]["name"]
+    lines = [f"# perpcs report: {r['task']} ({r['kind']}), seeds {r['seeds']}, {r['n_queries']} queries pooled", "",
+             f"Primary metric: {primary} ({'higher' if r['primary_metric']['higher_is_better'] else 'lower'} is better). "
+             f"Runs: {', '.join(r['folders'])}. Comparisons with {', '.join(REFERENCES)} pair queries by (seed, query id).",
+             "", "![results](report.png)", "",
+             "| method | " + " | ".join(f"seed {s}" for s in r["seeds"]) + " | personalize s/user | bytes/user |",
+             "|---|" + "---|" * (len(r["seeds"]) + 2)]
+    for m, v in r["methods"].items():
+        lines.append(f"| {m} | " + " | ".join(_num(x) for x in v["per_seed"])
+                     + f" | {v['personalize_seconds_per_user']:.2f} | {v['bytes_per_user']:.0f} |")
+    if "same_group_weight" in r:
+        lines += ["", "Own-group share of the assembled weight, by seed: " + "; ".join(
+            f"{name} " + ", ".join(f"{w:.0%}" for w in ws) for name, ws in r["same_group_weight"].items()) + "."]
+    return "\n".join(lines + statistics_lines(r))
+
+
+def curve_table(r: dict) -> str:
+    primary = r["primary_metric"]["name"]
+    lines = [f"# perpcs curve: {r['task']}, seed {r['seed']}", "",
+             f"{primary} (95% bootstrap CI) when each target keeps only its newest k history items; points "
+             "below 5 are the cold start. Without any history item a target gets the non-personalized model.", "",
+             "![history curve](curve.png)", "",
+             "| method | " + " | ".join(f"k = {p}" for p in r["points"]) + " |", "|---|" + "---|" * len(r["points"])]
+    for m, by_point in r["methods"].items():
+        lines.append(f"| {m} | " + " | ".join(
+            f"{v['mean']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}] (n {v['n']})" if (v := by_point.get(p)) else "-"
+            for p in r["points"]) + " |")
+    return "\n".join(lines) + "\n"
