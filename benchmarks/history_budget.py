@@ -26,13 +26,13 @@ from scipy.stats import bootstrap
 from tqdm.auto import tqdm
 
 from perpcs.assembly import Assembler
-from perpcs.generation import generate
-from perpcs.retrieval import prompts
 from perpcs.costs import alternating_costs
 from perpcs.evaluation import primary_metric, score
+from perpcs.generation import generate
 from perpcs.pipeline import Run
 from perpcs.pool import Pool
 from perpcs.recipe import apply_recipe
+from perpcs.retrieval import prompts
 from perpcs.utils import write_json
 
 

@@ -11,8 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from perpcs.generation import generate
 from perpcs.data import load_dataset
+from perpcs.generation import generate
 from perpcs.models import load_base
 from perpcs.settings import LoraSettings, TrainSettings
 from perpcs.training import history_examples, train_lora

@@ -30,12 +30,11 @@ import torch
 from tqdm.auto import tqdm
 
 from perpcs.assembly import Assembler
-from perpcs.settings import AssemblySettings
 from perpcs.data import Item
 from perpcs.models import load_base, prepare_base
 from perpcs.pool import Pool
+from perpcs.settings import AssemblySettings, LoraSettings
 from perpcs.tasks import Task
-from perpcs.settings import LoraSettings
 from perpcs.training import collate, history_examples
 from perpcs.utils import write_json
 

@@ -17,8 +17,8 @@ import argparse
 from pathlib import Path
 
 from perpcs.bench import bench
-from perpcs.settings import BenchSettings, parse_overrides, parse_variants
 from perpcs.pipeline import Run
+from perpcs.settings import BenchSettings, parse_overrides, parse_variants
 
 
 def main(src: Path, dst: Path, overrides: list[str], variants: list[str]) -> None:

@@ -16,7 +16,6 @@ Writes OUT/rule-probe.json and OUT/rule-probe.md.
 """
 
 import argparse
-import json
 import shutil
 import statistics
 import time
@@ -26,13 +25,13 @@ import numpy as np
 from scipy.stats import binomtest, bootstrap
 from tqdm.auto import tqdm
 
-from perpcs.generation import generate
-from perpcs.retrieval import prompts
 from perpcs.bench import Bench
 from perpcs.evaluation import primary_metric, score
+from perpcs.generation import generate
 from perpcs.pipeline import Run
-from perpcs.settings import PAPER_RULE, BenchSettings, parse_variants
+from perpcs.retrieval import prompts
 from perpcs.selection import history_embeddings
+from perpcs.settings import PAPER_RULE, BenchSettings, parse_variants
 from perpcs.utils import write_json, write_text
 
 RULES = {  # in the order they run (results are written after each)

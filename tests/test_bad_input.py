@@ -17,12 +17,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from small_sources import SOURCES, TASK, USERS, data_folder, write_sources
-
 from perpcs.errors import InputError
 from perpcs.pipeline import Run
 from perpcs.recipe import Recipe
 from perpcs.utils import atomic_dir, atomic_path, remove_temp, write_json
+from small_sources import SOURCES, TASK, USERS, data_folder, write_sources
 
 DEEP = b"[" * 100_000 + b"]" * 100_000
 
@@ -491,7 +490,6 @@ def test_labels_fit_the_answer_budget_and_cut_answers_are_reported(caplog, tiny_
     from transformers import AutoTokenizer
 
     from conftest import ByteTokenizer
-
     from perpcs.tasks import Task, answer_budget, cut_short
 
     task = Task(name="hate", kind="classification", labels=["Hateful", "Non-hateful"], instruction="?", max_new_tokens=4)

@@ -5,16 +5,15 @@ import statistics
 import pytest
 
 from perpcs.bench import Bench, bench
-from perpcs.methods import rows
-from perpcs.settings import BenchSettings
-from perpcs.tables import results_table
 from perpcs.data import load_dataset
 from perpcs.evaluation import read_lamp_outputs, score
+from perpcs.methods import rows
 from perpcs.pipeline import Run
-from perpcs.runfolder import safe_name
 from perpcs.recipe import Recipe
+from perpcs.runfolder import safe_name
+from perpcs.settings import BenchSettings
+from perpcs.tables import results_table
 from perpcs.utils import read_json
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -277,3 +276,58 @@ def test_alternating_costs_in_results(benched, tmp_path):
     md = (out / "results.md").read_text()
     assert "Timed alternately in one process for 2 targets" in md
     assert f"History budget of assembly: the {a['history_budget']['recent_k']} newest items." in md
+
+
+# --- the method registry ---
+
+
+@pytest.fixture
+def toy_method():
+    """A method registered for one test: the task model, with made-up costs (0.5 s, 7 bytes per user)."""
+    from perpcs.methods import REGISTRY, Method, Personalized, register
+
+    @register
+    class Toy(Method):
+        name, rag_row, needs = "toy", "toy+rag", frozenset({"pool"})
+        seen = []
+
+        def personalize(self, user):
+            self.seen.append((user.user_id, self.ctx.pool.pool_id))  # its need was prepared
+            return Personalized(self.ctx.model, seconds=0.5, nbytes=7)
+    yield Toy
+    REGISTRY.pop("toy")
+
+
+def test_a_registered_method_runs_through_the_bench(benched, tmp_path, toy_method):
+    import shutil
+
+    out, run = benched
+    shutil.copytree(out / "run", tmp_path / "run", symlinks=True)  # the bench resumes it: nothing trains again
+    config = run.config.model_copy(update={"data_sha256": None})
+    r = bench(config.data, tmp_path, config, BenchSettings(methods=["non_personalized", "rag", "toy", "toy+rag"],
+                                                           cost_targets=0))
+    assert list(r["methods"]) == ["non_personalized", "rag", "toy", "toy+rag"]
+    assert "toy" in rows() and rows().index("toy+rag") == rows().index("toy") + 1
+    toy, toy_rag = r["methods"]["toy"], r["methods"]["toy+rag"]
+    assert (toy["personalize_seconds_per_user"], toy["bytes_per_user"]) == (0.5, 7)
+    # the task model is what it personalises with: its answers are non_personalized's, with retrieval rag's
+    preds = {m: read_lamp_outputs(tmp_path / "preds" / f"{m}.json")[1] for m in r["methods"]}
+    assert preds["toy"] == preds["non_personalized"] and preds["toy+rag"] == preds["rag"]
+    assert toy["metrics"] == r["methods"]["non_personalized"]["metrics"]
+    pool_id = run.open_pool().pool_id
+    assert toy_method.seen == [(u, pool_id) for u in run.split["targets"]] * 2
+    assert "| toy+rag |" in (tmp_path / "results.md").read_text()
+
+
+def test_registry_refuses_unknown_names_and_clashes(toy_method):
+    from perpcs.methods import Method, method_of, register, split_method
+
+    with pytest.raises(ValueError, match=r"unknown method 'nope'; known: non_personalized, rag, .*toy, toy\+rag"):
+        method_of("nope")
+    assert method_of("toy+rag") == (toy_method, True) and split_method("rag") == ("non_personalized", True)
+    with pytest.raises(ValueError, match="already registered"):
+        register(type("Again", (Method,), {"name": "toy"}))
+    with pytest.raises(ValueError, match="already registered"):
+        register(type("RowClash", (Method,), {"name": "other", "rag_row": "rag"}))
+    with pytest.raises(ValueError, match="unknown needs"):
+        register(type("Greedy", (Method,), {"name": "greedy", "needs": frozenset({"gpu"})}))

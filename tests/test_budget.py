@@ -2,15 +2,15 @@
 
 import pytest
 import torch
-from conftest import tiny_llama
 
+from conftest import tiny_llama
 from perpcs.data import Item
-from perpcs.pipeline import Run
-from perpcs.user_lora import train_user_lora
-from perpcs.tasks import Task
 from perpcs.lora import lora_state
+from perpcs.pipeline import Run
 from perpcs.settings import LoraSettings, TrainSettings
+from perpcs.tasks import Task
 from perpcs.training import heldout_loss, history_examples, n_steps, split_heldout, train_lora
+from perpcs.user_lora import train_user_lora
 
 LORA = LoraSettings(r=2, alpha=4.0, dropout=0.0, target_modules=["q_proj", "v_proj"])
 TASK = Task(name="t", kind="generation", instruction="Title it.", input_name="In", output_name="Out")

@@ -10,16 +10,16 @@ import math
 import peft
 import pytest
 import torch
-from conftest import tiny_llama
 
+from conftest import tiny_llama
 from perpcs.assembly import Assembler, activation_means, choose, piece_scores, predict_mask
 from perpcs.data import Item
 from perpcs.gates import Gates, train_gates
+from perpcs.lora import lora_layers, lora_state, mix_pieces
 from perpcs.pool import Pool
 from perpcs.recipe import SERVED_RANKS, Recipe, apply_recipe, export_adapter, materialize, served_rank
-from perpcs.tasks import Task
-from perpcs.lora import lora_layers, lora_state, mix_pieces
 from perpcs.settings import AssemblySettings, LoraSettings, RunConfig, TrainSettings
+from perpcs.tasks import Task
 from perpcs.training import IGNORE, Example, add_lora, collate, history_examples, lm_loss, train_lora
 
 R, ALPHA = 2, 4.0

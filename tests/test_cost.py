@@ -7,15 +7,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_llama
-from test_core import HISTORY, L0, LORA, POSITIONS, TASK, USERS, make_pool, random_pieces
 
+from conftest import tiny_llama
 from perpcs.assembly import Assembler, example_means, piece_scores
-from perpcs.settings import AssemblySettings
 from perpcs.keyindex import KeyIndex
 from perpcs.recipe import Recipe, materialize
 from perpcs.recipe_format import unpack
+from perpcs.settings import AssemblySettings
 from perpcs.training import history_examples
+from test_core import HISTORY, L0, LORA, POSITIONS, TASK, USERS, make_pool, random_pieces
 
 
 def per_token_gate_scores(h, keys, mask):

@@ -10,11 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from small_sources import OPTS, SOURCES, TASK, USERS, data_folder, write_sources
-
 from perpcs.data import load_dataset
 from perpcs.errors import InputError
 from perpcs.importers import import_dataset
+from small_sources import OPTS, SOURCES, TASK, USERS, data_folder, write_sources
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -10,12 +10,11 @@ import torch
 from perpcs.data import Item, User
 from perpcs.models import fingerprint, load_base
 from perpcs.pipeline import Run
-from perpcs.runfolder import safe_name, split_users
-from perpcs.settings import PAPER_RULE, RunConfig
 from perpcs.pool import Pool
 from perpcs.recipe import Recipe, apply_recipe
+from perpcs.runfolder import safe_name, split_users
+from perpcs.settings import PAPER_RULE, RunConfig
 from perpcs.utils import read_json
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -50,8 +50,8 @@ def test_curve_truncates_every_targets_history(tiny_base, tiny_data, tmp_path, c
         for v in by_point.values():
             assert v["n"] == 4 and v["ci"][0] <= v["mean"] <= v["ci"][1]
     from perpcs.pipeline import Run
-    from perpcs.runfolder import safe_name
     from perpcs.recipe import Recipe
+    from perpcs.runfolder import safe_name
 
     k1 = Run(tmp_path / "k-1" / "run")
     assert k1.config.assembly.recent_k == 1

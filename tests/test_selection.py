@@ -5,8 +5,14 @@ import numpy as np
 import pytest
 
 from perpcs.data import Item, User
-from perpcs.selection import (Selection, history_embeddings, load_selection, nearest_users, save_selection,
-                              select_sharers)
+from perpcs.selection import (
+    Selection,
+    history_embeddings,
+    load_selection,
+    nearest_users,
+    save_selection,
+    select_sharers,
+)
 
 
 def user(uid: str, n_items: int, text: str = "x") -> User:

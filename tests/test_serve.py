@@ -9,8 +9,8 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from perpcs.generation import generate
 from perpcs.cli import app as cli
+from perpcs.generation import generate
 from perpcs.models import load_base
 from perpcs.pipeline import Run
 from perpcs.recipe import Recipe, apply_recipe

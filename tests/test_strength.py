@@ -2,17 +2,17 @@
 
 import pytest
 import torch
-from conftest import tiny_llama
 from rouge_score.rouge_scorer import RougeScorer
-from test_core import POSITIONS, TASK, make_pool, random_pieces
 
+from conftest import tiny_llama
 from perpcs.assembly import Assembler
-from perpcs.settings import AssemblySettings
 from perpcs.data import Item
 from perpcs.recipe import Recipe, apply_recipe, materialize
+from perpcs.settings import AssemblySettings
 from perpcs.strength import best_strength, holdout_size
 from perpcs.tasks import Task
 from perpcs.training import collate, history_examples, lm_loss
+from test_core import POSITIONS, TASK, make_pool, random_pieces
 
 RATING = Task(name="r", kind="rating", scale=(1, 5), instruction="Rate it.", input_name="In", output_name="Score")
 HISTORY = [Item(input=f"review {i} " + "y" * i, output=str(1 + i % 5)) for i in range(10)]

@@ -105,7 +105,7 @@ def selection_plot(run: RunFolder, path: str | Path, groups: dict[str, int] | No
             count[_layer(pos)] += 1
             for sid, w in chosen:
                 grid[row[sid], layers.index(_layer(pos))] += w
-        grids[uid] = layers, grid / np.array([count[l] for l in layers])
+        grids[uid] = layers, grid / np.array([count[layer] for layer in layers])
     cols = min(4, len(targets))
     nrows = -(-len(targets) // cols)
     fig = Figure(figsize=(3.2 * cols + 1.5, (0.25 * len(sharers) + 1.3) * nrows + 0.5), layout="constrained")

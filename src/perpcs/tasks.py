@@ -13,8 +13,6 @@ from typing import Literal, Protocol, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from perpcs.errors import InputError
-
 Kind = Literal["classification", "rating", "generation"]
 log = logging.getLogger(__name__)
 CUT_SHORT_WARN = 0.05  # share of generated answers at the token budget above which a run warns
@@ -44,7 +42,7 @@ class Task(BaseModel):
     def _kind_fields(self) -> "Task":
         if self.kind == "classification" and not self.labels:
             raise ValueError("a classification task needs 'labels'")
-        if self.labels is not None and not all(l.strip() for l in self.labels):
+        if self.labels is not None and not all(label.strip() for label in self.labels):
             raise ValueError(f"'labels' must not be empty, got {self.labels}")
         if self.kind == "rating":
             if self.scale is None:
@@ -108,7 +106,7 @@ def answer_budget(task: Task, tokenizer) -> int:
     longest label (with a notice), since a label cut short is never one of the labels."""
     budget = task.new_tokens
     if task.kind == "classification":
-        longest = max(len(tokenizer(task.format_target(l), add_special_tokens=False)["input_ids"]) for l in task.labels)
+        longest = max(len(tokenizer(task.format_target(label), add_special_tokens=False)["input_ids"]) for label in task.labels)
         if longest > budget:
             log.warning("task %s: max_new_tokens=%d is shorter than its longest label (%d tokens); generating "
                         "%d tokens so that no label is cut off", task.name, budget, longest, longest)

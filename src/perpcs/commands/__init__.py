@@ -1,0 +1,29 @@
+"""The CLI's verbs, one module per group (`perpcs.cli` holds the command table), and what they share:
+the error path and the options several verbs take."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+# No markup, no highlighting: messages carry paths and user data, where `[...]` is text, not style.
+console = Console(stderr=True, markup=False, highlight=False)
+
+
+def fail(msg: str) -> None:
+    """Every CLI error ends here: the message printed as plain text (never read as markup), exit 2."""
+    console.print(Text.assemble(("error: ", "red"), str(msg)))
+    raise typer.Exit(2)
+
+
+EXECUTOR = typer.Option("local", "--executor", help="where sharers and bulk assembly run: local (this process) "
+                        "or ray (a local Ray, or the cluster at --ray-address)")
+RAY_ADDRESS = typer.Option(None, "--ray-address", help="Ray cluster to join, e.g. ray://head:10001 (docs/scale.md)")
+DATA = typer.Option(..., "--data", help="data folder (task.json + users.jsonl)")
+TARGETS = typer.Option(None, "--targets", help="number of target users (the most active)")
+SHARERS = typer.Option(None, "--sharers", help="number of sharers S")
+SEED = typer.Option(0, "--seed")
+BASE = typer.Option(None, "--base", help="base model: HF id, folder or .gguf (default SmolLM2-135M-Instruct)")
+QUICK = typer.Option(False, "--quick", help="tiny budgets: checks the harness, numbers mean nothing")
+CONFIG = typer.Option(None, "--config", help="JSON file of RunConfig fields (settings.py)")
