@@ -5,7 +5,7 @@ import gzip
 import json
 from pathlib import Path
 
-from perpcs.importers import ImportOptions
+from perpcs.records import ImportOptions
 
 P3 = "What is the score of this review? review: "
 

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from perpcs.cli import app
 from perpcs.data import Dataset, Item, Query, User, load_dataset
-from perpcs.importers import ImportOptions, clip, import_dataset
+from perpcs.importers import import_dataset
+from perpcs.records import ImportOptions, clip
 from perpcs.tasks import get_task
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data"

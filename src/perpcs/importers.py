@@ -15,53 +15,13 @@ import random
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Literal, NamedTuple
+from typing import Callable, Iterable, Iterator
 
-from pydantic import BaseModel, Field
-
-from perpcs.data import Dataset, Item, Query, User
+from perpcs.data import Dataset
 from perpcs.errors import InputError
+from perpcs.records import ImportOptions, ImportReport, Record, build_dataset, natural_order, select_users, value_order
 from perpcs.tasks import Task, fmt_num
 from perpcs.utils import open_binary, parse_json, reading, text_lines
-
-
-class ImportOptions(BaseModel):
-    min_history: int = Field(5, ge=0)  # users with fewer history items (after cleaning) are dropped
-    n_queries: int = Field(1, ge=0)  # held-out queries per user: its newest items
-    max_tokens: int | None = Field(256, ge=1)  # inputs cut to this many whitespace-separated words
-    seed: int = 0  # orders items that carry no time (annotator-csv)
-    target: Literal["rating", "title"] = "rating"  # amazon-reviews
-    label: str = "valence"  # annotator-csv: the label column
-    kind: Literal["rating", "classification"] = "rating"  # annotator-csv
-    top_tags: int = Field(15, ge=1)  # lastfm-tags: label set = the most used tags
-    max_users: int | None = Field(None, ge=1)  # keep the N most active users (ties by id)
-    task: str | None = None  # lamp / perpcs: a LaMP preset name
-
-
-class ImportReport(BaseModel):
-    format: str
-    records_read: int = 0
-    items_dropped: dict[str, int] = Field(default_factory=dict)  # reason -> count
-    users_found: int = 0
-    users_dropped: dict[str, int] = Field(default_factory=dict)  # reason -> count
-    users_kept: int = 0
-    history_items: int = 0
-    queries: int = 0
-
-    def drop_item(self, reason: str, n: int = 1) -> None:
-        self.items_dropped[reason] = self.items_dropped.get(reason, 0) + n
-
-    def drop_user(self, reason: str) -> None:
-        self.users_dropped[reason] = self.users_dropped.get(reason, 0) + 1
-
-
-class Record(NamedTuple):
-    user: str
-    order: tuple  # sort key within the user: time first, then a tie-breaker
-    id: str  # query id, unique in the data set
-    input: str
-    output: str
-
 
 # ---------------------------------------------------------------- reading files
 
@@ -179,7 +139,7 @@ def amazon_reviews(sources: list[Path], opts: ImportOptions, report: ImportRepor
         task = Task(name=f"amazon-{name}-title", kind="generation", max_new_tokens=24,
                     instruction="Write the title this reviewer gives to this review.",
                     input_name="Review", output_name="Title")
-    return _build(task, records, None, opts, report)
+    return build_dataset(task, records, None, opts, report)
 
 
 def annotator_csv(sources: list[Path], opts: ImportOptions, report: ImportReport | None = None) -> Dataset:
@@ -207,18 +167,18 @@ def annotator_csv(sources: list[Path], opts: ImportOptions, report: ImportReport
         tid, value = r["text_id"].strip(), (r[opts.label] or "").strip()
         if tid not in texts:
             raise InputError(f"{where}: field 'text_id': {tid!r} is not in {roles['texts']}")
-        if value and (opts.kind == "rating" or _value_order(value)[0] == 0):
+        if value and (opts.kind == "rating" or value_order(value)[0] == 0):
             value = fmt_num(_float(value, opts.label, where))  # "2.0" -> "2"
         values[r["annotator_id"].strip()].append((tid, value))
 
     records = []
     for user, pairs in values.items():
         # No timestamps: a per-user shuffle, seeded, makes the queries a random held-out part.
-        pairs.sort(key=lambda p: _natural(p[0]))
+        pairs.sort(key=lambda p: natural_order(p[0]))
         random.Random(f"{opts.seed}/{user}").shuffle(pairs)
         records += [Record(user, (i,), f"{user}/{tid}", texts[tid] or "", v) for i, (tid, v) in enumerate(pairs)]
 
-    seen = sorted({r.output for r in records if r.output}, key=_value_order)
+    seen = sorted({r.output for r in records if r.output}, key=value_order)
     if not seen:
         raise InputError(f"{roles['annotations']}: column '{opts.label}' has no values")
     label = opts.label.replace("_", " ")
@@ -235,7 +195,7 @@ def annotator_csv(sources: list[Path], opts: ImportOptions, report: ImportReport
         task = Task(name=f"annotator-{opts.label}", kind="classification", labels=seen, max_new_tokens=4,
                     instruction=f"Which {label} value does this annotator give this text? Answer with the value only.",
                     input_name="Text", output_name=label.capitalize())
-    return _build(task, records, None, opts, report)
+    return build_dataset(task, records, None, opts, report)
 
 
 _LASTFM = {
@@ -262,7 +222,7 @@ def lastfm_tags(sources: list[Path], opts: ImportOptions, report: ImportReport |
         rows.append((r["userID"].strip(), r["artistID"].strip(), r["tagID"].strip(), date))
 
     use = Counter(tag for _, _, tag, _ in rows)
-    top = sorted(use, key=lambda t: (-use[t], _natural(t)))[: opts.top_tags]
+    top = sorted(use, key=lambda t: (-use[t], natural_order(t)))[: opts.top_tags]
     for t in top:
         if not tags.get(t):
             raise InputError(f"{files['tags']}: tag {t} (among the {opts.top_tags} most used) has no name")
@@ -280,13 +240,13 @@ def lastfm_tags(sources: list[Path], opts: ImportOptions, report: ImportReport |
                 report.drop_item("duplicate")
             if old is None or rank[tag] < rank[old[0]]:
                 best[(user, artist)] = (tag, date)
-    records = [Record(user, (*date, _natural(artist)), f"{user}/{artist}", f"Artist: {artists[artist]}", tags[tag])
+    records = [Record(user, (*date, natural_order(artist)), f"{user}/{artist}", f"Artist: {artists[artist]}", tags[tag])
                for (user, artist), (tag, date) in best.items()]
     report.records_read = len(rows)
     task = Task(name="lastfm-tags", kind="classification", labels=[tags[t] for t in top], max_new_tokens=8,
                 instruction="Which tag does this user give this music artist? Answer with the tag only.",
                 input_name="Item", output_name="Tag")
-    return _build(task, records, {u for u, *_ in rows}, opts, report)
+    return build_dataset(task, records, {u for u, *_ in rows}, opts, report)
 
 
 def _lastfm_files(sources: list[Path]) -> dict[str, Path]:
@@ -336,7 +296,7 @@ def papers_jsonl(sources: list[Path], opts: ImportOptions, report: ImportReport 
     task = Task(name="papers-titles", kind="generation", max_new_tokens=32,
                 instruction="Generate a title for this paper abstract.",
                 input_name="Abstract", output_name="Title")
-    return _build(task, records, profile or None, opts, report)
+    return build_dataset(task, records, profile or None, opts, report)
 
 
 def lamp(sources: list[Path], opts: ImportOptions, report: ImportReport | None = None) -> Dataset:
@@ -348,7 +308,7 @@ def lamp(sources: list[Path], opts: ImportOptions, report: ImportReport | None =
     if len(_exists(sources)) not in (1, 2):
         raise InputError(f"format 'lamp' takes questions.json and optionally outputs.json, got {len(sources)} files")
     ds = import_lamp(sources[0], sources[1] if len(sources) == 2 else None, opts.task, n_queries=opts.n_queries)
-    return _select(ds, opts, _count_items(ds, report or ImportReport(format="lamp")))
+    return select_users(ds, opts, _count_items(ds, report or ImportReport(format="lamp")))
 
 
 def perpcs(sources: list[Path], opts: ImportOptions, report: ImportReport | None = None) -> Dataset:
@@ -360,7 +320,7 @@ def perpcs(sources: list[Path], opts: ImportOptions, report: ImportReport | None
     if len(_exists(sources)) != 1:
         raise InputError(f"format 'perpcs' takes one file, got {len(sources)}")
     ds = import_perpcs(sources[0], opts.task)
-    return _select(ds, opts, _count_items(ds, report or ImportReport(format="perpcs")))
+    return select_users(ds, opts, _count_items(ds, report or ImportReport(format="perpcs")))
 
 
 def _count_items(ds: Dataset, report: ImportReport) -> ImportReport:
@@ -384,88 +344,3 @@ def import_dataset(fmt: str, sources: list[Path], opts: ImportOptions) -> tuple[
     report = ImportReport(format=fmt)
     ds = FORMATS[fmt]([Path(s) for s in sources], opts, report)
     return ds, report
-
-
-# ---------------------------------------------------------------- shared cleaning and split
-
-
-def _natural(s: str) -> tuple:
-    """Numeric ids sort as numbers (2 before 10), others as text after them."""
-    return (0, int(s), "") if s.isdigit() else (1, 0, s)
-
-
-def _value_order(v: str) -> tuple:
-    try:
-        return (0, float(v), v)
-    except ValueError:
-        return (1, 0.0, v)
-
-
-def clip(text: str, max_tokens: int | None) -> str:
-    """Collapse whitespace and keep the first `max_tokens` whitespace-separated words."""
-    words = text.split()
-    return " ".join(words if max_tokens is None else words[:max_tokens])
-
-
-def _build(task: Task, records: list[Record], found: set[str] | None, opts: ImportOptions,
-           report: ImportReport) -> Dataset:
-    """Clean, order and de-duplicate each user's items; the newest `n_queries` become queries.
-
-    Duplicates are items of one user with the same (cleaned, clipped) input: the oldest is kept, so
-    no query's input is ever in the same user's history.
-    """
-    items: dict[str, list[Record]] = defaultdict(list)
-    for r in records:
-        r = r._replace(input=clip(r.input, opts.max_tokens), output=" ".join(r.output.split()))
-        if not r.input:
-            report.drop_item("no_text")
-        elif not r.output:
-            report.drop_item("no_output")
-        else:
-            items[r.user].append(r)
-    users = []
-    for user in sorted(found if found is not None else {r.user for r in records}, key=_natural):
-        seen, ids, kept = set(), Counter(), []
-        for r in sorted(items.get(user, []), key=lambda r: r.order):
-            if r.input in seen:
-                report.drop_item("duplicate")
-            else:
-                seen.add(r.input)
-                ids[r.id] += 1  # e.g. two different reviews of one product: ids stay unique
-                kept.append(r if ids[r.id] == 1 else r._replace(id=f"{r.id}#{ids[r.id]}"))
-        cut = max(len(kept) - opts.n_queries, 0)
-        users.append(User(user_id=user, history=[Item(input=r.input, output=r.output) for r in kept[:cut]],
-                          queries=[Query(id=r.id, input=r.input, output=r.output) for r in kept[cut:]]))
-    return _select(Dataset(task=task, users=users), opts, report)
-
-
-def _select(ds: Dataset, opts: ImportOptions, report: ImportReport) -> Dataset:
-    """Keep users with `min_history` history items and `n_queries` queries; then the `max_users` most active."""
-    report.users_found = len(ds.users)
-    ok = []
-    for u in ds.users:
-        if not u.history and not u.queries:
-            report.drop_user("no_usable_items")
-        elif len(u.history) < opts.min_history or len(u.queries) < opts.n_queries:
-            report.drop_user("too_few_items")
-        else:
-            ok.append(u)
-    if opts.max_users is not None and len(ok) > opts.max_users:
-        active = sorted(ok, key=lambda u: (-(len(u.history) + len(u.queries)), _natural(u.user_id)))
-        keep = {u.user_id for u in active[: opts.max_users]}
-        for _ in range(len(ok) - len(keep)):
-            report.drop_user("max_users")
-        ok = [u for u in ok if u.user_id in keep]
-    report.users_kept = len(ok)
-    report.history_items = sum(len(u.history) for u in ok)
-    report.queries = sum(len(u.queries) for u in ok)
-    if len(ok) < 2:
-        raise InputError(f"{report.format}: only {len(ok)} usable user(s) of {report.users_found} found "
-                         f"(users dropped: {_counts(report.users_dropped)}; items dropped: "
-                         f"{_counts(report.items_dropped)}); a data set needs at least 2 users "
-                         f"(min_history={opts.min_history}, n_queries={opts.n_queries})")
-    return Dataset(task=ds.task, users=ok)
-
-
-def _counts(d: dict[str, int]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sorted(d.items())) or "none"

@@ -61,7 +61,8 @@ def data_import(
     from pydantic import ValidationError
 
     from perpcs.data import format_validation_error, save_dataset
-    from perpcs.importers import ImportOptions, import_dataset
+    from perpcs.importers import import_dataset
+    from perpcs.records import ImportOptions
 
     try:
         opts = ImportOptions(target=target, label=label, kind=kind, top_tags=top_tags, min_history=min_history,
