@@ -1,11 +1,11 @@
-# Quick start: `make demo`, `make test`. Everything (venv, CPU torch, packages, default model) is installed here.
+# Quick start: `make demo`, `make test` (ruff, then pytest). Everything (venv, CPU torch, packages, default model) is installed here.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.perpcs-installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test demo clean
+.PHONY: install test lint demo clean
 
 install: $(STAMP)
 
@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml requirements.lock
 	$(VENV)/bin/perpcs model prepare
 	touch $(STAMP)
 
-test: install
+test: install lint
 	$(VENV)/bin/pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
 
 demo: install
 	$(VENV)/bin/perpcs demo

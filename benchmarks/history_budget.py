@@ -104,10 +104,12 @@ def main(pools: dict[str, str], budgets: list[str], out: Path, results: Path, se
                                  "metric": primary_metric(run.data.task)[0], "chosen": chosen, "budgets": rows}
         if costs:  # OPPU vs assembly at the chosen budget, alternately in this process (perpcs.costs)
             settings = run.config.assembly.model_copy(update={"recent_k": longest if chosen == "all" else int(chosen)})
-            report["pools"][name]["alternating_costs"] = alternating_costs(run, run.split["targets"][:costs], pool, settings)
+            report["pools"][name]["alternating_costs"] = alternating_costs(run, run.split["targets"][:costs], pool,
+                                                                           settings)
         a = report["pools"][name].get("alternating_costs")
         print(f"{name}: full history {rows['all']['mean']:.3f} (95% CI {lo:.3f}-{hi:.3f}, {len(full)} queries); "
-              + "; ".join(f"{b}: {rows[b]['mean']:.3f} ({rows[b]['mean_assembly_seconds']:.1f} s/target)" for b in budgets)
+              + "; ".join(f"{b}: {rows[b]['mean']:.3f} ({rows[b]['mean_assembly_seconds']:.1f} s/target)"
+                          for b in budgets)
               + f"; smallest inside: {chosen}"
               + (f"; at {chosen}: OPPU / assembly {a['time_ratio']['median']:.1f}x (median of {len(a['users'])}, "
                  f"{a['time_ratio']['min']:.1f}-{a['time_ratio']['max']:.1f}), adapter / recipe "
@@ -141,7 +143,8 @@ if __name__ == "__main__":
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results/history-budget.json"))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--costs", type=int, default=0, help="also time OPPU vs assembly at the chosen budget for N targets")
+    ap.add_argument("--costs", type=int, default=0,
+                    help="also time OPPU vs assembly at the chosen budget for N targets")
     a = ap.parse_args()
     if "all" not in a.budgets:
         ap.error("--budgets must include 'all' (the full history the others are compared with)")

@@ -65,7 +65,8 @@ def build(folder: Path, n: int, shapes: dict[str, tuple[int, int]], seed: int) -
 def history(n: int, seed: int) -> list[Item]:
     rng = random.Random(seed)
     words = "film book song night city river light story game road garden music winter".split()
-    return [Item(input=" ".join(rng.choice(words) for _ in range(30)), output=rng.choice(TASK.labels)) for _ in range(n)]
+    return [Item(input=" ".join(rng.choice(words) for _ in range(30)), output=rng.choice(TASK.labels))
+            for _ in range(n)]
 
 
 def rss_mb() -> float:
@@ -97,7 +98,8 @@ def measure(pool_dir: Path, items: int, repeats: int, seed: int) -> dict:
         assembler.recipe(TASK, tok, history(items, seed + r))
         seconds.append(time.perf_counter() - t0)
     return {"sharers": len(pool), "open_seconds": open_seconds, "index_seconds": index_seconds,
-            "assembly_seconds": seconds, "model_rss_mb": model_mb, "peak_rss_mb": rss_mb(), "rss_at_end_mb": rss_now_mb()}
+            "assembly_seconds": seconds, "model_rss_mb": model_mb, "peak_rss_mb": rss_mb(),
+            "rss_at_end_mb": rss_now_mb()}
 
 
 def alternate(pool_dirs: list[Path], items: int, repeats: int, seed: int) -> list[list[float]]:
@@ -134,8 +136,9 @@ def main(sizes: list[int], out: Path, items: int, repeats: int, rounds: int, see
                                        "--repeats", str(repeats), "--seed", str(seed)],
                                       capture_output=True, text=True, check=True)
                 result["sizes"][n]["runs"].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        proc = subprocess.run([sys.executable, __file__, "--alternate", *map(str, pools.values()), "--items", str(items),
-                               "--repeats", str(2 * repeats), "--seed", str(seed)], capture_output=True, text=True, check=True)
+        proc = subprocess.run([sys.executable, __file__, "--alternate", *map(str, pools.values()),
+                               "--items", str(items), "--repeats", str(2 * repeats), "--seed", str(seed)],
+                              capture_output=True, text=True, check=True)
         for n, seconds in zip(sizes, json.loads(proc.stdout.strip().splitlines()[-1])):
             result["sizes"][n]["alternating_seconds"] = seconds
     for n, s in result["sizes"].items():

@@ -121,7 +121,8 @@ def plot(rounds: list[dict], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--run", type=Path, required=True, help="run folder with a pool; recipes are written to RUN/recipes")
+    ap.add_argument("--run", type=Path, required=True,
+                    help="run folder with a pool; recipes are written to RUN/recipes")
     ap.add_argument("--users", type=int, default=4)
     ap.add_argument("--requests", type=int, default=4, help="generate requests per user")
     ap.add_argument("--concurrency", type=int, default=4)
@@ -141,7 +142,8 @@ def main() -> None:
                           for j in range(args.requests) for n, u in zip(names, users)))
     common = ["--cache-size", str(args.cache_size), "--max-new-tokens", str(args.max_new_tokens)]
     result: dict = {"run": str(args.run), "users": args.users, "requests_per_user": args.requests,
-                    "concurrency": args.concurrency, "max_new_tokens": args.max_new_tokens, "cache_size": args.cache_size,
+                    "concurrency": args.concurrency, "max_new_tokens": args.max_new_tokens,
+                    "cache_size": args.cache_size,
                     "max_batch": args.max_batch, "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
                     "rounds": []}
 
@@ -172,7 +174,8 @@ def main() -> None:
     before = server.health()
     lat2, _, wall2 = asyncio.run(fire(server.url, jobs[half:], args.concurrency, args.max_new_tokens))
     second = delta(before, server.health())
-    result["restart"] = {"recipes_before": len(names), "served_after_restart": sum(r.status_code == 200 for r in served.values()),
+    result["restart"] = {"recipes_before": len(names),
+                         "served_after_restart": sum(r.status_code == 200 for r in served.values()),
                          "lost_or_changed": lost, "restart_seconds": round(server.startup_seconds, 1),
                          "before_kill": summary(lat1, wall1, first), "after_restart": summary(lat2, wall2, second)}
     print(json.dumps(result["restart"], indent=2), file=sys.stderr)
@@ -190,7 +193,8 @@ def main() -> None:
             print(json.dumps(result["rounds"][-1]), file=sys.stderr)
             server.kill()
     result["outputs_differing_between_modes"] = sum(
-        outputs[r, "batched"][i] != outputs[r, "one_at_a_time"][i] for r in range(args.rounds) for i in outputs[r, "batched"])
+        outputs[r, "batched"][i] != outputs[r, "one_at_a_time"][i]
+        for r in range(args.rounds) for i in outputs[r, "batched"])
     for name in names:  # remove only the recipes this benchmark made
         run.recipe_path(name).unlink(missing_ok=True)
     write_json(args.out, result)

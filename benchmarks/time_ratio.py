@@ -33,7 +33,8 @@ def main(out: str, variants: list[str], user_id: str | None, rounds: int) -> Non
     settings = run.config.training("sharer_train", uid)
     pools = {"perpcs": run, **{v: Run(f"{out}/variants/{v}/run") for v in variants}}
     print(f"user {uid}: {len(user.history)} history items, "
-          f"{sum(len(e.input_ids) for e in run.examples(user, tok))} tokens; OPPU {settings.steps} steps of {settings.batch_size}")
+          f"{sum(len(e.input_ids) for e in run.examples(user, tok))} tokens; "
+          f"OPPU {settings.steps} steps of {settings.batch_size}")
     label_loss = training.lm_loss
     for r in range(rounds):
         times = {}

@@ -36,7 +36,8 @@ SOURCES: dict[str, dict[str, bytes]] = {
                                       for q in (1, 2)]).encode(),
         "outputs.json": json.dumps({"task": "LaMP_3", "golds": [{"id": "1", "output": "3"},
                                                                 {"id": "2", "output": "5"}]}).encode()},
-    "perpcs": {"users.json": json.dumps([{"user_id": u, "profile": [{"text": f"old {u} {k}", "score": 1 + k} for k in range(3)],
+    "perpcs": {"users.json": json.dumps([{"user_id": u,
+                                          "profile": [{"text": f"old {u} {k}", "score": 1 + k} for k in range(3)],
                                           "query": [{"id": f"{u}q", "input": P3 + f"query {u}", "gold": "4"}]}
                                          for u in ("u1", "u2")]).encode()},
 }

@@ -224,7 +224,8 @@ def _out_file(tmp, _):
 
 def _deep_import(tmp, _):
     paths = write_sources("amazon-reviews", tmp / "s", {"r.json": DEEP})
-    return _import("amazon-reviews", paths, tmp), [str(paths[0]), "line 1: invalid JSON: nested too deeply"], tmp / "out"
+    expect = [str(paths[0]), "line 1: invalid JSON: nested too deeply"]
+    return _import("amazon-reviews", paths, tmp), expect, tmp / "out"
 
 
 def _outside(run: Path) -> None:
@@ -239,7 +240,8 @@ def _changed_data(tmp, finished):
     (run / "run.json").write_text(json.dumps({**cfg, "data": str(data)}))
     with open(data / "users.jsonl", "a") as f:
         f.write("\n")  # any change of the bytes counts
-    return ["pipeline", "--data", data, "--run", run], [str(data), "the data folder changed since run", "data_sha256"], None
+    expect = [str(data), "the data folder changed since run", "data_sha256"]
+    return ["pipeline", "--data", data, "--run", run], expect, None
 
 
 CASES = [
@@ -375,7 +377,8 @@ def test_atomic_dir_never_removes_what_it_did_not_create(tmp_path):
 
 
 @pytest.mark.parametrize("fmt,files,gz", [
-    ("annotator-csv", {**SOURCES["annotator-csv"], "texts.csv": b"\xef\xbb\xbf" + SOURCES["annotator-csv"]["texts.csv"]},
+    ("annotator-csv",
+     {**SOURCES["annotator-csv"], "texts.csv": b"\xef\xbb\xbf" + SOURCES["annotator-csv"]["texts.csv"]},
      set()),
     ("lamp", None, {"questions.json", "outputs.json"}),
     ("perpcs", None, {"users.json"}),
@@ -492,7 +495,8 @@ def test_labels_fit_the_answer_budget_and_cut_answers_are_reported(caplog, tiny_
     from conftest import ByteTokenizer
     from perpcs.tasks import Task, answer_budget, cut_short
 
-    task = Task(name="hate", kind="classification", labels=["Hateful", "Non-hateful"], instruction="?", max_new_tokens=4)
+    task = Task(name="hate", kind="classification", labels=["Hateful", "Non-hateful"], instruction="?",
+                max_new_tokens=4)
     assert answer_budget(task, AutoTokenizer.from_pretrained(tiny_base)) == 5  # the issue's case: SmolLM2's tokens
     assert "max_new_tokens=4 is shorter than its longest label (5 tokens); generating 5 tokens" in caplog.text
     tok = ByteTokenizer()  # one token per byte: " Non-hateful" is 12 tokens

@@ -74,7 +74,8 @@ def test_user_lora_holds_out_the_newest_history_items_never_the_queries(tiny_run
     tok = run.merged[1]  # step 0 trains before train_lora is replaced
     seen = {}
     monkeypatch.setattr("perpcs.user_lora.train_lora",
-                        lambda model, examples, lora, settings, pad, desc, val_examples: seen.update(examples=examples, val=val_examples))
+                        lambda model, examples, lora, settings, pad, desc, val_examples:
+                        seen.update(examples=examples, val=val_examples))
     train_user_lora(run, user, desc="t")
     v = int(0.2 * len(user.history))
     assert v >= 1

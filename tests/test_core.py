@@ -25,11 +25,13 @@ from perpcs.training import IGNORE, Example, add_lora, collate, history_examples
 R, ALPHA = 2, 4.0
 LORA = LoraSettings(r=R, alpha=ALPHA, dropout=0.0, target_modules=["q_proj", "v_proj"])
 # tiny_llama: hidden 32, 4 heads of 8, 2 kv heads -> v_proj is 32 -> 16
-POSITIONS = {f"model.layers.{i}.self_attn.{m}": (32, d_out) for i in range(2) for m, d_out in [("q_proj", 32), ("v_proj", 16)]}
+POSITIONS = {f"model.layers.{i}.self_attn.{m}": (32, d_out)
+             for i in range(2) for m, d_out in [("q_proj", 32), ("v_proj", 16)]}
 L0 = [p for p in POSITIONS if ".layers.0." in p]
 L1 = [p for p in POSITIONS if ".layers.1." in p]
 TASK = Task(name="t", kind="generation", instruction="Title it.", input_name="In", output_name="Out")
-HISTORY = [Item(input=f"note number {i} " + "x" * i, output=f"title {i}" + "z" * (2 * i)) for i in range(6)]  # uneven lengths
+# uneven lengths
+HISTORY = [Item(input=f"note number {i} " + "x" * i, output=f"title {i}" + "z" * (2 * i)) for i in range(6)]
 USERS = ["u0", "u1", "u2", "u3"]
 
 
@@ -139,7 +141,8 @@ def test_activation_means_and_activation_key_scores(tokenizer):
     got = piece_scores(h, keys, mask, "activation")
     assert got.argmax() == 1 and got[1] <= math.sqrt(h.shape[-1]) + 1e-4
     two = torch.stack([means[pos], 2 * keys.mean(0) - means[pos]])  # mirror images around their mean
-    assert torch.allclose(piece_scores(h, two, mask, "activation"), torch.tensor([1.0, -1.0]) * math.sqrt(h.shape[-1]), atol=1e-4)
+    assert torch.allclose(piece_scores(h, two, mask, "activation"), torch.tensor([1.0, -1.0]) * math.sqrt(h.shape[-1]),
+                          atol=1e-4)
     # identical keys say nothing: every piece gets the same score
     same = piece_scores(h, keys[:1].repeat(3, 1), mask, "activation")
     assert torch.allclose(same, same[0].expand(3))
@@ -180,7 +183,8 @@ def test_piece_scores_match_hand_computation_and_trace(tmp_path, tokenizer, key)
             want = torch.tensor(hand_scores(h, batch, [pieces[u][p][2] for u in pieces], key))
             ids, traced = trace[b][p]
             assert ids == sids
-            assert torch.allclose(piece_scores(h, torch.stack([pieces[u][p][2] for u in pieces]), mask, key), want, atol=1e-5)
+            keys = torch.stack([pieces[u][p][2] for u in pieces])
+            assert torch.allclose(piece_scores(h, keys, mask, key), want, atol=1e-5)
             assert torch.allclose(traced, want, atol=1e-5)
 
 
@@ -381,7 +385,8 @@ def test_recipe_load_rejects_bad_files(tmp_path):
     bad.write_text('{"pool_id": 1}')
     with pytest.raises(ValueError, match="bad.json: not a perpcs recipe"):
         Recipe.load(bad)
-    other = Recipe(pool_id="p", base_fingerprint="b", lora=LORA.model_dump(), top_k=1, pieces={}, format="perpcs-recipe/9")
+    other = Recipe(pool_id="p", base_fingerprint="b", lora=LORA.model_dump(), top_k=1, pieces={},
+                   format="perpcs-recipe/9")
     other.save(bad)
     with pytest.raises(ValueError, match="recipe format"):
         Recipe.load(bad)
@@ -408,7 +413,8 @@ def test_materialized_delta_weights(tmp_path, mix):
     for p, c in chosen.items():
         A, B = weights[p]
         if mix == "cat":
-            assert recipe.rank() == 3 * R and A.shape == (3 * R, POSITIONS[p][0]) and B.shape == (POSITIONS[p][1], 3 * R)
+            assert recipe.rank() == 3 * R
+            assert A.shape == (3 * R, POSITIONS[p][0]) and B.shape == (POSITIONS[p][1], 3 * R)
             want = sum(w * scaling * pieces[u][p][1] @ pieces[u][p][0] for u, w in c)
         else:
             want = scaling * sum(w * pieces[u][p][1] for u, w in c) @ sum(w * pieces[u][p][0] for u, w in c)

@@ -41,7 +41,8 @@ def sample_recipe(n_positions=120, seed=0) -> Recipe:
     for p in range(n_positions):
         chosen = torch.randperm(6, generator=g)[:3].tolist()
         w = torch.softmax(torch.randn(3, generator=g), 0).tolist()
-        pieces[f"model.layers.{p // 4}.self_attn.{'qkvo'[p % 4]}_proj"] = [(sharers[c], round(x, 7)) for c, x in zip(chosen, w)]
+        position = f"model.layers.{p // 4}.self_attn.{'qkvo'[p % 4]}_proj"
+        pieces[position] = [(sharers[c], round(x, 7)) for c, x in zip(chosen, w)]
     return Recipe(pool_id="pool-0123456789abcdef", base_fingerprint="f" * 64, lora=LORA.model_dump(), mix="cat",
                   top_k=3, user="u0", settings=AssemblySettings().model_dump(), pieces=pieces)
 

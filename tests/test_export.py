@@ -49,8 +49,10 @@ def test_paper_config_is_a_run_config(tmp_path):
 
     cfg = build_config(tmp_path, None, 0, None, None, Path(__file__).parents[1] / "configs" / "paper.json", [])
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (8, 8.0, 0.05)
-    assert (cfg.task_train.lr, cfg.task_train.epochs, cfg.task_train.steps, cfg.task_train.grad_clip) == (1e-4, 3, None, 0.3)
+    t = cfg.task_train
+    assert (t.lr, t.epochs, t.steps, t.grad_clip) == (1e-4, 3, None, 0.3)
     assert (cfg.sharer_train.lr, cfg.sharer_train.steps, cfg.sharer_train.batch_size) == (2e-5, 100, 6)
     assert (cfg.gate_train.lr, cfg.gate_train.steps) == (2e-5, 200)
-    assert (cfg.assembly.top_k, cfg.assembly.temperature, cfg.assembly.recent_k, cfg.assembly.batch_size) == (3, 1.0, 2000, 16)
+    a = cfg.assembly
+    assert (a.top_k, a.temperature, a.recent_k, a.batch_size) == (3, 1.0, 2000, 16)
     assert cfg.device == "cuda" and cfg.retrieval_copies and cfg.max_len == 512

@@ -71,7 +71,8 @@ def test_data_contract_raises_only_input_error(data, tmp_path_factory):
 
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
-                           lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=5), kids, max_size=3),
+                           lambda kids: (st.lists(kids, max_size=3)
+                                         | st.dictionaries(st.text(max_size=5), kids, max_size=3)),
                            max_leaves=10)
 
 

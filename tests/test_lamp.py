@@ -121,10 +121,12 @@ def test_lamp1_needs_other_users(tmp_path):
 @pytest.mark.parametrize("records, expected", [
     ([{"id": "1", "input": P3 + "x", "profile": [{"text": "t"}]}], r"record 0: profile item 0: field 'score'"),
     ([{"id": "1", "input": P3 + "x", "profile": [{"text": "t", "score": 9}]}], r"profile item 0: field 'score'.*scale"),
-    ([{"id": "1", "input": "no marker", "profile": [{"text": "t", "score": 1}]}], r"record 0: field 'input': no 'review:'"),
+    ([{"id": "1", "input": "no marker", "profile": [{"text": "t", "score": 1}]}],
+     r"record 0: field 'input': no 'review:'"),
     ([{"id": "1", "input": P3 + "x"}], r"record 0: field 'profile'"),
     ([{"input": P3 + "x", "profile": []}], r"record 0: field 'id'"),
-    ([{"id": "1", "input": P3 + "x", "profile": [{"text": "t", "score": 1, "date": "2020"}, {"text": "u", "score": 2}]}],
+    ([{"id": "1", "input": P3 + "x",
+       "profile": [{"text": "t", "score": 1, "date": "2020"}, {"text": "u", "score": 2}]}],
      r"profile item 1: field 'date' missing"),
 ])
 def test_lamp_errors_name_file_record_field(tmp_path, records, expected):

@@ -166,7 +166,8 @@ def test_derived_run_with_activation_keys_reuses_the_sharers_loras(done_run, tmp
     model, tok = run.merged
     user = run.select()[0].user_id
     peft_model = PeftModel.from_pretrained(model, run.sharer_dir(user) / "adapter")
-    want = activation_means(peft_model, lora_layers(peft_model), run.examples(run.data.user(user), tok), tok.pad_token_id)
+    examples = run.examples(run.data.user(user), tok)
+    want = activation_means(peft_model, lora_layers(peft_model), examples, tok.pad_token_id)
     peft_model.unload()
     for pos in pool.positions:
         ids, keys = pool.keys(pos)
@@ -304,7 +305,8 @@ def test_build_config_precedence(tmp_path):
     assert cfg.task_train == default.task_train
     # an older config's assembly.retrieval_copies is read as the run's setting when they agree
     assert build_config(tmp_path, None, 0, None, None, None, ["retrieval_copies=true"]).retrieval_copies
-    same = build_config(tmp_path, None, 0, None, None, None, ["retrieval_copies=true", "assembly.retrieval_copies=true"])
+    same = build_config(tmp_path, None, 0, None, None, None,
+                        ["retrieval_copies=true", "assembly.retrieval_copies=true"])
     assert same == build_config(tmp_path, None, 0, None, None, None, ["retrieval_copies=true"])
     with pytest.raises(ValueError, match="assembly.retrieval_copies=false: assembly uses the run's retrieval_copies"):
         build_config(tmp_path, None, 0, None, None, None, ["retrieval_copies=true", "assembly.retrieval_copies=false"])

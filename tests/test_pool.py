@@ -120,7 +120,8 @@ def test_shape_and_position_validation(pool):
     pieces = make_pieces(0)
     p = list(POSITIONS)[1]
     A, B, g = pieces[p]
-    with pytest.raises(ValueError, match=rf"position {p}: .*\[\[2, 8\], \[4, 2\], \[8\]\].*\[\[2, 8\], \[2, 4\], \[8\]\]"):
+    shapes = r"\[\[2, 8\], \[4, 2\], \[8\]\].*\[\[2, 8\], \[2, 4\], \[8\]\]"
+    with pytest.raises(ValueError, match=rf"position {p}: .*{shapes}"):
         pool.add_sharer("alice", {**pieces, p: (A, B.T, g)})
     with pytest.raises(ValueError, match="'layers.0.q'"):
         pool.add_sharer("alice", {"layers.0.q": pieces[p]})

@@ -25,7 +25,8 @@ def test_bench_seeds_pool_queries_by_seed_and_id(tiny_base, tiny_data, tmp_path,
         assert st[m]["mean"] == pytest.approx(sum(x["methods"][m]["metrics"]["accuracy"] for x in runs) / 2)
         assert r["methods"][m]["per_seed"] == [x["methods"][m]["metrics"]["accuracy"] for x in runs]
     assert r["same_group_weight"]["perpcs"] == [x["diagnostics"]["same_group_weight"] for x in runs]
-    assert (tmp_path / "report.png").read_bytes()[:8] == PNG and "| perpcs | oppu | 4 |" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "report.png").read_bytes()[:8] == PNG
+    assert "| perpcs | oppu | 4 |" in (tmp_path / "report.md").read_text()
     # the same through `perpcs report`, and refusals
     code, out = cli("report", tmp_path / "seed-0", tmp_path / "seed-1", "--out", tmp_path / "again")
     assert code == 0, out

@@ -37,7 +37,8 @@ def offline(run, user, texts, n):
     """What `perpcs` generates offline for a user: a fresh merged model with the recipe applied."""
     model, tok = load_base(run.merged_path)
     recipe = Recipe.load(run.recipe_path(user))
-    return generate(apply_recipe(model, recipe, run.open_pool()), tok, [run.data.task.format_prompt(t) for t in texts], n)
+    prompts = [run.data.task.format_prompt(t) for t in texts]
+    return generate(apply_recipe(model, recipe, run.open_pool()), tok, prompts, n)
 
 
 def test_assemble_generate_equal_offline_and_differ_between_users(run, histories):
@@ -49,7 +50,8 @@ def test_assemble_generate_equal_offline_and_differ_between_users(run, histories
             assert Recipe.model_validate(r.json()) == Recipe.load(run.recipe_path(user)) and r.json()["user"] == user
         meta = client.get("/v1/users/alice").json()
         assert meta["rank"] == 8 and meta["sharers"] >= 1 and meta["positions"] == 8
-        answers = {(u, t): client.post("/v1/generate", json={"user": u, "input": t, "max_new_tokens": 6}).json()["output"]
+        answers = {(u, t): client.post("/v1/generate",
+                                       json={"user": u, "input": t, "max_new_tokens": 6}).json()["output"]
                    for u in histories for t in texts}
         service = client.app.state.service
         # one mixed-adapter batch of both users, as the batcher makes it
@@ -82,7 +84,8 @@ def test_bad_requests_get_4xx_naming_the_field(run, histories):
     with TestClient(create_app(run, settings)) as client:
         cases = [
             (client.post("/v1/generate", json={"input": "hi"}), 422, "body.user"),
-            (client.post("/v1/generate", json={"user": "a", "input": "hi", "max_new_tokens": 9}), 422, "body.max_new_tokens"),
+            (client.post("/v1/generate", json={"user": "a", "input": "hi", "max_new_tokens": 9}), 422,
+             "body.max_new_tokens"),
             (client.post("/v1/generate", json={"user": "a", "input": "", "max_new_tokens": 2}), 422, "body.input"),
             (client.post("/v1/generate", json={"user": "a", "input": "hi", "temperature": 1}), 422, "body.temperature"),
             (client.post("/v1/users/a/assemble", json={"history": []}), 422, "body.history"),
@@ -92,7 +95,8 @@ def test_bad_requests_get_4xx_naming_the_field(run, histories):
              "body.history.0.output"),
             (client.post("/v1/users/a/assemble", content=b"{not json", headers={"content-type": "application/json"}),
              422, "body.1"),
-            (client.post("/v1/users/a/assemble", json={"history": [{"input": "x" * 3000, "output": "sci-fi"}]}), 413, "body"),
+            (client.post("/v1/users/a/assemble", json={"history": [{"input": "x" * 3000, "output": "sci-fi"}]}), 413,
+             "body"),
         ]
         for response, status, field in cases:
             assert response.status_code == status, (field, response.text)
@@ -161,7 +165,8 @@ def test_real_uvicorn_on_loopback_and_recipes_survive_a_restart(run, histories):
 def test_cli_assembles_a_user_from_a_history_file(run, histories, tmp_path):
     good = tmp_path / "h.jsonl"
     good.write_text("".join(json.dumps(it) + "\n" for it in histories["alice"]["history"]))
-    result = CliRunner().invoke(cli, ["assemble", "--run", str(run.folder), "--user", "new/user", "--history", str(good)])
+    result = CliRunner().invoke(cli, ["assemble", "--run", str(run.folder), "--user", "new/user",
+                                      "--history", str(good)])
     assert result.exit_code == 0, result.output
     assert Recipe.load(run.recipe_path("new/user")).user == "new/user"
     bad = tmp_path / "bad.jsonl"

@@ -59,7 +59,8 @@ def test_gain_share_only_for_a_positive_gain():
     assert gain_share({"non_personalized": 0.5, "oppu": 0.4, "perpcs": 0.41}, "perpcs") is None
     assert gain_share({"non_personalized": 0.5, "oppu": 0.5, "perpcs": 0.6}, "perpcs") is None
     # lower is better: MAE 1.0 -> 0.6 is a gain of 0.4; 0.8 reaches half of it
-    assert gain_share({"non_personalized": 1.0, "oppu": 0.6, "perpcs": 0.8}, "perpcs", higher=False) == pytest.approx(0.5)
+    lower = {"non_personalized": 1.0, "oppu": 0.6, "perpcs": 0.8}
+    assert gain_share(lower, "perpcs", higher=False) == pytest.approx(0.5)
     assert gain_share({"non_personalized": 1.0, "oppu": 1.2, "perpcs": 0.8}, "perpcs", higher=False) is None
     # +rag rows: from rag to oppu+rag
     m = {"non_personalized": 0.5, "oppu": 0.7, "rag": 0.6, "oppu+rag": 0.8, "perpcs+rag": 0.7}

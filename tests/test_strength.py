@@ -24,7 +24,8 @@ def test_holdout_is_a_fifth_of_the_history_at_most_4(n, v):
     assert holdout_size(n, 4) == v
 
 
-@pytest.mark.parametrize("scores, best", [({0.0: -1.0, 0.5: -1.0, 1.0: -2.0}, 0.0), ({0.0: -2.0, 0.5: -1.0, 1.0: -1.0}, 0.5),
+@pytest.mark.parametrize("scores, best", [({0.0: -1.0, 0.5: -1.0, 1.0: -2.0}, 0.0),
+                                          ({0.0: -2.0, 0.5: -1.0, 1.0: -1.0}, 0.5),
                                           ({1.0: 3.0, 0.0: 1.0, 0.5: 2.0}, 1.0)])
 def test_best_strength_breaks_ties_towards_the_smaller(scores, best):
     assert best_strength(scores) == best

@@ -101,7 +101,8 @@ def activation_means(model, modules: dict[str, torch.nn.Module], examples: Seque
     return {pos: (v / n).cpu() for pos, v in sums.items()}
 
 
-def choose(scores: torch.Tensor, settings: AssemblySettings, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def choose(scores: torch.Tensor, settings: AssemblySettings,
+           generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices, weights) of the pieces to mix: top-k, sampled top-k, or nucleus (top-p)."""
     n = scores.numel()
     k = min(settings.top_k, n)
@@ -147,7 +148,8 @@ class Assembler:
         self.layers = lora_layers(self.model)
         missing = set(pool.positions) - set(self.layers)
         if missing:
-            raise ValueError(f"the model has no module at pool positions {sorted(missing)[:5]}: pool from another architecture?")
+            raise ValueError(f"the model has no module at pool positions {sorted(missing)[:5]}: "
+                             "pool from another architecture?")
         self.keys = KeyIndex.of(pool)  # read per position as the forward pass reaches it
 
     @classmethod
@@ -169,7 +171,8 @@ class Assembler:
         return history_examples(task, tokenizer, items, self.max_len, self.retrieval_copies, profile)
 
     @torch.no_grad()
-    def assemble(self, examples: Sequence[Example], pad_id: int, trace: list | None = None) -> dict[str, dict[str, float]]:
+    def assemble(self, examples: Sequence[Example], pad_id: int,
+                 trace: list | None = None) -> dict[str, dict[str, float]]:
         """{position: {sharer: weight}} averaged over history batches. `trace` collects per-batch scores."""
         s = self.settings
         if not examples:
@@ -250,7 +253,8 @@ class Assembler:
                                      history[-v:], s.strengths, by_metric, self.max_len)
             strength = best_strength(scores)
         return Recipe(pool_id=self.pool.pool_id, base_fingerprint=self.pool.base_fingerprint,
-                      lora=self.pool.lora_config, mix=s.mix, top_k=s.top_k, user=user, settings=self.recorded_settings(),
+                      lora=self.pool.lora_config, mix=s.mix, top_k=s.top_k, user=user,
+                      settings=self.recorded_settings(),
                       strength=strength, strength_scores=scores,
                       pieces={p: [(sid, round(w, 7)) for sid, w in ws.items()] for p, ws in weights.items()})
 

@@ -71,7 +71,8 @@ class Bench:
         """{row name: results} for each row (`rows`: row name -> method row; default: the settings')."""
         run, task, k = self.run, self.task, self.settings.history_k
         rows = rows or {m: m for m in self.settings.methods}
-        targets = [u.model_copy(update={"history": u.history[-k:]}) if k else u for u in run.users(run.split["targets"])]
+        targets = [u.model_copy(update={"history": u.history[-k:]}) if k else u
+                   for u in run.users(run.split["targets"])]
         golds = {q.id: q.output for u in targets for q in u.queries}
         write_lamp_outputs(self.out / "golds.json", task.name, golds)
         results = {}
@@ -149,7 +150,8 @@ def bench(data: str | Path, out: str | Path, config: RunConfig, settings: BenchS
         "dataset": str(data), "task": run.data.task.name, "kind": run.data.task.kind,
         "base_model": config.base or "SmolLM2-135M-Instruct (default)", "base_fingerprint": run.merged_fingerprint,
         "seed": config.seed, "n_targets": len(run.split["targets"]), "n_sharers": len(run.select()),
-        "n_queries": sum(len(u.queries) for u in run.users(run.split["targets"])), "oppu_targets": settings.oppu_targets,
+        "n_queries": sum(len(u.queries) for u in run.users(run.split["targets"])),
+        "oppu_targets": settings.oppu_targets,
         "primary_metric": {"name": name, "higher_is_better": higher},
         "methods": methods,
         "one_time": {"task_adapt_seconds": stats["task_adapt"]["seconds"],
@@ -175,7 +177,8 @@ def bench(data: str | Path, out: str | Path, config: RunConfig, settings: BenchS
         methods.update(Bench(vrun, settings, out).evaluate({vname: "perpcs", f"{vname}+rag": "perpcs+rag"}))
         vstats = vrun.stats()["build_pool"]
         results["variants"][vname] = {
-            "settings": settings.variants[vname], "gate_seconds": vstats["gate_seconds"], "pool_bytes": vstats["pool_bytes"],
+            "settings": settings.variants[vname], "gate_seconds": vstats["gate_seconds"],
+            "pool_bytes": vstats["pool_bytes"],
             **({"diagnostics": group_diagnostics(vrun, groups)} if groups else {})}
     results["statistics"] = bench_statistics(out, results)
     results_plot(results, out / "results.png")

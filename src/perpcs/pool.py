@@ -142,7 +142,8 @@ class Pool:
                 with db:
                     db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
                     db.executemany("INSERT INTO positions VALUES (?, ?, ?, ?)",
-                                   [(i, name, d_in, d_out) for i, (name, (d_in, d_out)) in enumerate(positions.items())])
+                                   [(i, name, d_in, d_out)
+                                    for i, (name, (d_in, d_out)) in enumerate(positions.items())])
             finally:
                 db.close()
         return cls.open(path, verify=False)
@@ -312,7 +313,8 @@ class Pool:
         rows = self._candidates(position)
         if not rows:
             return [], torch.empty(0, self.shapes[position][0])
-        return [sid for sid, _ in rows], torch.stack([self._open(f).get_tensor(f"{position}.{self.key}") for _, f in rows])
+        keys = [self._open(f).get_tensor(f"{position}.{self.key}") for _, f in rows]
+        return [sid for sid, _ in rows], torch.stack(keys)
 
     def piece(self, sharer_id: str, position: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of one shared piece; reads only those two tensors."""

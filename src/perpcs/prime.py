@@ -28,7 +28,8 @@ def softmax(x) -> np.ndarray:
     return e / e.sum()
 
 
-def search(loss: Callable[[np.ndarray], float], m: int, settings: PrimeSettings, seed: int) -> tuple[np.ndarray, list[float]]:
+def search(loss: Callable[[np.ndarray], float], m: int, settings: PrimeSettings,
+           seed: int) -> tuple[np.ndarray, list[float]]:
     """CMA-ES over m softmax logits: whole generations while they fit the budget; the best weights seen
     and every loss evaluated. One sharer needs no search (weight 1, no evaluation)."""
     if m == 1:

@@ -9,7 +9,8 @@
 - `report(folders, out)` (`perpcs report`): bench outputs of several seeds pooled, queries paired by
   (seed, query id), with the same statistics: OUT/report.json, report.md, report.png.
 
-The Markdown of all of it is in `tables`. Figures are drawn on `matplotlib.figure.Figure` (the Agg canvas, no pyplot state, no display).
+The Markdown of all of it is in `tables`. Figures are drawn on `matplotlib.figure.Figure` (the Agg
+canvas, no pyplot state, no display).
 """
 
 from __future__ import annotations
@@ -127,7 +128,8 @@ def selection_plot(run: RunFolder, path: str | Path, groups: dict[str, int] | No
     for ax in list(axes.flat)[len(targets):]:
         ax.axis("off")
     fig.colorbar(image, ax=axes, shrink=0.6, label="assembled weight (mean over the layer's positions)")
-    fig.suptitle("Per-Pcs selection by target: sharer x layer" + ("; * red: sharer of the target's group" if groups else ""),
+    fig.suptitle("Per-Pcs selection by target: sharer x layer"
+                 + ("; * red: sharer of the target's group" if groups else ""),
                  fontsize=9)
     return _save(fig, Path(path))
 
@@ -143,7 +145,8 @@ def report(folders: list[str | Path], out: str | Path) -> dict:
     first = runs[0][1]
     for f, r in runs:
         if (r["task"], r["primary_metric"]) != (first["task"], first["primary_metric"]):
-            raise ValueError(f"{f}: task {r['task']!r}, not {first['task']!r} as {runs[0][0]}: only runs of one task pool")
+            raise ValueError(f"{f}: task {r['task']!r}, not {first['task']!r} as {runs[0][0]}: "
+                             "only runs of one task pool")
     seeds = [r["seed"] for _, r in runs]
     if len(set(seeds)) < len(seeds):
         raise ValueError(f"seeds {seeds}: two runs of one seed would count their queries twice")

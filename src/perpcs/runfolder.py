@@ -39,7 +39,8 @@ from perpcs.utils import read_json, remove_temp, write_json
 
 
 def split_users(users: list[User], n_targets: int, base_fraction: float, seed: int) -> dict[str, list[str]]:
-    """Targets: the n most active users (as in the paper); the rest, seeded shuffle: base users first, then candidates."""
+    """Targets: the n most active users (as in the paper); the rest, seeded shuffle: base users first,
+    then candidates."""
     if n_targets < 1 or not 0 <= base_fraction < 1:
         raise ValueError(f"need n_targets >= 1 and 0 <= base_fraction < 1, got n_targets={n_targets}, "
                          f"base_fraction={base_fraction}")
@@ -169,7 +170,8 @@ class RunFolder:
     def merged(self):
         """(model, tokenizer) of the task-adapted base, loaded once per process."""
         if not (self.merged_path / "config.json").exists():
-            raise FileNotFoundError(f"{self.merged_path}: step 0 is not done; run `perpcs task-adapt --run {self.folder}`")
+            raise FileNotFoundError(f"{self.merged_path}: step 0 is not done; "
+                                    f"run `perpcs task-adapt --run {self.folder}`")
         return load_base(self.merged_path, device=self.device)
 
     @cached_property

@@ -152,7 +152,8 @@ class Service:
             self.model, self.peft = self.peft.unload(), None
 
     def evict(self, keep: set[str]) -> None:
-        for user in [u for u in self.adapters if u not in keep][: max(0, len(self.adapters) - self.settings.cache_size)]:
+        extra = max(0, len(self.adapters) - self.settings.cache_size)
+        for user in [u for u in self.adapters if u not in keep][:extra]:
             self.drop(user)
 
     def generate(self, rows: list[Pending]) -> list[str | Exception]:
@@ -272,9 +273,11 @@ def create_app(run: RunFolder | str | Path, settings: ServeSettings | None = Non
         if request.method in ("POST", "PUT", "PATCH"):
             length = request.headers.get("content-length")
             if length is None or not length.isdigit():
-                return JSONResponse({"detail": [{"loc": ["header", "content-length"], "msg": "a body needs a Content-Length"}]}, 411)
+                return JSONResponse({"detail": [{"loc": ["header", "content-length"],
+                                                 "msg": "a body needs a Content-Length"}]}, 411)
             if int(length) > settings.max_body_bytes:
-                return JSONResponse({"detail": [{"loc": ["body"], "msg": f"body over {settings.max_body_bytes} bytes"}]}, 413)
+                return JSONResponse({"detail": [{"loc": ["body"],
+                                                 "msg": f"body over {settings.max_body_bytes} bytes"}]}, 413)
         return await call_next(request)
 
     async def on_thread(fn, *args):
@@ -305,7 +308,8 @@ def create_app(run: RunFolder | str | Path, settings: ServeSettings | None = Non
         try:
             output = await batcher.submit(body.user, service.task.format_prompt(body.input), body.max_new_tokens)
         except UnknownUser:
-            raise HTTPException(404, f"no recipe for user {body.user!r}: POST /v1/users/{{id}}/assemble first") from None
+            raise HTTPException(404, f"no recipe for user {body.user!r}: "
+                                     "POST /v1/users/{id}/assemble first") from None
         return {"user": body.user, "output": output}
 
     @app.get("/v1/users/{user}", dependencies=[Depends(authorized)])

@@ -1,7 +1,8 @@
 """How much of the assembled update a target user gets: the strength alpha (not in the paper).
 
 A recipe's update is alpha * sum_j w_j B_j A_j; alpha = 0 is the non-personalized model. Other
-users' pieces at full strength can hurt a target (benchmarks/README.md), so with `assembly.strength="auto"` the target's newest few
+users' pieces at full strength can hurt a target (benchmarks/README.md), so with
+`assembly.strength="auto"` the target's newest few
 history items are held out of assembly and each candidate alpha is scored on them, still without
 training: by the loss of their outputs for classification and rating, and by the task's own metric
 on greedy generations for generation (there a lower loss did not mean better text). Ties go to the

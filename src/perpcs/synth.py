@@ -54,7 +54,8 @@ MOVIES = {
         ["falls for a stranger who leaves town in a week", "rediscovers a first love after twenty years apart",
          "writes letters to a pen pal without knowing who it is",
          "pretends to be engaged to save the family business",
-         "must choose between two proposals before the summer ends", "shares a table every morning with the same stranger"],
+         "must choose between two proposals before the summer ends",
+         "shares a table every morning with the same stranger"],
     ),
     "haunted": (
         ["In an abandoned asylum on a foggy hill", "In a Victorian house with a locked attic",

@@ -62,10 +62,12 @@ def results_table(r: dict) -> str:
         *(["", f"OPPU ran on the first {r['oppu_targets']} targets only ({oppu['metrics']['n']} queries); "
                "every other method on all targets."] if oppu and r.get("oppu_targets") else []),
         "",
-        f"One-time costs: task adaptation {o['task_adapt_seconds']:.0f} s, sharer LoRAs {o['sharer_lora_seconds']:.0f} s, "
-        f"gates {o['gate_seconds']:.0f} s, pool {_fmt_bytes(o['pool_bytes'])}; model loading {o['model_load_seconds']:.0f} s.",
+        f"One-time costs: task adaptation {o['task_adapt_seconds']:.0f} s, "
+        f"sharer LoRAs {o['sharer_lora_seconds']:.0f} s, gates {o['gate_seconds']:.0f} s, "
+        f"pool {_fmt_bytes(o['pool_bytes'])}; model loading {o['model_load_seconds']:.0f} s.",
         *([f"Known latent groups: {d['same_group_weight']:.0%} of the assembled weight comes from sharers of the "
-           f"target's own group (random picking: {d['same_group_chance']:.0%})."] if (d := r.get("diagnostics")) else []),
+           f"target's own group (random picking: {d['same_group_chance']:.0%})."]
+          if (d := r.get("diagnostics")) else []),
         *([f"Timed alternately in one process for {len(a['users'])} targets (perpcs.costs, history budget "
            f"{a['history_budget']}): OPPU takes {a['time_ratio']['median']:.1f}x the time of Per-Pcs assembly "
            f"(median; min {a['time_ratio']['min']:.1f}x, max {a['time_ratio']['max']:.1f}x); its adapter "
@@ -114,8 +116,9 @@ def report_table(r: dict) -> str:
     """The pooled report's markdown: per-seed metric and costs, then the pooled statistics."""
     primary = r["primary_metric"]["name"]
     lines = [f"# perpcs report: {r['task']} ({r['kind']}), seeds {r['seeds']}, {r['n_queries']} queries pooled", "",
-             f"Primary metric: {primary} ({'higher' if r['primary_metric']['higher_is_better'] else 'lower'} is better). "
-             f"Runs: {', '.join(r['folders'])}. Comparisons with {', '.join(REFERENCES)} pair queries by (seed, query id).",
+             f"Primary metric: {primary} ({'higher' if r['primary_metric']['higher_is_better'] else 'lower'} "
+             f"is better). Runs: {', '.join(r['folders'])}. Comparisons with {', '.join(REFERENCES)} pair queries "
+             "by (seed, query id).",
              "", "![results](report.png)", "",
              "| method | " + " | ".join(f"seed {s}" for s in r["seeds"]) + " | personalize s/user | bytes/user |",
              "|---|" + "---|" * (len(r["seeds"]) + 2)]

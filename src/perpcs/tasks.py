@@ -106,7 +106,8 @@ def answer_budget(task: Task, tokenizer) -> int:
     longest label (with a notice), since a label cut short is never one of the labels."""
     budget = task.new_tokens
     if task.kind == "classification":
-        longest = max(len(tokenizer(task.format_target(label), add_special_tokens=False)["input_ids"]) for label in task.labels)
+        longest = max(len(tokenizer(task.format_target(label), add_special_tokens=False)["input_ids"])
+                      for label in task.labels)
         if longest > budget:
             log.warning("task %s: max_new_tokens=%d is shorter than its longest label (%d tokens); generating "
                         "%d tokens so that no label is cut off", task.name, budget, longest, longest)

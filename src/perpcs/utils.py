@@ -92,7 +92,8 @@ def check_output_dir(out: str | os.PathLike, own: set[str], protected: tuple[Pat
     foreign = sorted(p.name for p in where.iterdir() if p.name not in own) if where.exists() else []
     if foreign and not force:
         raise InputError(f"{out}: folder holds files perpcs did not write there ({', '.join(foreign[:5])}"
-                         f"{', ...' if len(foreign) > 5 else ''}); give a new or empty folder, or --force to replace it")
+                         f"{', ...' if len(foreign) > 5 else ''}); give a new or empty folder, "
+                         "or --force to replace it")
 
 
 def remove_temp(folder: str | os.PathLike) -> list[Path]:

@@ -22,9 +22,10 @@ class Prime(Method):
         t0 = time.perf_counter()
         chosen = ctx.nearest_sharers(user, min(s.m, len(ctx.sharers)))
         examples = history_examples(run.data.task, ctx.tok, user.history[-s.items:], run.config.max_len)
-        peft_model, weights, losses = merge(ctx.model, run.config.lora.model_dump(),
-                                            [load_lora(run.sharer_dir(u) / "adapter") for u in chosen], examples,
-                                            ctx.tok.pad_token_id, s, derived_seed(run.config.seed, "prime", user.user_id))
+        loras = [load_lora(run.sharer_dir(u) / "adapter") for u in chosen]
+        seed = derived_seed(run.config.seed, "prime", user.user_id)
+        peft_model, weights, losses = merge(ctx.model, run.config.lora.model_dump(), loras, examples,
+                                            ctx.tok.pad_token_id, s, seed)
         seconds = time.perf_counter() - t0
         mix = {ctx.pool.pseudonym(u): round(float(w), 7) for u, w in zip(chosen, weights)}
         write_json(ctx.out / "prime" / f"{safe_name(user.user_id)}.json", {"weights": mix, "losses": losses})
