@@ -1,8 +1,8 @@
 """The pool's keys stacked per position in one file, so assembly reads a position's keys in one read.
 
 A pool keeps each sharer's keys in that sharer's own file; gathering one position's keys means one
-read per sharer (about 2.6 s per pass over 120 positions at 1,000 sharers, as long as the forward
-pass itself). The index is derived data, a cache: `pool/keys-<sha256 of pool.sqlite>.safetensors`
+read per sharer, which at thousands of sharers takes as long as the forward pass itself
+(benchmarks/README.md). The index is derived data, a cache: `pool/keys-<sha256 of pool.sqlite>.safetensors`
 holds the sharer table once (metadata) and per position the candidates' keys [n, d_in] and their
 indices into the table (int32). Any change to the pool's manifest (a sharer added, removed or
 re-added) changes the name, so a stale index is never read; it is rebuilt on first use and the

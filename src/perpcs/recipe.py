@@ -54,7 +54,7 @@ class Recipe(BaseModel):
         return pieces
 
     def save(self, path: str | Path) -> Path:
-        """JSON for a `.json` path, else the compact binary layout (`recipe_format`, about 1 KB)."""
+        """JSON for a `.json` path, else the compact binary layout (`recipe_format`)."""
         if Path(path).suffix == ".json":
             return write_text(path, self.model_dump_json(exclude_none=True))
         with atomic_path(path) as tmp:

@@ -1,8 +1,7 @@
-"""The compact binary recipe: what a target user stores instead of an adapter, about 1 KB.
+"""The compact binary recipe: what a target user stores instead of an adapter (sizes: benchmarks/README.md).
 
-A JSON recipe spells every position name and sharer id at every use (about 15 KB for SmolLM2's 120
-positions); a safetensors file needs one JSON header entry per tensor. This layout writes each
-name once and the rest as packed numbers:
+A JSON recipe spells every position name and sharer id at every use; a safetensors file needs one
+JSON header entry per tensor. This layout writes each name once and the rest as packed numbers:
 
     b"PCSR"  u8 version  zlib(
         u32 n, JSON header of n bytes: every Recipe field but `pieces`, plus

@@ -78,8 +78,8 @@ def lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """`model(**batch).loss`, computing logits only where some row predicts a label token.
 
     The loss covers only the output tokens, yet the default forward projects every position onto
-    the vocabulary (49k rows for SmolLM2): on a CPU that was 10-20% of an OPPU training run. Models
-    whose forward has no `logits_to_keep` get the plain forward.
+    the vocabulary, a large share of a small model's training time on a CPU. Models whose forward
+    has no `logits_to_keep` get the plain forward.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if "logits_to_keep" not in inspect.signature(base.forward).parameters:
