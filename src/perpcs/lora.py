@@ -2,13 +2,16 @@
 
 One place for what every method does with LoRAs: peft configs, peft's key names, mixing pieces or
 whole LoRAs, installing (A, B) into a wrapped model, and keeping a trained adapter on disk
-(`load_or_train`) so that a resumed run or bench trains it once.
+(`load_or_train`) so that a resumed run or bench trains it once, and keeping many adapters by name
+in one model for mixed-adapter batches (`AdapterCache`).
 """
 
 from __future__ import annotations
 
+import itertools
+from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Hashable, Sequence
 
 import torch
 from safetensors.torch import load_file
@@ -145,3 +148,53 @@ def load_or_train(model, folder: Path, train: Callable[[], tuple], stats_name: s
     peft_model, stats = train()
     save_adapter(peft_model, stats, folder, stats_name)
     return peft_model, stats
+
+
+class AdapterCache:
+    """LoRA adapters kept by name in one peft model around `model`, one per key, each with the version
+    it was built from; the least recently used go first (`evict`). `peft` is None while it is empty."""
+
+    def __init__(self, model):
+        self.model, self.peft = model, None
+        self.entries: OrderedDict[Hashable, tuple[str, Hashable]] = OrderedDict()  # key -> (name, version)
+        self._names = (f"a{i}" for i in itertools.count())
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def get(self, key: Hashable, version: Hashable) -> str | None:
+        """The adapter name of `key` if it was built from `version` (now the most recently used), else None."""
+        name, built = self.entries.get(key, (None, None))
+        if name is None or built != version:
+            return None
+        self.entries.move_to_end(key)
+        return name
+
+    def put(self, key: Hashable, version: Hashable, config, state_dict: dict) -> str:
+        """Add the adapter of `key` (peft `config`, weights in peft's key names); returns its name."""
+        from peft import get_peft_model, set_peft_model_state_dict
+
+        self.drop(key)
+        name = next(self._names)
+        if self.peft is None:
+            self.peft = get_peft_model(self.model, config, adapter_name=name).eval()
+        else:
+            self.peft.add_adapter(name, config)
+        set_peft_model_state_dict(self.peft, state_dict, adapter_name=name)
+        self.entries[key] = (name, version)
+        return name
+
+    def drop(self, key: Hashable) -> None:
+        if key not in self.entries:
+            return
+        name, _ = self.entries.pop(key)
+        if self.entries:
+            self.peft.delete_adapter(name)
+        else:  # peft keeps at least one adapter: take the LoRA layers out instead
+            self.model, self.peft = self.peft.unload(), None
+
+    def evict(self, keep: set, size: int) -> None:
+        """Drop the least recently used adapters not in `keep` until at most `size` remain (or only `keep`)."""
+        extra = max(0, len(self.entries) - size)
+        for key in [k for k in self.entries if k not in keep][:extra]:
+            self.drop(key)

@@ -17,7 +17,6 @@ import asyncio
 import ipaddress
 import itertools
 import secrets
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from perpcs.assembly import assemble_history
 from perpcs.data import Item
 from perpcs.generation import generate
-from perpcs.lora import peft_state_dict
+from perpcs.lora import AdapterCache, peft_state_dict
 from perpcs.models import load_base
 from perpcs.recipe import Recipe, materialize
 from perpcs.runfolder import RunFolder
@@ -100,61 +99,32 @@ class Service:
     def __init__(self, run: RunFolder, settings: ServeSettings):
         self.run, self.settings = run, settings
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="perpcs-model")
-        self.adapters: OrderedDict[str, tuple[str, int]] = OrderedDict()  # user -> (adapter name, recipe mtime)
-        self.names = (f"a{i}" for i in itertools.count())
-        self.peft = None
         self.counts = {"cache_hits": 0, "cache_misses": 0, "batches": 0, "generated": 0}
 
     def load(self) -> None:
         """The serving copy of the merged model (assembly wraps `run.merged`, a second copy) and the pool."""
         self.model, self.tokenizer = load_base(self.run.merged_path, device=self.run.device)
+        self.cache = AdapterCache(self.model)  # user -> adapter, versioned by the recipe file's mtime
         self.pool = self.run.open_pool()
         self.task = self.run.data.task
         _ = self.run.merged  # the assembly copy: loaded now, not on the first request
 
     def adapter(self, user: str) -> str:
-        """The user's adapter name in the peft model, materialised from the recipe file on a miss."""
+        """The user's adapter name in the serving model, materialised from the recipe file on a miss."""
         path = self.run.recipe_path(user)
         try:
             mtime = path.stat().st_mtime_ns
         except FileNotFoundError:
-            self.drop(user)
+            self.cache.drop(user)
             raise UnknownUser(user) from None
-        if self.adapters.get(user, (None, None))[1] == mtime:
-            self.adapters.move_to_end(user)
+        name = self.cache.get(user, mtime)
+        if name is not None:
             self.counts["cache_hits"] += 1
-            return self.adapters[user][0]
+            return name
         self.counts["cache_misses"] += 1
-        self.drop(user)
+        self.cache.drop(user)
         recipe = Recipe.load(path)
-        name = next(self.names)
-        config = recipe.peft_config()
-        if self.peft is None:
-            from peft import get_peft_model
-
-            self.peft = get_peft_model(self.model, config, adapter_name=name).eval()
-        else:
-            self.peft.add_adapter(name, config)
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(self.peft, peft_state_dict(materialize(recipe, self.pool)), adapter_name=name)
-        self.adapters[user] = (name, mtime)
-        return name
-
-    def drop(self, user: str) -> None:
-        """Forget a user's adapter (re-assembled or deleted)."""
-        if user not in self.adapters:
-            return
-        name, _ = self.adapters.pop(user)
-        if self.adapters:
-            self.peft.delete_adapter(name)
-        else:  # peft keeps at least one adapter: take the LoRA layers out instead
-            self.model, self.peft = self.peft.unload(), None
-
-    def evict(self, keep: set[str]) -> None:
-        extra = max(0, len(self.adapters) - self.settings.cache_size)
-        for user in [u for u in self.adapters if u not in keep][:extra]:
-            self.drop(user)
+        return self.cache.put(user, mtime, recipe.peft_config(), peft_state_dict(materialize(recipe, self.pool)))
 
     def generate(self, rows: list[Pending]) -> list[str | Exception]:
         """One answer per row: rows of equal max_new_tokens, at most cache_size users, in one call."""
@@ -166,9 +136,9 @@ class Service:
                 known.append((i, self.adapter(r.user)))
             except UnknownUser:
                 pass
-        self.evict({rows[i].user for i, _ in known})
+        self.cache.evict({rows[i].user for i, _ in known}, self.settings.cache_size)
         if known:
-            texts = generate(self.peft, self.tokenizer, [rows[i].prompt for i, _ in known], n,
+            texts = generate(self.cache.peft, self.tokenizer, [rows[i].prompt for i, _ in known], n,
                              batch_size=len(known), adapter_names=[name for _, name in known])
             for (i, _), text in zip(known, texts):
                 out[i] = text
@@ -178,11 +148,11 @@ class Service:
 
     def assemble(self, user: str, history: list[Item]) -> Recipe:
         recipe = assemble_history(self.run, user, history)
-        self.drop(user)
+        self.cache.drop(user)
         return recipe
 
     def delete(self, user: str) -> bool:
-        self.drop(user)
+        self.cache.drop(user)
         path = self.run.recipe_path(user)
         if not path.exists():
             return False
@@ -285,7 +255,7 @@ def create_app(run: RunFolder | str | Path, settings: ServeSettings | None = Non
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "adapters_cached": len(service.adapters), "cache_size": settings.cache_size,
+        return {"status": "ok", "adapters_cached": len(service.cache), "cache_size": settings.cache_size,
                 **service.counts}
 
     @app.post("/v1/users/{user}/assemble", dependencies=[Depends(authorized)])
