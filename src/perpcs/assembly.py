@@ -40,7 +40,9 @@ class AssemblySettings(BaseModel):
     recent_k: int = 16  # history budget in items, newest first (measured: benchmarks/README.md, "Past the paper's costs")
     budget_tokens: int | None = None  # and in tokens: the newest items whose examples fit (at least one item)
     batch_size: int = 16
-    select: Literal["topk", "sample", "topp"] = "topk"
+    # "all": every candidate, equal weights (the same for every target); "none": no piece (the task model);
+    # neither reads the history
+    select: Literal["topk", "sample", "topp", "all", "none"] = "topk"
     sample_topk: int = 10
     sample_temperature: float = 1.0
     top_p: float = 0.9
@@ -159,7 +161,7 @@ class Assembler:
         from peft import get_peft_model
 
         self.pool, self.settings = pool, settings
-        every = settings.select == "topp" or settings.strength == "auto"
+        every = settings.select in ("topp", "all") or settings.strength == "auto"
         most = max(len(pool.candidates(p)) for p in pool.positions) if every else settings.top_k
         r = int(pool.lora_config["r"])
         rank = r if settings.mix == "linear" else r * most
@@ -252,8 +254,13 @@ class Assembler:
         strength "auto", from all but the newest few, on which the strength is then chosen."""
         s, history = self.settings, list(history)
         v = holdout_size(len(history), s.holdout_items) if s.strength == "auto" else 0
-        weights = self.assemble(self.examples(task, tokenizer, history[: len(history) - v], profile),
-                                tokenizer.pad_token_id, trace)
+        if s.select == "none":  # neither rule scores pieces: no forward
+            weights = {p: {} for p in self.pool.positions}
+        elif s.select == "all":
+            weights = {p: {sid: 1.0 / len(c) for sid in c} for p in self.pool.positions for c in [self.pool.candidates(p)]}
+        else:
+            weights = self.assemble(self.examples(task, tokenizer, history[: len(history) - v], profile),
+                                    tokenizer.pad_token_id, trace)
         strength, scores = (1.0 if s.strength == "auto" else s.strength), None
         if v:
             by_metric = s.strength_by == "metric" or (s.strength_by == "kind" and task.kind == "generation")

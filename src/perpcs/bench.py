@@ -23,12 +23,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
 from perpcs.baselines import METHODS, average_loras, generate, load_lora, prompts, split_method
+from perpcs.calibration import calibration_lines, with_rule_fixed
 from perpcs.costs import alternating_costs
 from perpcs.data import User
 from perpcs.evaluation import primary_metric, score, write_lamp_outputs
 from perpcs.pipeline import PAPER_RULE, Run, RunConfig, check_later_steps, safe_name
 from perpcs.prime import PrimeSettings, prime_user
 from perpcs.recipe import Recipe, apply_lora, apply_recipe
+from perpcs.mixing import mixing, mixing_lines
 from perpcs.report import bench_statistics, results_plot, selection_plot, statistics_lines
 from perpcs.selection import history_embeddings, nearest_users
 from perpcs.stats import gain_share
@@ -189,9 +191,11 @@ def group_diagnostics(run: Run, groups: dict[str, int], recipes: dict[str, Recip
         recipe = recipes[uid] if recipes else Recipe.load(run.recipe_path(uid))
         weights = [(sid, w) for chosen in recipe.pieces.values() for sid, w in chosen]
         total = sum(w for _, w in weights)
-        same.append(sum(w for sid, w in weights if group_of[sid] == groups[uid]) / total)
-        chance.append(sum(g == groups[uid] for g in group_of.values()) / len(group_of))
-    return {"same_group_weight": statistics.mean(same), "same_group_chance": statistics.mean(chance),
+        if total:  # a recipe without pieces (the pool declined) has no weight to attribute
+            same.append(sum(w for sid, w in weights if group_of[sid] == groups[uid]) / total)
+            chance.append(sum(g == groups[uid] for g in group_of.values()) / len(group_of))
+    return {"same_group_weight": statistics.mean(same) if same else None,
+            "same_group_chance": statistics.mean(chance) if chance else None,
             "sharer_groups": sorted(group_of.values())}
 
 
@@ -215,7 +219,7 @@ def per_user(run: Run) -> dict:
 def bench(data: str | Path, out: str | Path, config: RunConfig, settings: BenchSettings) -> dict:
     """Run the pipeline and every method; write OUT/results.json and OUT/results.md."""
     out = Path(out)
-    variants = {name: check_later_steps(config, config.updated(overrides))
+    variants = {name: check_later_steps(config, config.updated(with_rule_fixed(overrides)))
                 for name, overrides in settings.variants.items()}  # bad settings fail here, before any work
     run = Run.create(out / "run", config)
     run.pipeline()
@@ -255,7 +259,8 @@ def bench(data: str | Path, out: str | Path, config: RunConfig, settings: BenchS
     for vname, vconfig in variants.items():
         vrun = run.derive(out / "variants" / vname / "run", vconfig)
         vrun.pipeline()
-        methods.update(Bench(vrun, settings, out).evaluate({vname: "perpcs", f"{vname}+rag": "perpcs+rag"}))
+        rows = {vname: "perpcs", **({f"{vname}+rag": "perpcs+rag"} if "perpcs+rag" in settings.methods else {})}
+        methods.update(Bench(vrun, settings, out).evaluate(rows))
         vstats = vrun.stats()["build_pool"]
         results["variants"][vname] = {
             "settings": settings.variants[vname], "gate_seconds": vstats["gate_seconds"], "pool_bytes": vstats["pool_bytes"],
@@ -267,6 +272,9 @@ def bench(data: str | Path, out: str | Path, config: RunConfig, settings: BenchS
         selection_plot(Run(out / "variants" / vname / "run"), out / f"selection-{vname}.png", groups)
     if costs:
         results["alternating_costs"] = costs
+    if (cal := run.calibrate()) is not None:
+        results["calibration"] = {k: v for k, v in cal.items() if k not in ("predictions", "golds")}
+    results["mixing"] = {"perpcs": mixing(run), **{v: mixing(Run(out / "variants" / v / "run")) for v in variants}}
     write_json(out / "results.json", results)
     write_text(out / "results.md", results_table(results))
     return results
@@ -329,7 +337,8 @@ def results_table(r: dict) -> str:
         f"One-time costs: task adaptation {o['task_adapt_seconds']:.0f} s, sharer LoRAs {o['sharer_lora_seconds']:.0f} s, "
         f"gates {o['gate_seconds']:.0f} s, pool {_fmt_bytes(o['pool_bytes'])}; model loading {o['model_load_seconds']:.0f} s.",
         *([f"Known latent groups: {d['same_group_weight']:.0%} of the assembled weight comes from sharers of the "
-           f"target's own group (random picking: {d['same_group_chance']:.0%})."] if (d := r.get("diagnostics")) else []),
+           f"target's own group (random picking: {d['same_group_chance']:.0%})."]
+          if (d := r.get("diagnostics")) and d["same_group_weight"] is not None else []),
         *([f"Timed alternately in one process for {len(a['users'])} targets (perpcs.costs, history budget "
            f"{a['history_budget']}): OPPU takes {a['time_ratio']['median']:.1f}x the time of Per-Pcs assembly "
            f"(median; min {a['time_ratio']['min']:.1f}x, max {a['time_ratio']['max']:.1f}x); its adapter "
@@ -337,12 +346,14 @@ def results_table(r: dict) -> str:
         *(f"Variant {name}: {json.dumps(v['settings'])}, same task model and sharer LoRAs; piece keys "
           f"{v['gate_seconds']:.0f} s, pool {_fmt_bytes(v['pool_bytes'])}"
           + (f"; {v['diagnostics']['same_group_weight']:.0%} of its assembled weight from the target's own group."
-             if "diagnostics" in v else ".")
+             if v.get("diagnostics", {}).get("same_group_weight") is not None else ".")
           for name, v in r.get("variants", {}).items()),
         *(["", "![results: metric with CI against personalization seconds](results.png)",
            "![selection: assembled weight by sharer and layer, per target](selection.png)",
            *(f"![selection of variant {name}](selection-{name}.png)" for name in r.get("variants", {})),
            *statistics_lines(r)] if "statistics" in r else []),
+        *(["", *mixing_lines(r["mixing"])] if "mixing" in r else []),
+        *(["", *calibration_lines(c, c["cost"].get("other_key_pool_seconds"))] if (c := r.get("calibration")) else []),
         "",
     ])
 

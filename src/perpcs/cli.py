@@ -167,16 +167,22 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 def build_config(data: Path, base: Optional[str], seed: int, targets: Optional[int], sharers: Optional[int],
                  config: Optional[Path], overrides: list[str]):
-    """A RunConfig from defaults < --config file < flags < --set overrides (nested sections merge key by key)."""
+    """A RunConfig from defaults < --config file < flags < --set overrides (nested sections merge key by key).
+    A file or --set that fixes the selection rule (key, assembly.mix, ...) turns calibration off, unless it
+    sets calibration.enabled itself."""
+    from perpcs.calibration import with_rule_fixed
     from perpcs.pipeline import RunConfig
     from perpcs.utils import deep_merge, read_json
 
     flags = {"data": str(data), "seed": seed, "base": base, "n_targets": targets, "n_sharers": sharers}
     cfg = RunConfig(data=str(data)).model_dump()
     del cfg["assembly"]["retrieval_copies"]  # unset: it follows `retrieval_copies` unless a layer sets it
+    given: dict = {}
     for layer in (read_json(config) if config else {}, {k: v for k, v in flags.items() if v is not None},
                   parse_overrides(overrides)):
         deep_merge(cfg, layer)
+        deep_merge(given, layer)
+    deep_merge(cfg, with_rule_fixed(given))
     return RunConfig.model_validate(cfg)
 
 
@@ -237,6 +243,24 @@ def _step(name: str, doc: str):
 
 app.command("task-adapt")(_step("task_adapt", "Step 0: train the task LoRA on the base users and merge it."))
 app.command("select")(_step("select", "Step 1: choose the sharers (saved with the reason for each)."))
+
+
+@app.command("calibrate")
+def calibrate_command(run: Path = typer.Option(..., "--run", help="run folder whose pool is built (`perpcs share`)")) -> None:
+    """After step 4: the pool chooses its selection rule on validation users (or declines to personalize)."""
+    from perpcs.calibration import calibration_lines
+    from perpcs.pipeline import Run
+
+    try:
+        r = Run(run)
+        result = r.calibrate()
+    except (ValueError, OSError) as e:
+        fail(str(e))
+    if result is None:
+        console.print(f"calibration is off in {r.folder / 'run.json'} (the rule is fixed); nothing to do")
+        return
+    print("\n".join(calibration_lines(result)))
+    console.print(f"wrote {r.calibration_path} (a copy without predictions in {r.pool_path / 'calibration.json'})")
 
 
 @app.command("share")

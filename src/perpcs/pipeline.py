@@ -7,6 +7,9 @@
     RUN/sharers/<id>/            step 2-3: a sharer's own LoRA (peft folder), its pieces with their keys
                                  (pieces.safetensors, what a Ray worker hands back) and training stats
     RUN/pool/                    step 4: the shared pieces and gates (see docs/pool.md)
+    RUN/calibration.json         after step 4: the selection rule the pool chose on validation users, with the
+                                 evidence (see calibration.py; a copy without predictions in the pool folder)
+    RUN/keys/<key>/              a run derived for a pool of another key kind, when calibration's rules need one
     RUN/recipes/<id>.recipe      step 5: each target user's recipe (binary, see recipe_format.py)
     RUN/stats.json               seconds and sizes of every step
     RUN/run.lock                 held by the one process writing into the run
@@ -36,6 +39,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from perpcs.assembly import Assembler, AssemblySettings, activation_means
+from perpcs.calibration import GRID, CalibrationSettings, calibrate, with_rule_fixed
 from perpcs.data import Dataset, Item, User, data_sha256, load_dataset
 from perpcs.errors import InputError
 from perpcs.gates import lora_layers, train_gates
@@ -50,15 +54,15 @@ from perpcs.utils import (atomic_dir, atomic_path, check_output_dir, deep_merge,
 
 
 # Settings of steps 3-5 only: a derived run (`Run.derive`) may change these and reuse steps 0-2.
-LATER_STEPS = ("device", "key", "share_ratio", "gate_train", "assembly")
+LATER_STEPS = ("device", "key", "share_ratio", "gate_train", "assembly", "calibration")
 # Settings of step 1: a derived run may change these too; it then selects again, and each sharer it
 # has in common with the run it derives from keeps its LoRA.
 SELECTION_STEP = ("n_sharers", "selection", "min_sharer_items")
 
 
-# The paper's selection rule exactly (trained gates, linear A/B mix, the assembled update as is):
+# The paper's selection rule exactly (trained gates, top-3, tau 1, linear A/B mix, the assembled update as is):
 # `--set key=gate --set assembly.mix=linear --set assembly.strength=1`.
-PAPER_RULE = {"key": "gate", "assembly": {"mix": "linear", "strength": 1.0}}
+PAPER_RULE = GRID["paper"]
 
 
 class RunConfig(BaseModel):
@@ -86,6 +90,15 @@ class RunConfig(BaseModel):
         lr=3e-3, epochs=2, max_steps=160, val_fraction=0.1, val_items=8, patience=1, batch_size=4))
     gate_train: TrainSettings = Field(default_factory=lambda: TrainSettings(lr=1e-2, steps=10, batch_size=4))
     assembly: AssemblySettings = Field(default_factory=lambda: AssemblySettings(mix="cat"))
+    # with it on (the default), `key` and the rule fields of `assembly` are only what calibration starts from
+    calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_fixed_rule_is_not_calibrated(cls, data):
+        """Settings that fix the selection rule (`calibration.RULE_FIELDS`) turn calibration off unless it is
+        set too: the same whether they come from --set, a --config file, a bench variant or Python."""
+        return with_rule_fixed(data) if isinstance(data, dict) else data
 
     @model_validator(mode="after")
     def _assembly_formats_history_as_training(self) -> "RunConfig":
@@ -184,7 +197,9 @@ class Run:
         self.folder = Path(folder)
         if not (self.folder / "run.json").exists():
             raise FileNotFoundError(f"{self.folder}: not a perpcs run folder (no run.json); start one with `perpcs pipeline`")
-        self.config = RunConfig.model_validate(read_json(self.folder / "run.json"))
+        saved = read_json(self.folder / "run.json")
+        saved.setdefault("calibration", {"enabled": False})  # a run made before calibration keeps its fixed rule
+        self.config = RunConfig.model_validate(saved)
         self.device = resolve_device(self.config.device)
         self.lock = FileLock(self.folder / "run.lock", timeout=0)
 
@@ -219,7 +234,7 @@ class Run:
         config = config.model_copy(update={"data_sha256": data_sha256(config.data)})
         if path.exists():
             cls(folder).check_data(config.data_sha256)
-            saved = RunConfig.model_validate(read_json(path))
+            saved = cls(folder).config
             diff = [k for k in RunConfig.model_fields if k != "data_sha256" and getattr(saved, k) != getattr(config, k)]
             if diff:
                 raise ValueError(f"{path}: this run folder was made with other settings ({', '.join(diff)}); "
@@ -259,7 +274,25 @@ class Run:
             if not (new.folder / dst).exists():
                 (new.folder / dst).parent.mkdir(parents=True, exist_ok=True)
                 (new.folder / dst).symlink_to((self.folder / src).resolve())
+        if not reselect:
+            self._lend_pool(new)
         return new
+
+    def _lend_pool(self, new: "Run") -> None:
+        """Copy into `new` a pool of this run's (its own, or one of `keys/`) built with the same piece settings,
+        with the sharers' step-3 files: the same sharers with the same keys make the same pool."""
+        same = ("key", "share_ratio", "gate_train", "max_len", "retrieval_copies", "device")
+        for donor in [self, *(Run(f.parent) for f in sorted((self.folder / "keys").glob("*/run.json")))]:
+            if (all(getattr(donor.config, k) == getattr(new.config, k) for k in same)
+                    and donor.config.assembly.batch_size == new.config.assembly.batch_size
+                    and (donor.pool_path / "pool.sqlite").exists() and not new.pool_path.exists()):
+                for s in new.select():
+                    for name in ("pieces.safetensors", "pieces.json", "stats.json"):
+                        if (donor.sharer_dir(s.user_id) / name).exists():
+                            shutil.copy(donor.sharer_dir(s.user_id) / name, new.sharer_dir(s.user_id) / name)
+                shutil.copytree(donor.pool_path, new.pool_path)
+                new.record("build_pool", donor.stats()["build_pool"])
+                return
 
     # --- shared state ---
 
@@ -436,8 +469,55 @@ class Run:
                 "sharer_lora_seconds": sum(p["lora"]["seconds"] for p in per),
                 "gate_seconds": sum(p["keys"]["seconds"] for p in per)}
 
+    def key_run(self, key: str) -> "Run":
+        """The run whose pool has keys of kind `key`: this one, or one derived into RUN/keys/<key> (built on
+        first use: gates trained, the same sharer LoRAs linked)."""
+        if key == self.config.key:
+            return self
+        folder = self.folder / "keys" / key
+        run = Run(folder) if (folder / "run.json").exists() else \
+            self.derive(folder, self.config.updated({"key": key, "calibration": {"enabled": False}}))
+        if "merged" in self.__dict__:  # one model in memory: the derived run's task model is this one's, linked
+            run.__dict__["merged"] = self.merged
+        run.build_pool()
+        return run
+
+    def key_pool(self, key: str) -> Pool:
+        run = self.key_run(key)
+        return Pool.open(run.pool_path, run.merged_fingerprint, run.config.lora.model_dump())
+
     def open_pool(self) -> Pool:
-        return Pool.open(self.pool_path, self.merged_fingerprint, self.config.lora.model_dump())
+        """The pool the run's selection rule assembles from (with calibration on, the chosen rule's)."""
+        return self.key_pool(self.rule.key)
+
+    # --- calibration ---
+
+    @property
+    def calibration_path(self) -> Path:
+        return self.folder / "calibration.json"
+
+    def calibrate(self) -> dict | None:
+        """Choose the selection rule on validation users (`calibration.calibrate`), once; None when it is off."""
+        if not self.config.calibration.enabled:
+            return None
+        if not self.calibration_path.exists():
+            with self.writing():
+                result = calibrate(self)
+                gate_seconds = sum(self.key_run(k).stats()["build_pool"]["gate_seconds"]
+                                   for k in {self.config.updated(GRID[n]).key for n in self.config.calibration.rules}
+                                   if k != self.config.key)
+                result["cost"]["other_key_pool_seconds"] = gate_seconds
+                write_json(self.pool_path / "calibration.json",
+                           {k: v for k, v in result.items() if k not in ("predictions", "golds")})
+                write_json(self.calibration_path, result)
+                self.record("calibrate", result["cost"])
+        return read_json(self.calibration_path)
+
+    @cached_property
+    def rule(self) -> RunConfig:
+        """The settings assembly uses: the run's own, with the rule calibration chose when it is on."""
+        chosen = self.calibrate()
+        return self.config if chosen is None else self.config.updated(chosen["rule"])
 
     # --- step 5 ---
 
@@ -475,7 +555,7 @@ class Run:
         if not user_ids:
             return {}
         model, tok = self.merged
-        assembler = Assembler(model, self.open_pool(), self.config.assembly)
+        assembler = Assembler(model, self.open_pool(), self.rule.assembly)
         seconds = {}
         try:
             for uid in tqdm(user_ids, desc="step 5: assemble"):
@@ -492,7 +572,7 @@ class Run:
         """The recipe of a user who need not be in the run's data, from the history given (not kept);
         saved with the others, so `export` and `perpcs serve` find it."""
         model, tok = self.merged
-        assembler = Assembler(model, self.open_pool(), self.config.assembly)
+        assembler = Assembler(model, self.open_pool(), self.rule.assembly)
         try:
             recipe = assembler.recipe(self.data.task, tok, history, profile, user=user_id)
         finally:
@@ -523,4 +603,5 @@ class Run:
         self.task_adapt()
         self.select()
         self.build_pool(executor)
+        self.calibrate()
         return self.assemble(executor=executor)
