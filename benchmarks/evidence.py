@@ -182,7 +182,7 @@ def write_summary(out: Path = RESULTS) -> dict:
                "peft_retrieval_at_least_as_good": sum(bool(s["checks"]["calibrated_at_least_as_good_as_peft_retrieval"])
                                                       for s in sets.values())}
     lines = ["# Evidence suite: the calibrated default on every set", "",
-             f"Cells finished: {', '.join(f'{n} seeds {s['seeds']}' for n, s in sets.items())}"
+             "Cells finished: " + ", ".join(f"{n} seeds {s['seeds']}" for n, s in sets.items())
              + ("" if summary["complete"] else f" (suite incomplete; planned: "
                 + ", ".join(f"{n} {len(v[0])} seeds" for n, v in SETS.items()) + ")") + ".",
              "Per set, all seeds' queries pooled and paired by (seed, query id); tests are the bench's two-sided "
