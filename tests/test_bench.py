@@ -51,7 +51,8 @@ def test_results_schema(benched, tiny_data):
     for key in ("sharer_lora_seconds", "gate_seconds", "pool_bytes"):
         assert r["one_time"][key] == stats["build_pool"][key] > 0
     index = sum(p.stat().st_size for p in run.pool_path.glob("keys-*.safetensors"))  # assembly's key index, made later
-    assert r["one_time"]["pool_bytes"] == files_bytes(run.pool_path) - index and index > 0
+    report = (run.pool_path / "calibration.json").stat().st_size  # calibration's choice, kept with the pool
+    assert r["one_time"]["pool_bytes"] == files_bytes(run.pool_path) - index - report and index > 0
 
 
 def test_preds_are_lamp_files_of_the_targets_queries_and_metrics_recompute(benched):

@@ -140,7 +140,7 @@ class Assembler:
 
         self.pool, self.settings = pool, settings
         self.max_len, self.retrieval_copies, self.seed = max_len, retrieval_copies, seed
-        every = settings.select == "topp" or settings.strength == "auto"
+        every = settings.select in ("topp", "all") or settings.strength == "auto"
         most = max(len(pool.candidates(p)) for p in pool.positions) if every else settings.top_k
         r = int(pool.lora_config["r"])
         rank = r if settings.mix == "linear" else r * most
@@ -244,8 +244,14 @@ class Assembler:
         strength "auto", from all but the newest few, on which the strength is then chosen."""
         s, history = self.settings, list(history)
         v = holdout_size(len(history), s.holdout_items) if s.strength == "auto" else 0
-        weights = self.assemble(self.examples(task, tokenizer, history[: len(history) - v], profile),
-                                tokenizer.pad_token_id, trace)
+        if s.select == "none":  # neither rule scores pieces: no forward
+            weights = {p: {} for p in self.pool.positions}
+        elif s.select == "all":
+            weights = {p: {sid: 1.0 / len(c) for sid in c} for p in self.pool.positions
+                       for c in [self.pool.candidates(p)]}
+        else:
+            weights = self.assemble(self.examples(task, tokenizer, history[: len(history) - v], profile),
+                                    tokenizer.pad_token_id, trace)
         strength, scores = (1.0 if s.strength == "auto" else s.strength), None
         if v:
             by_metric = s.strength_by == "metric" or (s.strength_by == "kind" and task.kind == "generation")
@@ -264,7 +270,7 @@ def assemble_users(run: RunFolder, user_ids: list[str]) -> dict[str, float]:
     if not user_ids:
         return {}
     model, tok = run.merged
-    assembler = Assembler.for_run(model, run.open_pool(), run.config)
+    assembler = Assembler.for_run(model, run.open_pool(), run.config, run.rule.assembly)
     seconds = {}
     try:
         for uid in tqdm(user_ids, desc="step 5: assemble"):
@@ -282,7 +288,7 @@ def assemble_history(run: RunFolder, user_id: str, history: list[Item], profile:
     """The recipe of a user who need not be in the run's data, from the history given (not kept);
     saved with the others, so `export` and `perpcs serve` find it."""
     model, tok = run.merged
-    assembler = Assembler.for_run(model, run.open_pool(), run.config)
+    assembler = Assembler.for_run(model, run.open_pool(), run.config, run.rule.assembly)
     try:
         recipe = assembler.recipe(run.data.task, tok, history, profile, user=user_id)
     finally:

@@ -27,13 +27,14 @@ from perpcs.data import User
 from perpcs.evaluation import primary_metric, score, write_lamp_outputs
 from perpcs.generation import generate
 from perpcs.methods import Context, Personalized, method_of
+from perpcs.mixing import mixing
 from perpcs.pipeline import Run
 from perpcs.recipe import Recipe
 from perpcs.report import bench_statistics, results_plot, selection_plot
 from perpcs.results import BenchResults
 from perpcs.retrieval import prompts
 from perpcs.runfolder import RunFolder
-from perpcs.settings import BenchSettings, RunConfig, check_later_steps
+from perpcs.settings import BenchSettings, RunConfig, check_later_steps, with_rule_fixed
 from perpcs.tables import results_table
 from perpcs.tasks import answer_budget, cut_short
 from perpcs.user_lora import oppu_dir
@@ -107,9 +108,11 @@ def group_diagnostics(run: RunFolder, groups: dict[str, int], recipes: dict[str,
         recipe = recipes[uid] if recipes else Recipe.load(run.recipe_path(uid))
         weights = [(sid, w) for chosen in recipe.pieces.values() for sid, w in chosen]
         total = sum(w for _, w in weights)
-        same.append(sum(w for sid, w in weights if group_of[sid] == groups[uid]) / total)
-        chance.append(sum(g == groups[uid] for g in group_of.values()) / len(group_of))
-    return {"same_group_weight": statistics.mean(same), "same_group_chance": statistics.mean(chance),
+        if total:  # a recipe without pieces (the pool declined) has no weight to attribute
+            same.append(sum(w for sid, w in weights if group_of[sid] == groups[uid]) / total)
+            chance.append(sum(g == groups[uid] for g in group_of.values()) / len(group_of))
+    return {"same_group_weight": statistics.mean(same) if same else None,
+            "same_group_chance": statistics.mean(chance) if chance else None,
             "sharer_groups": sorted(group_of.values())}
 
 
@@ -132,7 +135,7 @@ def per_user(run: RunFolder) -> dict:
 def bench(data: str | Path, out: str | Path, config: RunConfig, settings: BenchSettings) -> dict:
     """Run the pipeline and every method; write OUT/results.json and OUT/results.md."""
     out = Path(out)
-    variants = {name: check_later_steps(config, config.updated(overrides))
+    variants = {name: check_later_steps(config, config.updated(with_rule_fixed(overrides)))
                 for name, overrides in settings.variants.items()}  # bad settings fail here, before any work
     run = Run.create(out / "run", config)
     run.pipeline()
@@ -174,7 +177,8 @@ def bench(data: str | Path, out: str | Path, config: RunConfig, settings: BenchS
     for vname, vconfig in variants.items():
         vrun = run.derive(out / "variants" / vname / "run", vconfig)
         vrun.pipeline()
-        methods.update(Bench(vrun, settings, out).evaluate({vname: "perpcs", f"{vname}+rag": "perpcs+rag"}))
+        rows = {vname: "perpcs", **({f"{vname}+rag": "perpcs+rag"} if "perpcs+rag" in settings.methods else {})}
+        methods.update(Bench(vrun, settings, out).evaluate(rows))
         vstats = vrun.stats()["build_pool"]
         results["variants"][vname] = {
             "settings": settings.variants[vname], "gate_seconds": vstats["gate_seconds"],
@@ -187,6 +191,9 @@ def bench(data: str | Path, out: str | Path, config: RunConfig, settings: BenchS
         selection_plot(Run(out / "variants" / vname / "run"), out / f"selection-{vname}.png", groups)
     if costs:
         results["alternating_costs"] = costs
+    if (cal := run.calibrate()) is not None:
+        results["calibration"] = {k: v for k, v in cal.items() if k not in ("predictions", "golds")}
+    results["mixing"] = {"perpcs": mixing(run), **{v: mixing(Run(out / "variants" / v / "run")) for v in variants}}
     typed = BenchResults.model_validate(results)
     typed.save(out / "results.json")
     results = typed.as_json()

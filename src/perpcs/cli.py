@@ -23,6 +23,7 @@ COMMANDS = [
     (app, "pipeline", run.run_command(all_steps=True)),
     (app, "task-adapt", run.step("task_adapt", "Step 0: train the task LoRA on the base users and merge it.")),
     (app, "select", run.step("select", "Step 1: choose the sharers (saved with the reason for each).")),
+    (app, "calibrate", run.calibrate_command),
     (app, "share", run.share),
     (app, "assemble", run.assemble),
     (app, "export", run.export),

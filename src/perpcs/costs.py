@@ -44,7 +44,7 @@ def assembly_seconds(run: RunFolder, model, tok, user_id: str, keep: Path | None
     settings (or the given ones), the Assembler (pool and key index opened) made before the clock
     starts, as in bulk assembly."""
     user = run.data.user(user_id)
-    assembler = Assembler.for_run(model, pool or run.open_pool(), run.config, settings)
+    assembler = Assembler.for_run(model, pool or run.open_pool(), run.config, settings or run.rule.assembly)
     try:
         t0 = time.perf_counter()
         recipe = assembler.recipe(run.data.task, tok, user.history, user.profile, user=user_id)
@@ -69,7 +69,7 @@ def alternating_costs(run: RunFolder, user_ids: Sequence[str], pool=None, settin
     their spread, and the on-disk size of each. `oppu_dir(user)`: where the bench keeps that user's
     OPPU; an OPPU trained here is kept there if none is yet, so the bench does not train it twice."""
     model, tok = run.merged
-    settings = settings or run.config.assembly
+    settings = settings or run.rule.assembly
     per_user = {}
     with tempfile.TemporaryDirectory() as tmp:
         for uid in tqdm(user_ids, desc="costs: OPPU and assembly, alternately"):

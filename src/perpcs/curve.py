@@ -1,9 +1,9 @@
 """How much history a target needs (`perpcs curve`): Per-Pcs and OPPU when each target keeps only
 its newest k history items, k = 1, 2, 4, ... or all, with CIs, against the non-personalized model.
 
-One run is built once (task model, sharers, pool); each point k is a run derived from it, pool
-linked, with `assembly.recent_k = k` (Per-Pcs assembles from the k newest items) and a bench whose targets keep
-their k newest items (`BenchSettings.history_k`: OPPU trains on them). Points below 5 items are the
+One run is built once (task model, sharers, pool); each point k is a run derived from it, with the
+run's pool (`Run.derive` lends it), with `assembly.recent_k = k` (Per-Pcs assembles from the k newest
+items) and a bench whose targets keep their k newest items (`BenchSettings.history_k`: OPPU trains on them). Points below 5 items are the
 cold start. Without any history item a target gets the non-personalized model (the bench's fallback),
 so that model's line is the curve at k = 0.
 
@@ -24,7 +24,7 @@ from perpcs.report import folder_scores
 from perpcs.settings import BenchSettings, RunConfig
 from perpcs.stats import bootstrap_ci
 from perpcs.tables import curve_table
-from perpcs.utils import atomic_path, link, write_json, write_text
+from perpcs.utils import atomic_path, write_json, write_text
 
 POINTS = ("1", "2", "4", "8", "16", "32", "all")
 METHODS = ("perpcs", "oppu")
@@ -52,8 +52,8 @@ def curve(data: str | Path, out: str | Path, config: RunConfig, points: list[str
         if point == "all":
             prun, settings = run, BenchSettings(methods=["non_personalized", *METHODS], oppu_targets=oppu_targets)
         else:
+            # the same sharers and keys: `Run.derive` lends the point the run's pool, nothing is trained again
             prun = run.derive(folder / "run", config.updated({"assembly": {"recent_k": int(point)}}))
-            link_pool(run, prun)
             prun.pipeline()
             settings = BenchSettings(methods=list(METHODS), oppu_targets=oppu_targets, history_k=int(point))
         methods = Bench(prun, settings, folder).evaluate()
@@ -67,14 +67,6 @@ def curve(data: str | Path, out: str | Path, config: RunConfig, points: list[str
     curve_plot(r, out / "curve.png")
     write_text(out / "curve.md", curve_table(r))
     return r
-
-
-def link_pool(src: Run, dst: Run) -> None:
-    """A point changes only assembly settings, so its pool (piece keys included) is the run's own,
-    linked rather than rebuilt: no gate is trained again (`Run.derive` links only task and LoRAs)."""
-    for rel in [Path("pool"), *(dst.sharer_dir(s.user_id).relative_to(dst.folder) / "stats.json"
-                                for s in src.selection())]:
-        link(src.folder / rel, dst.folder / rel)
 
 
 def curve_plot(r: dict, path: Path) -> Path:

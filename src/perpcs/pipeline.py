@@ -1,4 +1,5 @@
-"""The Per-Pcs pipeline over a run folder (`runfolder` says what lives where): steps 0-5, each resumable.
+"""The Per-Pcs pipeline over a run folder (`runfolder` says what lives where): steps 0-5, each resumable,
+with calibration (the pool choosing its selection rule, `calibration`) between steps 4 and 5.
 
 A step whose output exists is not redone (a finished sharer is not retrained). Steps 2-3 and 5 can
 run as tasks on an executor (`executors`, e.g. Ray workers), which open the run folder themselves.
@@ -18,6 +19,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from perpcs.assembly import activation_means, assemble_history, assemble_users
+from perpcs.calibration import calibrate
 from perpcs.data import Item, data_sha256
 from perpcs.export import export_base, export_user
 from perpcs.gates import train_gates
@@ -27,7 +29,7 @@ from perpcs.pool import Pool, share_mask
 from perpcs.recipe import Recipe
 from perpcs.runfolder import RunFolder, safe_name, writes
 from perpcs.selection import Selection, save_selection, select_sharers
-from perpcs.settings import SELECTION_STEP, RunConfig, check_later_steps
+from perpcs.settings import GRID, SELECTION_STEP, RunConfig, check_later_steps
 from perpcs.training import train_lora
 from perpcs.user_lora import train_user_lora
 from perpcs.utils import atomic_dir, atomic_path, link, read_json, seed_everything, write_json
@@ -88,7 +90,25 @@ class Run(RunFolder):
                                       if s.user_id in mine for f in ("adapter", "lora.json")]
         for src, dst in links:
             link(self.folder / src, new.folder / dst)
+        if not reselect:
+            self._lend_pool(new)
         return new
+
+    def _lend_pool(self, new: "Run") -> None:
+        """Copy into `new` a pool of this run's (its own, or one of `keys/`) built with the same piece settings,
+        with the sharers' step-3 files: the same sharers with the same keys make the same pool."""
+        same = ("key", "share_ratio", "gate_train", "max_len", "retrieval_copies", "device")
+        for donor in [self, *(Run(f.parent) for f in sorted((self.folder / "keys").glob("*/run.json")))]:
+            if (all(getattr(donor.config, k) == getattr(new.config, k) for k in same)
+                    and donor.config.assembly.batch_size == new.config.assembly.batch_size
+                    and (donor.pool_path / "pool.sqlite").exists() and not new.pool_path.exists()):
+                for s in new.select():
+                    for name in ("pieces.safetensors", "pieces.json", "stats.json"):
+                        if (donor.sharer_dir(s.user_id) / name).exists():
+                            shutil.copy(donor.sharer_dir(s.user_id) / name, new.sharer_dir(s.user_id) / name)
+                shutil.copytree(donor.pool_path, new.pool_path)
+                new.record("build_pool", donor.stats()["build_pool"])
+                return
 
     @cached_property
     def merged(self):
@@ -204,6 +224,51 @@ class Run(RunFolder):
                 "sharer_lora_seconds": sum(p["lora"]["seconds"] for p in per),
                 "gate_seconds": sum(p["keys"]["seconds"] for p in per)}
 
+    def key_run(self, key: str) -> "Run":
+        """The run whose pool has keys of kind `key`: this one, or one derived into RUN/keys/<key> (built on
+        first use: gates trained, the same sharer LoRAs linked)."""
+        if key == self.config.key:
+            return self
+        folder = self.folder / "keys" / key
+        run = Run(folder) if (folder / "run.json").exists() else \
+            self.derive(folder, self.config.updated({"key": key, "calibration": {"enabled": False}}))
+        if "merged" in self.__dict__:  # one model in memory: the derived run's task model is this one's, linked
+            run.__dict__["merged"] = self.merged
+        run.build_pool()
+        return run
+
+    def key_pool(self, key: str) -> Pool:
+        return self.key_run(key).own_pool()
+
+    def open_pool(self) -> Pool:
+        """The pool the run's selection rule assembles from (with calibration on, the chosen rule's)."""
+        return self.key_pool(self.rule.key)
+
+    # --- calibration (after step 4) ---
+
+    def calibrate(self) -> dict | None:
+        """Choose the selection rule on validation users (`calibration.calibrate`), once; None when it is off."""
+        if not self.config.calibration.enabled:
+            return None
+        if not self.calibration_path.exists():
+            with self.writing():
+                result = calibrate(self)
+                gate_seconds = sum(self.key_run(k).stats()["build_pool"]["gate_seconds"]
+                                   for k in {self.config.updated(GRID[n]).key for n in self.config.calibration.rules}
+                                   if k != self.config.key)
+                result["cost"]["other_key_pool_seconds"] = gate_seconds
+                write_json(self.pool_path / "calibration.json",
+                           {k: v for k, v in result.items() if k not in ("predictions", "golds")})
+                write_json(self.calibration_path, result)
+                self.record("calibrate", result["cost"])
+        return read_json(self.calibration_path)
+
+    @cached_property
+    def rule(self) -> RunConfig:
+        """The settings assembly uses: the run's own, with the rule calibration chose when it is on."""
+        chosen = self.calibrate()
+        return self.config if chosen is None else self.config.updated(chosen["rule"])
+
     # --- step 5 ---
 
     @writes
@@ -246,4 +311,5 @@ class Run(RunFolder):
         self.task_adapt()
         self.select()
         self.build_pool(executor)
+        self.calibrate()
         return self.assemble(executor=executor)

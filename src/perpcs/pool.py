@@ -352,8 +352,10 @@ class Pool:
     # --- size ---
 
     def nbytes(self) -> int:
-        """Bytes on disk of the pool: manifest and sharer files, not the key index (a cache made on first use)."""
-        return dir_bytes(self.path) - sum(f.stat().st_size for f in self.path.glob(f"{KEY_INDEX_PREFIX}*.safetensors"))
+        """Bytes on disk of the pool: manifest and sharer files, not the key index (a cache made on first use)
+        nor calibration's report (`calibration.json`, written once the pool is built)."""
+        extra = [*self.path.glob(f"{KEY_INDEX_PREFIX}*.safetensors"), *self.path.glob("calibration.json")]
+        return dir_bytes(self.path) - sum(f.stat().st_size for f in extra)
 
     def sharer_nbytes(self, sharer_id: str) -> int:
         return self._db.execute("SELECT nbytes FROM sharers WHERE idx = ?", (self._sharer(sharer_id)[0],)).fetchone()[0]

@@ -5,7 +5,8 @@
 - `results_plot` (results.png): primary metric with its CI per method against personalization seconds
   per user (log x; methods that cost nothing are drawn at the left edge).
 - `selection_plot` (selection.png): per target, the assembled weight by sharer and layer; on data with
-  known groups (groups.json), the sharers of the target's group are starred and red.
+  known groups (groups.json), the sharers of the target's group are starred and red; below, the
+  effective number of sharers by layer per target and the spread between targets (`mixing`).
 - `report(folders, out)` (`perpcs report`): bench outputs of several seeds pooled, queries paired by
   (seed, query id), with the same statistics: OUT/report.json, report.md, report.png.
 
@@ -15,7 +16,6 @@ canvas, no pyplot state, no display).
 
 from __future__ import annotations
 
-import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -25,6 +25,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from perpcs.evaluation import per_query, read_lamp_outputs, resolve_task
+from perpcs.mixing import layer_of, summarize
 from perpcs.recipe import Recipe
 from perpcs.results import BenchResults
 from perpcs.runfolder import RunFolder
@@ -86,31 +87,28 @@ def results_plot(r: dict, path: str | Path) -> Path:
     return _save(fig, Path(path))
 
 
-def _layer(position: str) -> int:
-    found = re.search(r"layers\.(\d+)\.", position)
-    return int(found.group(1)) if found else -1
-
-
 def selection_plot(run: RunFolder, path: str | Path, groups: dict[str, int] | None = None) -> Path:
     """Per target, the assembled weight of each sharer at each layer (mean over the layer's positions)."""
     pool = run.open_pool()
     sharers = [s.user_id for s in run.selection()]
     row = {pool.pseudonym(u): i for i, u in enumerate(sharers)}
     targets = run.split["targets"]
+    recipes = {uid: Recipe.load(run.recipe_path(uid)) for uid in targets}
     grids = {}
     for uid in targets:
-        pieces = Recipe.load(run.recipe_path(uid)).pieces
-        layers = sorted({_layer(p) for p in pieces})
+        pieces = recipes[uid].pieces
+        layers = sorted({layer_of(p) for p in pieces})
         grid, count = np.zeros((len(sharers), len(layers))), defaultdict(int)
         for pos, chosen in pieces.items():
-            count[_layer(pos)] += 1
+            count[layer_of(pos)] += 1
             for sid, w in chosen:
-                grid[row[sid], layers.index(_layer(pos))] += w
+                grid[row[sid], layers.index(layer_of(pos))] += w
         grids[uid] = layers, grid / np.array([count[layer] for layer in layers])
     cols = min(4, len(targets))
     nrows = -(-len(targets) // cols)
-    fig = Figure(figsize=(3.2 * cols + 1.5, (0.25 * len(sharers) + 1.3) * nrows + 0.5), layout="constrained")
-    axes = fig.subplots(nrows, cols, squeeze=False)
+    fig = Figure(figsize=(3.2 * cols + 1.5, (0.25 * len(sharers) + 1.3) * nrows + 2.8), layout="constrained")
+    grid_fig, mix_fig = fig.subfigures(2, 1, height_ratios=[(0.25 * len(sharers) + 1.3) * nrows + 0.5, 2.3])
+    axes = grid_fig.subplots(nrows, cols, squeeze=False)
     vmax = max(g.max() for _, g in grids.values()) or 1.0
     for ax, uid in zip(axes.flat, targets):
         layers, grid = grids[uid]
@@ -127,7 +125,20 @@ def selection_plot(run: RunFolder, path: str | Path, groups: dict[str, int] | No
         ax.tick_params(axis="x", labelsize=6)
     for ax in list(axes.flat)[len(targets):]:
         ax.axis("off")
-    fig.colorbar(image, ax=axes, shrink=0.6, label="assembled weight (mean over the layer's positions)")
+    grid_fig.colorbar(image, ax=axes, shrink=0.6, label="assembled weight (mean over the layer's positions)")
+    mix = summarize(recipes)
+    ax = mix_fig.subplots()
+    for uid in targets:
+        layers = mix["per_layer"][uid]
+        ax.plot([int(x) for x in layers], list(layers.values()), marker=".", label=uid)
+    ax.set_xlabel("layer", fontsize=7)
+    ax.set_ylabel("effective sharers\n(exp entropy)", fontsize=7)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=6, ncols=min(6, len(targets)))
+    ax.set_title(f"mixing: {mix['effective_sharers_mean']:.2f} effective sharers per position on average "
+                 "(1 = one-hot); " + ("spread between targets n/a" if mix["spread"] is None else
+                                      f"spread between targets {mix['spread']:.2f} (0 = the same weights for "
+                                      "every target)"), fontsize=8)
     fig.suptitle("Per-Pcs selection by target: sharer x layer"
                  + ("; * red: sharer of the target's group" if groups else ""),
                  fontsize=9)

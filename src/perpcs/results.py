@@ -1,7 +1,7 @@
 """The schema of a bench's results.json, which `bench` writes and `report` reads through it.
 
 Field order is the file's order. Sections that only some benches have (known latent groups,
-variants, alternating costs) are left out of the file when absent.
+variants, alternating costs, calibration, mixing) are left out of the file when absent.
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ class PerUser(_Schema):
 
 
 class Diagnostics(_Schema):
-    same_group_weight: float
-    same_group_chance: float
+    same_group_weight: float | None  # None when no recipe has a piece (the pool declined)
+    same_group_chance: float | None
     sharer_groups: list[int]
 
 
@@ -131,6 +131,9 @@ class BenchResults(_Schema):
     variants: dict[str, Variant] | None = None
     statistics: Statistics
     alternating_costs: AlternatingCosts | None = None
+    calibration: dict | None = None  # the rule the pool chose and its evidence (`calibration.choose_rule`)
+    # per Per-Pcs row: effective sharers and spread between targets (`mixing.summarize`)
+    mixing: dict[str, dict] | None = None
 
     def as_json(self) -> dict:
         """The file's content: what is None in an optional section is left out."""
@@ -147,7 +150,7 @@ class BenchResults(_Schema):
             raise InputError(format_validation_error(f"{path}: not the results.json of this perpcs bench", e)) from None
 
 
-_OPTIONAL = {"diagnostics", "variants", "alternating_costs", "pairing"}
+_OPTIONAL = {"diagnostics", "variants", "alternating_costs", "pairing", "calibration", "mixing"}
 
 
 def _drop_absent(model: BaseModel, dumped: dict) -> dict:

@@ -7,6 +7,9 @@
     RUN/sharers/<id>/            step 2-3: a sharer's own LoRA (peft folder), its pieces with their keys
                                  (pieces.safetensors, what a Ray worker hands back) and training stats
     RUN/pool/                    step 4: the shared pieces and gates (see docs/pool.md)
+    RUN/calibration.json         after step 4: the selection rule the pool chose on validation users, with the
+                                 evidence (see calibration.py; a copy without predictions in the pool folder)
+    RUN/keys/<key>/              a run derived for a pool of another key kind, when calibration's rules need one
     RUN/recipes/<id>.recipe      step 5: each target user's recipe (binary, see recipe_format.py)
     RUN/stats.json               seconds and sizes of every step
     RUN/run.lock                 held by the one process writing into the run
@@ -83,7 +86,9 @@ class RunFolder:
         if not (self.folder / "run.json").exists():
             raise FileNotFoundError(f"{self.folder}: not a perpcs run folder (no run.json); "
                                     "start one with `perpcs pipeline`")
-        self.config = RunConfig.model_validate(read_json(self.folder / "run.json"))
+        saved = read_json(self.folder / "run.json")
+        saved.setdefault("calibration", {"enabled": False})  # a run made before calibration keeps its fixed rule
+        self.config = RunConfig.model_validate(saved)
         self.device = resolve_device(self.config.device)
         self.lock = FileLock(self.folder / "run.lock", timeout=0)
 
@@ -95,7 +100,7 @@ class RunFolder:
         config = config.model_copy(update={"data_sha256": data_sha256(config.data)})
         if path.exists():
             cls(folder).check_data(config.data_sha256)
-            saved = RunConfig.model_validate(read_json(path))
+            saved = cls(folder).config
             diff = [k for k in RunConfig.model_fields if k != "data_sha256" and getattr(saved, k) != getattr(config, k)]
             if diff:
                 raise ValueError(f"{path}: this run folder was made with other settings ({', '.join(diff)}); "
@@ -189,8 +194,31 @@ class RunFolder:
     def pool_path(self) -> Path:
         return self.folder / "pool"
 
-    def open_pool(self) -> Pool:
+    def own_pool(self) -> Pool:
+        """This run's pool, of its own key kind."""
         return Pool.open(self.pool_path, self.merged_fingerprint, self.config.lora.model_dump())
+
+    @property
+    def calibration_path(self) -> Path:
+        return self.folder / "calibration.json"
+
+    @cached_property
+    def rule(self) -> RunConfig:
+        """The settings assembly uses: the run's own, or with calibration on, with the rule it chose."""
+        if not self.config.calibration.enabled:
+            return self.config
+        if not self.calibration_path.exists():
+            raise FileNotFoundError(f"{self.calibration_path}: calibration is not done; "
+                                    f"run `perpcs calibrate --run {self.folder}`")
+        return self.config.updated(read_json(self.calibration_path)["rule"])
+
+    def key_folder(self, key: str) -> "RunFolder":
+        """The run holding the pool of key kind `key`: this one, or the one derived into RUN/keys/<key>."""
+        return self if key == self.config.key else RunFolder(self.folder / "keys" / key)
+
+    def open_pool(self) -> Pool:
+        """The pool the run's selection rule assembles from (with calibration on, the chosen rule's)."""
+        return self.key_folder(self.rule.key).own_pool()
 
     def recipe_path(self, user_id: str) -> Path:
         """The binary recipe (`recipe_format`); a JSON one where an older perpcs wrote that."""

@@ -74,7 +74,9 @@ class AssemblySettings(BaseModel):
     budget_tokens: int | None = Field(None, description="and in tokens: the newest items whose examples fit "
                                       "(at least one item)")
     batch_size: int = Field(16, description="history examples per forward")
-    select: Literal["topk", "sample", "topp"] = Field("topk", description="top-k, sampled top-k, or nucleus")
+    select: Literal["topk", "sample", "topp", "all", "none"] = Field(
+        "topk", description="top-k, sampled top-k, or nucleus; all: every candidate, equal weights (the same for "
+        "every target); none: no piece (the task model); neither of the last two reads the history")
     sample_topk: int = Field(10, description="select=sample: draw from this many best pieces")
     sample_temperature: float = Field(1.0, description="select=sample: temperature of the draw")
     top_p: float = Field(0.9, description="select=topp: softmax mass of the pieces kept")
@@ -90,8 +92,69 @@ class AssemblySettings(BaseModel):
         "loss; kind: metric for generation, loss for classification and rating")
 
 
+def _act(**assembly) -> dict:
+    return {"key": "activation",
+            "assembly": {"select": "topk", "top_k": 3, "temperature": 1.0, "mix": "cat", "strength": 1.0, **assembly}}
+
+
+# Calibration's candidate rules (`calibration`) as RunConfig overrides, simplest first (exact ties go to the earlier).
+GRID: dict[str, dict] = {
+    "none": {"assembly": {"select": "none"}},  # the non-personalized model
+    "average": {"assembly": {"select": "all", "mix": "cat", "strength": 1.0}},  # every sharer, equal weight
+    "act-top1": _act(top_k=1),
+    "act-cat": _act(),
+    "act-cat-half": _act(strength=0.5),
+    "act-linear": _act(mix="linear"),
+    "act-cat-tau4": _act(temperature=4.0),
+    "act-cat-tau16": _act(temperature=16.0),
+    "paper": {"key": "gate", "assembly": {"select": "topk", "top_k": 3, "temperature": 1.0, "mix": "linear",
+                                          "strength": 1.0}},
+}
+# Settings that make up a selection rule: a run that sets any of them explicitly has a fixed rule.
+RULE_FIELDS = {"key": None, "assembly": ("select", "top_k", "temperature", "mix", "strength", "sample_topk",
+                                         "sample_temperature", "top_p")}
+
+
+class CalibrationSettings(BaseModel):
+    """After step 4: the pool chooses its selection rule on validation users (`calibration`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = Field(True, description="choose the selection rule on validation users once the pool is built; "
+                                            "off when the rule is fixed by setting any rule field (key, "
+                                            "assembly.mix, ...)")
+    rules: list[str] = Field(list(GRID), description="the candidate rules, names of settings.GRID; 'none' is "
+                                                     "always a candidate; rules with gate keys train gates")
+    max_users: int = Field(16, ge=1, description="validation users at most: the most active sharer candidates "
+                                                 "that are not sharers")
+    items: int = Field(8, ge=1, description="newest history items scored per validation user (at most half of "
+                                            "its history); assembly reads the items before them")
+    alpha: float = Field(0.05, gt=0, lt=1, description="a rule replaces the non-personalized model only if better "
+                                                       "on the validation queries at this level (paired, Holm)")
+
+    @field_validator("rules")
+    @classmethod
+    def _known(cls, rules: list[str]) -> list[str]:
+        unknown = [r for r in rules if r not in GRID]
+        if unknown:
+            raise ValueError(f"unknown rules {unknown}; known: {', '.join(GRID)}")
+        return [r for r in GRID if r in rules or r == "none"]  # grid order: ties go to the simpler
+
+
+def fixes_rule(overrides: dict) -> bool:
+    """Whether settings given explicitly (a --set, a --config file, a bench variant) fix the selection rule."""
+    assembly = overrides.get("assembly") or {}
+    return "key" in overrides or any(f in assembly for f in RULE_FIELDS["assembly"])
+
+
+def with_rule_fixed(overrides: dict) -> dict:
+    """`overrides`, with calibration off if they fix the rule and do not say otherwise."""
+    if fixes_rule(overrides) and "enabled" not in (overrides.get("calibration") or {}):
+        return {**overrides, "calibration": {**(overrides.get("calibration") or {}), "enabled": False}}
+    return overrides
+
+
 # Settings of steps 3-5 only: a derived run (`Run.derive`) may change these and reuse steps 0-2.
-LATER_STEPS = ("device", "key", "share_ratio", "gate_train", "assembly")
+LATER_STEPS = ("device", "key", "share_ratio", "gate_train", "assembly", "calibration")
 # Settings of step 1: a derived run may change these too; it then selects again, and each sharer it
 # has in common with the run it derives from keeps its LoRA.
 SELECTION_STEP = ("n_sharers", "selection", "min_sharer_items")
@@ -115,7 +178,8 @@ class RunConfig(BaseModel):
     selection: str = Field("cluster", description="sharer selection: random, active or cluster")
     min_sharer_items: int = Field(10, description="cluster: skip a cluster whose best user has fewer items")
     share_ratio: float = Field(1.0, description="sharing ratio rho: share of its positions each sharer shares")
-    key: KeyKind = Field("activation", description="piece keys (the default rule, README; the paper's: PAPER_RULE)")
+    key: KeyKind = Field("activation", description="piece keys (with calibration on, what it starts from; the "
+                         "paper's: PAPER_RULE)")
     retrieval_copies: bool = Field(False, description="train and assemble also on each item with its most "
                                    "similar earlier item in the prompt")
     max_len: int = Field(256, description="tokens per example (long prompts lose their start)")
@@ -128,7 +192,17 @@ class RunConfig(BaseModel):
     gate_train: TrainSettings = Field(default_factory=lambda: TrainSettings(lr=1e-2, steps=10, batch_size=4),
                                       description="step 3 with key=gate: the gates")
     assembly: AssemblySettings = Field(default_factory=lambda: AssemblySettings(mix="cat"),
-                                       description="step 5")
+                                       description="step 5 (with calibration on, its rule fields are only what "
+                                       "calibration starts from)")
+    calibration: CalibrationSettings = Field(default_factory=CalibrationSettings,
+                                             description="after step 4: the pool chooses its selection rule")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_fixed_rule_is_not_calibrated(cls, data: Any) -> Any:
+        """Settings that fix the selection rule (`RULE_FIELDS`) turn calibration off unless it is set too: the
+        same whether they come from --set, a --config file, a bench variant or Python."""
+        return with_rule_fixed(data) if isinstance(data, dict) else data
 
     @model_validator(mode="before")
     @classmethod
@@ -238,9 +312,9 @@ class BenchSettings(BaseModel):
 
 # --- presets ---
 
-# The paper's selection rule exactly (trained gates, linear A/B mix, the assembled update as is):
+# The paper's selection rule exactly (trained gates, top-3, tau 1, linear A/B mix, the assembled update as is):
 # `--set key=gate --set assembly.mix=linear --set assembly.strength=1`.
-PAPER_RULE = {"key": "gate", "assembly": {"mix": "linear", "strength": 1.0}}
+PAPER_RULE = GRID["paper"]
 # `--quick`: tiny budgets that check the harness; the numbers mean nothing.
 QUICK = ["task_train.steps=4", "sharer_train.steps=3", "gate_train.steps=2", "n_targets=2", "n_sharers=3",
          "min_sharer_items=1"]
@@ -286,10 +360,14 @@ def build_config(data: str | Path, base: str | None = None, seed: int = 0, targe
                  sharers: int | None = None, config: str | Path | None = None, overrides: list[str] = (),
                  quick: bool = False) -> RunConfig:
     """A RunConfig from defaults < --config file < flags < (`QUICK` with `quick`) < --set overrides
-    (nested sections merge key by key)."""
+    (nested sections merge key by key). A file or --set that fixes the selection rule (key,
+    assembly.mix, ...) turns calibration off, unless it sets calibration.enabled itself."""
     flags = {"data": str(data), "seed": seed, "base": base, "n_targets": targets, "n_sharers": sharers}
     cfg = RunConfig(data=str(data)).model_dump()
+    given: dict = {}
     for layer in (read_json(config) if config else {}, {k: v for k, v in flags.items() if v is not None},
                   parse_overrides((QUICK if quick else []) + list(overrides))):
         deep_merge(cfg, layer)
+        deep_merge(given, layer)
+    deep_merge(cfg, with_rule_fixed(given))
     return RunConfig.model_validate(cfg)

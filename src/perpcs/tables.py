@@ -1,4 +1,5 @@
-"""Every Markdown table perpcs writes: the bench's results.md, the pooled report.md and the curve's curve.md."""
+"""Every Markdown table perpcs writes: the bench's results.md (with calibration and mixing), the pooled
+report.md and the curve's curve.md; `perpcs calibrate` prints `calibration_lines`."""
 
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def results_table(r: dict) -> str:
         f"pool {_fmt_bytes(o['pool_bytes'])}; model loading {o['model_load_seconds']:.0f} s.",
         *([f"Known latent groups: {d['same_group_weight']:.0%} of the assembled weight comes from sharers of the "
            f"target's own group (random picking: {d['same_group_chance']:.0%})."]
-          if (d := r.get("diagnostics")) else []),
+          if (d := r.get("diagnostics")) and d["same_group_weight"] is not None else []),
         *([f"Timed alternately in one process for {len(a['users'])} targets (perpcs.costs, history budget "
            f"{a['history_budget']}): OPPU takes {a['time_ratio']['median']:.1f}x the time of Per-Pcs assembly "
            f"(median; min {a['time_ratio']['min']:.1f}x, max {a['time_ratio']['max']:.1f}x); its adapter "
@@ -75,12 +76,14 @@ def results_table(r: dict) -> str:
         *(f"Variant {name}: {json.dumps(v['settings'])}, same task model and sharer LoRAs; piece keys "
           f"{v['gate_seconds']:.0f} s, pool {_fmt_bytes(v['pool_bytes'])}"
           + (f"; {v['diagnostics']['same_group_weight']:.0%} of its assembled weight from the target's own group."
-             if "diagnostics" in v else ".")
+             if v.get("diagnostics", {}).get("same_group_weight") is not None else ".")
           for name, v in r.get("variants", {}).items()),
         *(["", "![results: metric with CI against personalization seconds](results.png)",
            "![selection: assembled weight by sharer and layer, per target](selection.png)",
            *(f"![selection of variant {name}](selection-{name}.png)" for name in r.get("variants", {})),
            *statistics_lines(r)] if "statistics" in r else []),
+        *(["", *mixing_lines(r["mixing"])] if "mixing" in r else []),
+        *(["", *calibration_lines(c, c["cost"].get("other_key_pool_seconds"))] if (c := r.get("calibration")) else []),
         "",
     ])
 
@@ -127,7 +130,8 @@ def report_table(r: dict) -> str:
                      + f" | {v['personalize_seconds_per_user']:.2f} | {v['bytes_per_user']:.0f} |")
     if "same_group_weight" in r:
         lines += ["", "Own-group share of the assembled weight, by seed: " + "; ".join(
-            f"{name} " + ", ".join(f"{w:.0%}" for w in ws) for name, ws in r["same_group_weight"].items()) + "."]
+            f"{name} " + ", ".join("-" if w is None else f"{w:.0%}" for w in ws)
+            for name, ws in r["same_group_weight"].items()) + "."]
     return "\n".join(lines + statistics_lines(r))
 
 
@@ -143,3 +147,44 @@ def curve_table(r: dict) -> str:
             f"{v['mean']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}] (n {v['n']})" if (v := by_point.get(p)) else "-"
             for p in r["points"]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _num(x: float) -> str:
+    return f"{x:.4f}" if abs(x) >= 1e-3 or x == 0 else f"{x:.1e}"
+
+
+def calibration_lines(cal: dict, gate_seconds: float | None = None) -> list[str]:
+    """The calibration table for results.md: every rule's validation metrics, CI, paired test against none."""
+    metric = cal["metric"]
+    names = [k for k in next(iter(cal["candidates"].values()))["metrics"] if k != "n"]
+    v = cal["validation"]
+    verdict = ("**declined**: no rule beat the non-personalized model; targets get the task model"
+               if cal["declined"] else f"chose **{cal['chosen']}**")
+    lines = [f"Calibration on {len(v['users'])} validation users (sharer candidates that are not sharers), "
+             f"{v['queries']} of their newest history items: {verdict}. Selection by {metric} "
+             f"({'higher' if cal['higher_is_better'] else 'lower'} is better); a rule must beat none, paired, "
+             f"Holm-corrected p < {cal['alpha']}. Cost {cal['cost']['seconds']:.0f} s "
+             f"({cal['cost']['assembly_forwards']} assembly forwards, {cal['cost']['generations']} answers)"
+             + (f", plus {gate_seconds:.0f} s of gate training for the rules with gate keys." if gate_seconds else "."),
+             "", "| rule | " + " | ".join(names)
+             + f" | 95% CI ({'per-query ' + metric if metric != 'f1' else 'accuracy'}) "
+             "| distinct answers | vs none: diff [CI], p (Holm) |", "|" + "---|" * (len(names) + 4)]
+    for name, row in cal["candidates"].items():
+        vs = row.get("vs_none")
+        cmp = "-" if vs is None else f"{vs['diff']:+.4f} [{vs['ci'][0]:+.3f}, {vs['ci'][1]:+.3f}], {_num(vs['p_holm'])}"
+        mark = f"**{name}**" if name == cal["chosen"] else name
+        lines.append(f"| {mark} | " + " | ".join(f"{row['metrics'][k]:.4f}" for k in names)
+                     + f" | [{row['ci'][0]:.3f}, {row['ci'][1]:.3f}] | {row['answers']} | {cmp} |")
+    return lines
+
+
+def mixing_lines(stats: dict[str, dict]) -> list[str]:
+    """One line per Per-Pcs row of a bench: how many sharers its recipes mix, and how much they differ."""
+    lines = []
+    for name, m in stats.items():
+        eff = m["effective_sharers_mean"]
+        lines.append(f"Mixing of {name}: {eff:.2f} effective sharers per position (exp entropy; 1 = one-hot), mean "
+                     "over targets; spread between targets "
+                     + ("n/a (one target)." if m["spread"] is None else
+                        f"{m['spread']:.2f} (total variation from the average target; 0 = the same for all)."))
+    return lines

@@ -1,4 +1,5 @@
-"""The pipeline's verbs over a run folder: `init`, `pipeline`, one per step, `export` and `export-base`."""
+"""The pipeline's verbs over a run folder: `init`, `pipeline`, one per step (and `calibrate`), `export` and
+`export-base`."""
 
 from __future__ import annotations
 
@@ -56,6 +57,24 @@ def step(name: str, doc: str):
         console.print(f"{name}: done ({type(result).__name__}) in {run}")
     command.__doc__ = doc
     return command
+
+
+def calibrate_command(run: Path = typer.Option(..., "--run",
+                                             help="run folder whose pool is built (`perpcs share`)")) -> None:
+    """After step 4: the pool chooses its selection rule on validation users (or declines to personalize)."""
+    from perpcs.pipeline import Run
+    from perpcs.tables import calibration_lines
+
+    try:
+        r = Run(run)
+        result = r.calibrate()
+    except (ValueError, OSError) as e:
+        fail(str(e))
+    if result is None:
+        console.print(f"calibration is off in {r.folder / 'run.json'} (the rule is fixed); nothing to do")
+        return
+    print("\n".join(calibration_lines(result)))
+    console.print(f"wrote {r.calibration_path} (a copy without predictions in {r.pool_path / 'calibration.json'})")
 
 
 def share(run: Path = typer.Option(..., "--run"), executor: str = EXECUTOR,

@@ -1,0 +1,269 @@
+"""The evidence suite: does the calibrated default hold on every kind of data? A matrix of (data set, seed) cells.
+
+Each cell is one `perpcs bench` with no rule setting (so the pool calibrates itself: the `perpcs` row),
+every fixed rule of the calibration grid as a variant on the same sharers (`paper` is the paper's rule),
+non_personalized, peft_retrieval, prime, and OPPU on the first 4 targets. Sets: the demo at 3 seeds;
+StudEmo valence, Last.fm tags and ML Anthology titles at 2 seeds each, Amazon Beauty ratings at 3 (its
+users have one query each), read from ../shared/data (or --data-root). Targets are the most active
+users, so on the real sets every seed scores the same queries with another split, pool and LoRAs.
+
+Resumable: a cell whose OUT/<set>/seed-<n>/results.json exists is skipped, so a later run goes on
+where the last stopped. Each finished cell is copied to benchmarks/results/evidence/<set>-seed<n>/
+(results.json, results.md, the plots, and per-query scores in scores.json; no raw data: no golds or
+predictions). The summary reads those copies: benchmarks/results/evidence/evidence.{md,json,png}.
+
+    nice -n 5 python benchmarks/evidence.py [--sets demo studemo ...] [--out runs/evidence] [--summary-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from perpcs.bench import BenchSettings, bench
+from perpcs.report import folder_scores
+from perpcs.settings import GRID, RunConfig
+from perpcs.stats import method_statistics
+from perpcs.utils import atomic_path, read_json, write_json, write_text
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results" / "evidence"
+FIXED = [n for n in GRID if n != "none"]  # the grid's fixed rules, as bench variants
+METHODS = ["non_personalized", "peft_retrieval", "prime", "oppu", "perpcs"]
+
+# name -> (seeds, `perpcs data ...` arguments given {src}, {out} and {seed}, RunConfig fields)
+SETS: dict[str, tuple[tuple[int, ...], list[str], dict]] = {
+    "demo": ((0, 1, 2), ["synth", "--kind", "classification", "--users", "48", "--queries", "12", "--seed", "{seed}",
+                         "--out", "{out}"],
+             {"n_targets": 6, "n_sharers": 6, "task_train": {"steps": 25}}),
+    "studemo": ((0, 1), ["import", "annotator-csv", "{src}/studemo/text_data.csv.gz",
+                         "{src}/studemo/annotation_data.csv",
+                         "--label", "valence", "--max-tokens", "48", "--queries", "16", "--seed", "{seed}",
+                         "--out", "{out}"],
+                {"n_targets": 8, "n_sharers": 6}),
+    "lastfm": ((0, 1), ["import", "lastfm-tags", "{src}/lastfm-hetrec2011", "--max-users", "48", "--min-history", "20",
+                        "--queries", "10", "--seed", "{seed}", "--out", "{out}"],
+               {"n_targets": 10, "n_sharers": 6}),
+    # 105 reviewers keep 3 distinct reviews or more, one query each: 3 seeds to pass 200 scored queries
+    "beauty": ((0, 1, 2), ["import", "amazon-reviews", "{src}/amazon-reviews-2018/All_Beauty_5.json.gz", "--target",
+                           "rating", "--min-history", "2", "--max-tokens", "64", "--queries", "1", "--seed", "{seed}",
+                           "--out", "{out}"],
+               {"n_targets": 70, "n_sharers": 6, "min_sharer_items": 2}),
+    "papers": ((0, 1), ["import", "papers-jsonl", "{src}/mlanthology/mlanthology_subset_300authors.jsonl.gz",
+                        "--max-users", "60", "--max-tokens", "64", "--queries", "5", "--seed", "{seed}",
+                        "--out", "{out}"],
+               {"n_targets": 20, "n_sharers": 6}),
+}
+
+
+def make_data(args: list[str], src: Path, out: Path, seed: int) -> None:
+    """The cell's data folder, written by the perpcs CLI itself (the importers a user would run)."""
+    from typer.testing import CliRunner
+
+    from perpcs.cli import app
+
+    if (out / "users.jsonl").exists():
+        return
+    argv = [a.format(src=src, out=out, seed=seed) for a in args]
+    result = CliRunner().invoke(app, ["data", *argv])
+    if result.exit_code:
+        raise SystemExit(f"perpcs data {' '.join(argv)} failed:\n{result.output}")
+
+
+def run_cell(name: str, seed: int, out: Path, src: Path, results: Path = RESULTS) -> Path:
+    folder = out / name / f"seed-{seed}"
+    if (folder / "results.json").exists():
+        print(f"skip {name} seed {seed}: {folder / 'results.json'} exists", flush=True)
+    else:
+        _, data_args, fields = SETS[name]
+        data = out / name / f"data-{seed}"
+        make_data(data_args, src, data, seed)
+        print(f"cell {name} seed {seed}: bench into {folder}", flush=True)
+        t0 = time.perf_counter()
+        config = RunConfig(data=str(data), seed=seed, **fields)
+        settings = BenchSettings(methods=METHODS, variants={n: GRID[n] for n in FIXED}, oppu_targets=4)
+        bench(data, folder, config, settings)
+        print(f"cell {name} seed {seed}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return keep(name, seed, folder, results)
+
+
+def keep(name: str, seed: int, folder: Path, results: Path) -> Path:
+    """Copy a finished cell into benchmarks/results/evidence: results, plots and per-query scores only."""
+    dst = results / f"{name}-seed{seed}"
+    dst.mkdir(parents=True, exist_ok=True)
+    results = read_json(folder / "results.json")
+    write_json(dst / "scores.json", folder_scores(folder, results))
+    for f in ("results.json", "results.md", "results.png", "selection.png", "selection-paper.png"):
+        if (folder / f).exists():
+            with atomic_path(dst / f) as tmp:
+                shutil.copy(folder / f, tmp)
+    return dst
+
+
+def _pooled(cells: list[Path]) -> tuple[dict, dict[str, dict[str, float]]]:
+    runs = [read_json(c / "results.json") for c in cells]
+    methods = [m for m in runs[0]["methods"] if all(m in r["methods"] for r in runs)]
+    pooled: dict[str, dict[str, float]] = {m: {} for m in methods}
+    for c, r in zip(cells, runs):
+        for m, s in read_json(c / "scores.json").items():
+            if m in pooled:
+                pooled[m].update({f"{r['seed']}/{q}": v for q, v in s.items()})
+    return runs[0], pooled
+
+
+def summarize_set(name: str, cells: list[Path]) -> dict:
+    """One set over its finished seeds: pooled per-query statistics, the calibrated choices, the checks."""
+    first, pooled = _pooled(cells)
+    higher = first["primary_metric"]["higher_is_better"]
+    sign = 1 if higher else -1
+    st = method_statistics(pooled, higher)
+    runs = [read_json(c / "results.json") for c in cells]
+    fixed = [n for n in FIXED if n in st]
+    best_fixed = max(fixed, key=lambda n: sign * st[n]["mean"])
+    np_ref = "non_personalized"
+
+    def vs(a: str, b: str) -> dict:
+        from perpcs.stats import paired
+        return paired(pooled[a], pooled[b], higher)
+
+    def better(a: str, b: str) -> bool:  # a significantly better than b
+        c = vs(a, b)
+        return sign * c["diff"] > 0 and c["p"] < 0.05
+
+    measured = [m for m in ("oppu", "peft_retrieval", "prime", *fixed) if m in pooled]
+    winners = [m for m in measured if better(m, np_ref)]
+    oppu_gain = "oppu" in pooled and better("oppu", np_ref)
+    share = st["perpcs"]["gain_share"] if oppu_gain else None
+    return {
+        "set": name, "task": first["task"], "kind": first["kind"], "metric": first["primary_metric"],
+        "seeds": [r["seed"] for r in runs], "queries": len(pooled["perpcs"]),
+        "chosen": [r.get("calibration", {}).get("chosen") for r in runs],
+        "validation_queries": [r.get("calibration", {}).get("validation", {}).get("queries") for r in runs],
+        "time_ratio": [r["alternating_costs"]["time_ratio"]["median"] for r in runs if "alternating_costs" in r],
+        "methods": {m: {"mean": s["mean"], "ci": s["ci"], "n": s["n"],
+                        "vs_np": vs(m, np_ref) if m != np_ref else None} for m, s in st.items()},
+        "best_fixed": best_fixed,
+        "checks": {
+            "significant_winners_vs_np": winners,
+            "calibrated_significant_vs_np_where_any_is": (better("perpcs", np_ref) if winners else None),
+            "calibrated_not_significantly_worse_than_np": not better(np_ref, "perpcs"),
+            "calibrated_not_significantly_worse_than_best_fixed": not better(best_fixed, "perpcs"),
+            "calibrated_at_least_as_good_as_peft_retrieval":
+                sign * (st["perpcs"]["mean"] - st["peft_retrieval"]["mean"]) >= 0 if "peft_retrieval" in st else None,
+            "oppu_significant_gain": oppu_gain,
+            "share_of_oppu_gain": share,
+        },
+    }
+
+
+def _yes(v) -> str:
+    return "-" if v is None else ("yes" if v else "**no**")
+
+
+def write_summary(out: Path = RESULTS) -> dict:
+    sets = {}
+    for name in SETS:
+        cells = sorted(c for c in out.glob(f"{name}-seed*") if (c / "scores.json").exists())
+        if cells:
+            sets[name] = summarize_set(name, cells)
+    if not sets:
+        raise SystemExit(f"no finished cells in {out}")
+    shares = [s["checks"]["share_of_oppu_gain"] for s in sets.values() if s["checks"]["share_of_oppu_gain"] is not None]
+    done = {n: len(s["seeds"]) == len(SETS[n][0]) for n, s in sets.items()}
+    summary = {"sets": sets, "complete": all(done.values()) and len(sets) == len(SETS),
+               "mean_share_of_oppu_gain": statistics.mean(shares) if shares else None,
+               "peft_retrieval_at_least_as_good": sum(bool(s["checks"]["calibrated_at_least_as_good_as_peft_retrieval"])
+                                                      for s in sets.values())}
+    lines = ["# Evidence suite: the calibrated default on every set", "",
+             "Cells finished: " + ", ".join(f"{n} seeds {s['seeds']}" for n, s in sets.items())
+             + ("" if summary["complete"] else " (suite incomplete; planned: "
+                + ", ".join(f"{n} {len(v[0])} seeds" for n, v in SETS.items()) + ")") + ".",
+             "Per set, all seeds' queries pooled and paired by (seed, query id); tests are the bench's two-sided "
+             "sign test (p < 0.05). `perpcs` is the calibrated default (no --set); `paper` the paper's rule; "
+             "the other fixed rules are calibration's grid, run on the targets too.", "",
+             "| set | metric | queries | calibrated choice per seed | perpcs | non_personalized | peft_retrieval | "
+             "oppu | best fixed rule | OPPU/assembly time |", "|" + "---|" * 10]
+    for n, s in sets.items():
+        m = s["methods"]
+
+        def cell(k: str) -> str:
+            if k not in m:
+                return "-"
+            v = m[k]["vs_np"]
+            return f"{m[k]['mean']:.3f}" + ("" if v is None else f" ({v['diff']:+.3f}, p={v['p']:.2g})")
+        lines.append(f"| {n} | {s['metric']['name']} | {s['queries']} | {', '.join(map(str, s['chosen']))} | "
+                     f"{cell('perpcs')} | {cell('non_personalized')} | {cell('peft_retrieval')} | {cell('oppu')} | "
+                     f"{s['best_fixed']}: {cell(s['best_fixed'])} | "
+                     + (f"{statistics.median(s['time_ratio']):.1f}x" if s["time_ratio"] else "-") + " |")
+    lines += ["", "Differences are to non_personalized, in the metric's units (for MAE, negative is better).", "",
+              "| set | any method significantly above NP | calibrated too | calibrated not worse than NP | "
+              "not worse than best fixed | >= peft_retrieval | share of OPPU's gain |", "|" + "---|" * 7]
+    for n, s in sets.items():
+        c = s["checks"]
+        lines.append(f"| {n} | {', '.join(c['significant_winners_vs_np']) or 'none'} | "
+                     f"{_yes(c['calibrated_significant_vs_np_where_any_is'])} | "
+                     f"{_yes(c['calibrated_not_significantly_worse_than_np'])} | "
+                     f"{_yes(c['calibrated_not_significantly_worse_than_best_fixed'])} | "
+                     f"{_yes(c['calibrated_at_least_as_good_as_peft_retrieval'])} | "
+                     + ("-" if c["share_of_oppu_gain"] is None else f"{c['share_of_oppu_gain']:.0%}") + " |")
+    share = summary["mean_share_of_oppu_gain"]
+    lines += ["", f"At least as good as peft_retrieval on {summary['peft_retrieval_at_least_as_good']} of "
+              f"{len(sets)} sets; mean share of OPPU's gain over the sets where OPPU beats NP significantly: "
+              + ("-" if share is None else f"{share:.0%}") + ".",
+              "", "![forest plot: paired difference to non_personalized per method and set](evidence.png)", ""]
+    write_json(out / "evidence.json", summary)
+    write_text(out / "evidence.md", "\n".join(lines))
+    forest_plot(sets, out / "evidence.png")
+    print(f"wrote {out / 'evidence.md'}, {out / 'evidence.json'} and {out / 'evidence.png'}")
+    return summary
+
+
+def forest_plot(sets: dict, path: Path) -> None:
+    """Per set, each method's paired difference to non_personalized with its 95% CI, signed so right is better."""
+    fig = Figure(figsize=(4.2 * len(sets), 5.5), layout="constrained")
+    axes = fig.subplots(1, len(sets), squeeze=False)[0]
+    for ax, (n, s) in zip(axes, sets.items()):
+        sign = 1 if s["metric"]["higher_is_better"] else -1
+        rows = [(k, v["vs_np"]) for k, v in s["methods"].items() if v["vs_np"]]
+        for y, (k, c) in enumerate(rows):
+            lo, hi = sorted(sign * np.array(c["ci"]))
+            colour = "tab:red" if k == "perpcs" else ("tab:green" if k == "oppu" else "tab:blue")
+            ax.errorbar(sign * c["diff"], y, xerr=[[sign * c["diff"] - lo], [hi - sign * c["diff"]]], fmt="o",
+                        color=colour, capsize=3, alpha=1.0 if c["p"] < 0.05 else 0.45)
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.set_yticks(range(len(rows)), [k + (" (calibrated)" if k == "perpcs" else "") for k, _ in rows], fontsize=7)
+        ratio = f", OPPU/assembly {statistics.median(s['time_ratio']):.0f}x" if s["time_ratio"] else ""
+        ax.set_title(f"{n}: {s['metric']['name']}, {s['queries']} queries{ratio}\n"
+                     f"chosen: {', '.join(map(str, s['chosen']))}", fontsize=8)
+        ax.set_xlabel("difference to non_personalized (right is better); faded: p >= 0.05", fontsize=7)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sets", nargs="*", default=list(SETS), choices=list(SETS))
+    p.add_argument("--seeds", nargs="*", type=int, help="only these seeds (default: each set's)")
+    p.add_argument("--out", type=Path, default=Path("runs/evidence"), help="where the cells' runs go")
+    p.add_argument("--data-root", type=Path, default=ROOT.parent.parent / "shared" / "data")
+    p.add_argument("--results", type=Path, default=RESULTS, help="where finished cells are copied and summarized")
+    p.add_argument("--summary-only", action="store_true", help="only rewrite the summary from the finished cells")
+    a = p.parse_args(argv)
+    if not a.summary_only:
+        for name in a.sets:
+            for seed in SETS[name][0]:
+                if a.seeds is None or seed in a.seeds:
+                    print(f"copied to {run_cell(name, seed, a.out, a.data_root, a.results)}", flush=True)
+                    write_summary(a.results)
+    write_summary(a.results)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Calibration: the pool chooses its own selection rule, by evidence from users it does not serve.
+
+No rule wins on every kind of data: where users share one input distribution, trained gates carry
+little about the target and activation keys do better; elsewhere a soft mix of many sharers, or the
+task model alone, beats a near one-hot pick. So after the pool is built, every rule of a small grid
+assembles recipes for *validation users* - sharer candidates that are neither sharers nor base users
+nor targets: users the platform has, whose pieces are not in the pool - from all but their newest
+history items, and is scored on those newest items (their queries are never used). Each rule is
+assembled exactly as a target's recipe would be (`Assembler.recipe`), so what is scored is what
+ships.
+
+The choice: the best rule by the task's selection metric, but only among rules that beat "none"
+(the non-personalized model) on the same validation queries by a paired test, Holm-corrected over
+the grid at `alpha`, so that a pool of noise declines to personalize instead of crowning the luckiest
+rule. Classification is judged by macro-F1 (accuracy can crown a constant answer by class balance)
+and its paired test is a paired bootstrap of the F1 difference; the other kinds use the bench's sign
+test on per-query scores. Exact ties go to the simpler rule (earlier in GRID).
+
+Costs: rules that differ only in strength share one assembly; "none" and "average" need no forward.
+Rules with gate keys need a second pool whose gates are trained (`Run.key_run("gate")`). The grid
+and the settings are in `settings` (`GRID`, `CalibrationSettings`); the table in `tables`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from pydantic import BaseModel
+
+from perpcs.data import Item, User
+from perpcs.evaluation import per_query, primary_metric, score
+from perpcs.generation import generate
+from perpcs.settings import GRID, CalibrationSettings
+from perpcs.stats import RESAMPLES, bootstrap_ci, paired
+from perpcs.tasks import Task, answer_budget
+
+
+class ValidationUser(BaseModel):
+    """A validation user's history split: assembly reads `context`, the rules are scored on `heldout`."""
+
+    user_id: str
+    context: list[Item]
+    heldout: list[Item]
+    profile: str | None = None
+
+
+def validation_users(candidates: list[User], sharers: set[str], settings: CalibrationSettings) -> list[ValidationUser]:
+    """The most active candidates that are not sharers (ties by id), each with at least 2 history items."""
+    users = sorted((u for u in candidates if u.user_id not in sharers and len(u.history) >= 2),
+                   key=lambda u: (-len(u.history), u.user_id))[: settings.max_users]
+    out = []
+    for u in users:
+        n = min(settings.items, len(u.history) // 2)
+        out.append(ValidationUser(user_id=u.user_id, context=u.history[:-n], heldout=u.history[-n:], profile=u.profile))
+    return out
+
+
+def selection_metric(task: Task) -> tuple[str, bool]:
+    """What the choice maximises: macro-F1 for classification, else the primary metric."""
+    return ("f1", True) if task.kind == "classification" else primary_metric(task)
+
+
+def _f1_paired(task: Task, golds: dict[str, str], a: dict[str, str], b: dict[str, str], seed: int) -> dict:
+    """Paired bootstrap of macro-F1(a) - macro-F1(b) over the same resampled queries; two-sided p."""
+    ids = list(golds)
+    index = {label: i for i, label in enumerate(task.labels)}
+    n_labels = len(task.labels)
+    y = np.array([index[golds[i].strip()] for i in ids])
+    pa, pb = (np.array([index.get(p[i].strip(), -1) for i in ids]) for p in (a, b))
+
+    def f1(rows: np.ndarray, pred: np.ndarray) -> np.ndarray:  # rows [R, n] of query indices
+        yt, yp = y[rows], pred[rows]
+        out = np.zeros(rows.shape[0])
+        for c in range(n_labels):
+            tp = ((yt == c) & (yp == c)).sum(1)
+            denom = (yt == c).sum(1) + (yp == c).sum(1)
+            out += np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+        return out / n_labels
+
+    rows = np.random.default_rng(seed).integers(0, len(ids), size=(RESAMPLES, len(ids)))
+    full = np.arange(len(ids))[None]
+    diff = float((f1(full, pa) - f1(full, pb))[0])
+    boot = f1(rows, pa) - f1(rows, pb)
+    p = min(1.0, 2 * min(float((boot <= 0).mean()), float((boot >= 0).mean())))
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"n": len(ids), "p": p, "diff": diff, "ci": [float(lo), float(hi)], "test": "paired bootstrap of macro-F1"}
+
+
+def holm(pvalues: dict[str, float]) -> dict[str, float]:
+    """Holm-adjusted p-values (step-down, monotone)."""
+    order = sorted(pvalues, key=pvalues.get)
+    adjusted, running = {}, 0.0
+    for i, name in enumerate(order):
+        running = max(running, min(1.0, (len(order) - i) * pvalues[name]))
+        adjusted[name] = running
+    return adjusted
+
+
+def choose_rule(task: Task, golds: dict[str, str], preds: dict[str, dict[str, str]], alpha: float,
+                seed: int = 0) -> dict:
+    """Each rule's metrics, CI and paired comparison with "none"; the choice (see the module's docstring)."""
+    metric, higher = selection_metric(task)
+    sign = 1 if higher else -1
+    none_scores = per_query(task, golds, preds["none"])
+    table: dict[str, dict] = {}
+    for name, p in preds.items():
+        metrics = score(task, golds, p)
+        scores = per_query(task, golds, p)
+        row = {"metrics": metrics, "ci": list(bootstrap_ci(scores.values(), seed)),
+               "answers": len(set(p.values())),
+               "top_answer_share": max(list(p.values()).count(v) for v in p.values()) / len(p)}
+        if name != "none":
+            row["vs_none"] = (_f1_paired(task, golds, p, preds["none"], seed) if task.kind == "classification"
+                              else {**paired(scores, none_scores, higher, seed), "test": "sign test"})
+        table[name] = row
+    adjusted = holm({n: r["vs_none"]["p"] for n, r in table.items() if n != "none"})
+    for name, p_holm in adjusted.items():
+        table[name]["vs_none"]["p_holm"] = p_holm
+    better = [n for n in preds if n != "none" and sign * table[n]["vs_none"]["diff"] > 0 and adjusted[n] < alpha]
+    order = list(preds)
+    chosen = max(better, key=lambda n: (sign * table[n]["metrics"][metric], -order.index(n))) if better else "none"
+    return {"chosen": chosen, "declined": chosen == "none", "metric": metric, "higher_is_better": higher,
+            "alpha": alpha, "candidates": table}
+
+
+def _prompts(task: Task, items: list[Item]) -> list[str]:
+    return [task.format_prompt(it.input) for it in items]
+
+
+def calibrate(run) -> dict:
+    """Score every rule of `run.config.calibration.rules` on the run's validation users and choose one.
+
+    `run` is a `pipeline.Run` whose pool is built; `run.key_run(key)` gives the run holding the pool of
+    each key kind the rules need."""
+    from perpcs.assembly import Assembler
+
+    s = run.config.calibration
+    task = run.data.task
+    t0 = time.perf_counter()
+    users = validation_users(run.users(run.split["candidates"]), {x.user_id for x in run.select()}, s)
+    if not users:
+        raise ValueError(f"{run.folder}: no validation users (every sharer candidate is a sharer, or has under 2 "
+                         "history items); lower n_sharers, or fix the rule (e.g. --set calibration.enabled=false)")
+    model, tok = run.merged
+    budget = answer_budget(task, tok)
+    golds = {f"{u.user_id}#{i}": it.output for u in users for i, it in enumerate(u.heldout)}
+    preds: dict[str, dict[str, str]] = {}
+    forwards = 0
+
+    def answer(m) -> dict[str, list[str]]:
+        return {u.user_id: generate(m, tok, _prompts(task, u.heldout), budget) for u in users}
+
+    def store(name: str, texts: dict[str, list[str]]) -> None:
+        preds[name] = {f"{u.user_id}#{i}": task.parse_output(t) for u in users for i, t in enumerate(texts[u.user_id])}
+
+    store("none", answer(model))
+    families: dict[tuple, list[str]] = {}  # rules that differ only in strength share one assembly
+    for name in s.rules:
+        if name != "none":
+            rule = run.config.updated(GRID[name])
+            family = (rule.key, rule.assembly.model_copy(update={"strength": 1.0}).model_dump_json())
+            families.setdefault(family, []).append(name)
+    for names in families.values():
+        rule = run.config.updated(GRID[names[0]])
+        assembler = Assembler.for_run(model, run.key_pool(rule.key), run.config, rule.assembly)
+        texts: dict[str, dict[str, list[str]]] = {n: {} for n in names}
+        try:
+            for u in users:
+                recipe = assembler.recipe(task, tok, u.context, u.profile, user=u.user_id)
+                forwards += rule.assembly.select not in ("all", "none")
+                weights = {pos: dict(chosen) for pos, chosen in recipe.pieces.items()}
+                for n in names:
+                    assembler.install_weights(weights, run.config.updated(GRID[n]).assembly.strength)
+                    texts[n][u.user_id] = generate(assembler.model, tok, _prompts(task, u.heldout), budget)
+        finally:
+            assembler.unload()
+        for n in names:
+            store(n, texts[n])
+    result = choose_rule(task, golds, {n: preds[n] for n in s.rules}, s.alpha, run.config.seed)
+    result.update(rule=GRID[result["chosen"]], grid={n: GRID[n] for n in s.rules},
+                  validation={"users": [u.user_id for u in users], "queries": len(golds),
+                              "heldout_items": {u.user_id: len(u.heldout) for u in users}},
+                  cost={"seconds": time.perf_counter() - t0, "assembly_forwards": forwards,
+                        "generations": len(golds) * len(s.rules)},
+                  predictions=preds, golds=golds)
+    return result

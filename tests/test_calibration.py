@@ -1,0 +1,202 @@
+"""Calibration: the choice rule on known predictions, the fixed-rule switch, and the step in a tiny pipeline."""
+
+import math
+
+import pytest
+import torch
+
+from perpcs.calibration import choose_rule, holm, validation_users
+from perpcs.data import Item, User
+from perpcs.mixing import effective_sharers, spread, summarize
+from perpcs.pipeline import Run
+from perpcs.recipe import Recipe, apply_recipe
+from perpcs.settings import GRID, PAPER_RULE, CalibrationSettings, RunConfig, fixes_rule, with_rule_fixed
+from perpcs.tasks import Task
+
+TASK = Task(name="t", kind="classification", labels=["a", "b", "c"], instruction="Tag?")
+
+
+def preds_with(golds: dict[str, str], right: int, wrong: str = "zzz") -> dict[str, str]:
+    """The first `right` queries answered correctly, the others with `wrong`."""
+    return {q: (g if i < right else wrong) for i, (q, g) in enumerate(golds.items())}
+
+
+GOLDS = {f"q{i}": "abc"[i % 3] for i in range(30)}
+
+
+# --- the choice ---
+
+def test_holm_by_hand():
+    # sorted p: 0.01 (x3 = 0.03), 0.02 (x2 = 0.04), 0.5 (x1 = 0.5); monotone
+    assert holm({"x": 0.02, "y": 0.01, "z": 0.5}) == pytest.approx({"y": 0.03, "x": 0.04, "z": 0.5})
+    assert holm({"x": 0.04, "y": 0.03}) == pytest.approx({"y": 0.06, "x": 0.06})  # step-down keeps the max
+
+
+def test_the_clearly_best_rule_is_chosen():
+    preds = {"none": preds_with(GOLDS, 0), "average": preds_with(GOLDS, 12), "act-cat": preds_with(GOLDS, 30)}
+    result = choose_rule(TASK, GOLDS, preds, alpha=0.05)
+    assert result["chosen"] == "act-cat" and not result["declined"]
+    assert result["metric"] == "f1"
+    assert result["candidates"]["act-cat"]["metrics"]["accuracy"] == 1.0
+    assert result["candidates"]["act-cat"]["vs_none"]["diff"] == pytest.approx(1.0)
+    assert result["candidates"]["act-cat"]["vs_none"]["p_holm"] < 0.05
+
+
+def test_noise_declines():
+    """Rules that are as good as the task model, within noise, are not chosen: 'none' is."""
+    none = preds_with(GOLDS, 10)
+    noisy = dict(none)
+    noisy["q0"], noisy["q29"] = "zzz", GOLDS["q29"]  # one lost, one won
+    result = choose_rule(TASK, GOLDS, {"none": none, "act-cat": noisy, "paper": dict(none)}, alpha=0.05)
+    assert result["chosen"] == "none" and result["declined"]
+
+
+def test_a_constant_answer_does_not_win_by_class_balance():
+    """A rule answering the majority label everywhere has the best accuracy but not the best macro-F1."""
+    golds = {f"q{i}": ("a" if i < 24 else "bc"[i % 2]) for i in range(40)}  # 60% a
+    constant = {q: "a" for q in golds}  # accuracy 0.6, F1 (0.75 + 0 + 0) / 3 = 0.25
+    faithful = {q: (g if i % 5 else "zzz") for i, (q, g) in enumerate(golds.items())}  # accuracy 0.8, all labels
+    none = {q: "zzz" for q in golds}
+    result = choose_rule(TASK, golds, {"none": none, "average": constant, "act-cat": faithful}, alpha=0.05)
+    assert result["candidates"]["average"]["metrics"]["f1"] == pytest.approx(0.25)
+    assert result["candidates"]["average"]["answers"] == 1
+    assert result["chosen"] == "act-cat"
+
+
+def test_exact_ties_go_to_the_simpler_rule():
+    p = preds_with(GOLDS, 30)
+    result = choose_rule(TASK, GOLDS, {"none": preds_with(GOLDS, 0), "average": p, "act-cat": dict(p)}, alpha=0.05)
+    assert result["chosen"] == "average"
+
+
+def test_rating_uses_the_sign_test_on_absolute_errors():
+    task = Task(name="r", kind="rating", scale=[1, 5], instruction="Stars?")
+    golds = {f"q{i}": "3" for i in range(20)}
+    none = {q: "5" for q in golds}  # error 2 each
+    close = {q: "3" for q in golds}  # error 0
+    result = choose_rule(task, golds, {"none": none, "act-cat": close}, alpha=0.05)
+    vs = result["candidates"]["act-cat"]["vs_none"]
+    assert result["chosen"] == "act-cat" and vs["test"] == "sign test" and (vs["wins"], vs["losses"]) == (20, 0)
+    assert vs["p"] == pytest.approx(2 * 0.5 ** 20)
+
+
+# --- which settings fix the rule ---
+
+def test_rule_fields_turn_calibration_off_unless_asked():
+    assert fixes_rule({"key": "gate"}) and fixes_rule({"assembly": {"temperature": 4}})
+    assert not fixes_rule({"assembly": {"recent_k": 8}, "n_sharers": 3})
+    assert with_rule_fixed({"assembly": {"mix": "cat"}})["calibration"] == {"enabled": False}
+    kept = {"key": "gate", "calibration": {"enabled": True}}
+    assert with_rule_fixed(kept) == kept
+    assert RunConfig(data="d").calibration.enabled
+    assert not RunConfig(data="d", **PAPER_RULE).calibration.enabled
+    cfg = RunConfig(data="d", assembly={"recent_k": 8})
+    assert cfg.calibration.enabled and RunConfig.model_validate(cfg.model_dump()) == cfg
+
+
+def test_unknown_rule_is_refused_and_none_always_runs():
+    with pytest.raises(ValueError, match="unknown rules"):
+        CalibrationSettings(rules=["act-cat", "bogus"])
+    assert CalibrationSettings(rules=["paper", "act-cat"]).rules == ["none", "act-cat", "paper"]
+
+
+def test_validation_users_are_active_non_sharers_with_half_their_history_at_most():
+    users = [User(user_id=f"u{i}", history=[Item(input=f"x{j}", output="a") for j in range(n)])
+             for i, n in enumerate([9, 3, 12, 1, 7])]
+    val = validation_users(users, {"u2"}, CalibrationSettings(max_users=3, items=4))
+    assert [v.user_id for v in val] == ["u0", "u4", "u1"]  # u2 shares, u3 has 1 item
+    assert [len(v.heldout) for v in val] == [4, 3, 1]
+    assert val[0].context == users[0].history[:5] and val[0].heldout == users[0].history[5:]
+
+
+# --- mixing ---
+
+def test_effective_sharers_and_spread_by_hand():
+    assert effective_sharers([("a", 1.0)]) == pytest.approx(1.0)
+    assert effective_sharers([("a", 0.5), ("b", 0.5)]) == pytest.approx(2.0)
+    assert effective_sharers([]) == 0.0
+    entropy = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert effective_sharers([("a", 0.25), ("b", 0.75)]) == pytest.approx(math.exp(entropy))
+
+    def recipe(pieces):
+        return Recipe(pool_id="p", base_fingerprint="f", lora={"r": 1, "alpha": 1, "target_modules": ["q"]}, top_k=1,
+                      pieces=pieces)
+    same = {"t1": recipe({"l.0": [("a", 1.0)]}), "t2": recipe({"l.0": [("a", 1.0)]})}
+    apart = {"t1": recipe({"l.0": [("a", 1.0)]}), "t2": recipe({"l.0": [("b", 1.0)]})}
+    assert spread(same) == 0.0
+    assert spread(apart) == pytest.approx(0.5)  # mean (0.5, 0.5); each target is 0.5 away in total variation
+    assert summarize(apart)["effective_sharers_mean"] == 1.0
+
+
+# --- the step in a tiny pipeline ---
+
+def test_the_known_best_rule_is_chosen_and_used_for_targets(tmp_path, tiny_run_config, monkeypatch):
+    """A generator that is right exactly when the installed update is at strength 0.5: calibration must
+    find act-cat-half by scoring every rule on the validation users, and the targets' recipes use it."""
+    import perpcs.assembly
+    import perpcs.calibration
+
+    strength = {"now": None}
+    install = perpcs.assembly.Assembler.install_weights
+
+    def spy(self, weights, alpha):
+        strength["now"] = alpha
+        return install(self, weights, alpha)
+    monkeypatch.setattr(perpcs.assembly.Assembler, "install_weights", spy)
+    run = Run.create(tmp_path / "run", tiny_run_config())
+    run.task_adapt()
+    run.build_pool()
+    answers = {run.data.task.format_prompt(it.input): it.output for u in run.data.users for it in u.history}
+
+    def fake_generate(model, tok, texts, budget, *a, **k):
+        right, strength["now"] = strength["now"] == 0.5, None  # "none" generates without installing
+        return [answers[t] if right else "no such label" for t in texts]
+    monkeypatch.setattr(perpcs.calibration, "generate", fake_generate)
+    recipes = run.pipeline()
+    cal = run.calibrate()
+    assert cal["chosen"] == "act-cat-half", cal["candidates"]
+    assert cal["candidates"]["act-cat-half"]["metrics"]["accuracy"] == 1.0
+    assert all(c["metrics"]["accuracy"] == 0.0 for n, c in cal["candidates"].items() if n != "act-cat-half")
+    assert set(cal["validation"]["users"]).isdisjoint(run.split["targets"] + [s.user_id for s in run.select()])
+    kept = run.pool_path / "calibration.json"
+    assert kept.exists() and "predictions" not in kept.read_text()
+    for r in recipes.values():
+        assert (r.strength, r.mix, r.top_k) == (0.5, "cat", 3)
+        assert all(len(chosen) <= 3 for chosen in r.pieces.values())
+
+
+def test_a_pool_of_noise_declines_and_targets_get_the_task_model(tmp_path, tiny_run_config, monkeypatch):
+    """Sharer pieces replaced by large random noise: no rule beats the task model on the validation users,
+    so the pool declines; every target's recipe then carries no piece and generates as the task model does."""
+    import perpcs.pipeline
+    from perpcs.generation import generate
+    from perpcs.retrieval import prompts
+
+    real = perpcs.pipeline.lora_state
+    gen = torch.Generator().manual_seed(0)
+
+    def noise(peft_model):
+        return {pos: (torch.randn(A.shape, generator=gen), torch.randn(B.shape, generator=gen))
+                for pos, (A, B) in real(peft_model).items()}
+    monkeypatch.setattr(perpcs.pipeline, "lora_state", noise)
+    run = Run.create(tmp_path / "run", tiny_run_config(calibration={"rules": ["act-cat", "average", "paper"]}))
+    recipes = run.pipeline()
+    cal = run.calibrate()
+    assert cal["chosen"] == "none" and cal["declined"], cal["candidates"]
+    assert set(cal["candidates"]) == {"none", "average", "act-cat", "paper"}
+    model, tok = run.merged
+    pool = run.open_pool()
+    for uid, recipe in recipes.items():
+        assert all(not chosen for chosen in recipe.pieces.values())
+        user = run.data.user(uid)
+        plain = generate(model, tok, prompts(run.data.task, user), 4)
+        peft_model = apply_recipe(model, recipe, pool)
+        assert generate(peft_model, tok, prompts(run.data.task, user), 4) == plain
+        peft_model.unload()
+
+
+def test_grid_has_what_calibration_must_compare():
+    assert GRID["paper"] == PAPER_RULE
+    assert {GRID[n]["assembly"].get("temperature") for n in GRID if n.startswith("act")} >= {1.0, 4.0, 16.0}
+    assert {GRID[n]["assembly"].get("top_k") for n in GRID if n.startswith("act")} >= {1, 3}
+    assert {GRID[n]["assembly"].get("mix") for n in GRID if n.startswith("act")} == {"cat", "linear"}
