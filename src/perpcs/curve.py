@@ -3,9 +3,9 @@ its newest k history items, k = 1, 2, 4, ... or all, with CIs, against the non-p
 
 One run is built once (task model, sharers, pool); each point k is a run derived from it, with the
 run's pool (`Run.derive` lends it), with `assembly.recent_k = k` (Per-Pcs assembles from the k newest
-items) and a bench whose targets keep their k newest items (`BenchSettings.history_k`: OPPU trains on them). Points below 5 items are the
-cold start. Without any history item a target gets the non-personalized model (the bench's fallback),
-so that model's line is the curve at k = 0.
+items) and a bench whose targets keep their k newest items (`BenchSettings.history_k`: OPPU trains on
+them). Points below 5 items are the cold start. Without any history item a target gets the
+non-personalized model (the bench's fallback), so that model's line is the curve at k = 0.
 
     OUT/run/                 the run; OUT/k-<k>/ each point's derived run and predictions
     OUT/curve.json, curve.md, curve.png
