@@ -74,12 +74,15 @@ def tiny_data(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_run_config(tiny_data, tiny_base):
-    """Make a RunConfig on the tiny base and data with tiny budgets (2 targets, 3 sharers, 1-2 steps)."""
+    """Make a RunConfig on the tiny base and data with tiny budgets (2 targets, 3 sharers, 1-2 steps). Calibration
+    is off unless a test sets `calibration`: on a random model every rule is noise, the pool would decline and
+    every recipe would be empty."""
     from perpcs.settings import RunConfig
 
     def make(**overrides) -> RunConfig:
         cfg = dict(data=str(tiny_data), base=str(tiny_base), n_targets=2, n_sharers=3, min_sharer_items=1,
-                   task_train={"steps": 2}, sharer_train={"steps": 2}, gate_train={"steps": 1})
+                   task_train={"steps": 2}, sharer_train={"steps": 2}, gate_train={"steps": 1},
+                   calibration={"enabled": False})
         return RunConfig(**{**cfg, **overrides})
     return make
 

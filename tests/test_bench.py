@@ -180,6 +180,11 @@ def test_cli_bench_quick(tiny_base, tiny_data, tmp_path, cli):
     assert list(r["methods"]) == ROWS and r["variants"]["act"]["settings"] == VARIANTS["act"]
     assert r["config"]["task_train"]["steps"] == 4 and r["config"]["n_sharers"] == 3  # --quick budgets
     assert "| perpcs |" in out
+    cal = r["calibration"]  # no rule setting given: the pool calibrated itself; the variant fixed its rule
+    assert list(cal["candidates"]) == list(GRID) and cal["validation"]["queries"] > 0 and "predictions" not in cal
+    assert r["config"]["calibration"]["enabled"] and "Calibration on" in (tmp_path / "results.md").read_text()
+    assert set(r["mixing"]) == {"perpcs", "act"}
+    assert not read_json(tmp_path / "variants" / "act" / "run" / "run.json")["calibration"]["enabled"]
 
 
 def test_cli_bench_bad_input_exits_2_before_any_work(tiny_base, tiny_data, tmp_path, cli):

@@ -143,7 +143,7 @@ def test_the_known_best_rule_is_chosen_and_used_for_targets(tmp_path, tiny_run_c
         strength["now"] = alpha
         return install(self, weights, alpha)
     monkeypatch.setattr(perpcs.assembly.Assembler, "install_weights", spy)
-    run = Run.create(tmp_path / "run", tiny_run_config())
+    run = Run.create(tmp_path / "run", tiny_run_config(calibration={"enabled": True}))
     run.task_adapt()
     run.build_pool()
     answers = {run.data.task.format_prompt(it.input): it.output for u in run.data.users for it in u.history}
@@ -179,7 +179,7 @@ def test_a_pool_of_noise_declines_and_targets_get_the_task_model(tmp_path, tiny_
         return {pos: (torch.randn(A.shape, generator=gen), torch.randn(B.shape, generator=gen))
                 for pos, (A, B) in real(peft_model).items()}
     monkeypatch.setattr(perpcs.pipeline, "lora_state", noise)
-    run = Run.create(tmp_path / "run", tiny_run_config(calibration={"rules": ["act-cat", "average", "paper"]}))
+    run = Run.create(tmp_path / "run", tiny_run_config(calibration={"enabled": True, "rules": ["act-cat", "average", "paper"]}))
     recipes = run.pipeline()
     cal = run.calibrate()
     assert cal["chosen"] == "none" and cal["declined"], cal["candidates"]

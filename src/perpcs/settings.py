@@ -319,8 +319,11 @@ PAPER_RULE = GRID["paper"]
 QUICK = ["task_train.steps=4", "sharer_train.steps=3", "gate_train.steps=2", "n_targets=2", "n_sharers=3",
          "min_sharer_items=1"]
 # The demo's data size and budgets: chosen so that `perpcs demo` runs in about 15 minutes on 2 CPU cores.
-# Per-Pcs with the default rule, and the paper's rule beside it as a variant (see README).
-DEMO_CONFIG = {"users": 48, "queries": 12, "run": {"n_targets": 5, "n_sharers": 6, "task_train": {"steps": 25}},
+# Per-Pcs with the calibrated rule (on 8 validation users), and the paper's rule beside it as a variant
+# (see README); no retrieval rows (the full bench has them).
+DEMO_CONFIG = {"users": 48, "queries": 12,
+               "run": {"n_targets": 5, "n_sharers": 6, "task_train": {"steps": 25}, "calibration": {"max_users": 8}},
+               "methods": ["non_personalized", "peft_retrieval", "oppu", "prime", "perpcs"],
                "variants": {"perpcs-paper": PAPER_RULE}}
 
 
