@@ -4,6 +4,7 @@
     POST   /v1/generate             {"user", "input", "max_new_tokens"?}     -> {"user", "output"}
     GET    /v1/users/{id}           the recipe's metadata;  DELETE removes it
     GET    /health                  liveness, cache and batching counters
+    GET    /v1/models, POST /v1/completions, /v1/chat/completions   the OpenAI API (openai_api.py)
 
 Assembly trains nothing and keeps no history: only the recipe is written (atomically) into the
 run's recipes folder, so a restarted server, `perpcs export` and the pipeline all see it.
@@ -22,16 +23,19 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.security import APIKeyHeader
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from perpcs.baselines import generate
 from perpcs.data import Item
 from perpcs.models import load_base
+from perpcs.openai_api import BASE_ADAPTER, RowStreamer, install_error_handlers, openai_routes
 from perpcs.pipeline import Run
 from perpcs.recipe import Recipe, materialize, peft_state_dict
 
@@ -86,10 +90,12 @@ class UnknownUser(LookupError):
 
 @dataclass
 class Pending:
-    user: str
+    user: str | None  # None: the base model, no adapter
     prompt: str
     max_new_tokens: int
     future: asyncio.Future = field(repr=False)
+    options: tuple = ()  # sorted (name, value) pairs for model.generate (sampling); rows batch only with equal ones
+    on_token: Callable[[int], None] | None = field(default=None, repr=False)  # each new token id, from the model thread
 
 
 class Service:
@@ -154,19 +160,25 @@ class Service:
             self.drop(user)
 
     def generate(self, rows: list[Pending]) -> list[str | Exception]:
-        """One answer per row: rows of equal max_new_tokens, at most cache_size users, in one call."""
+        """One answer per row: rows of equal max_new_tokens and options, at most cache_size users, in one call."""
         out: list[str | Exception] = [UnknownUser(r.user) for r in rows]
         n = max(r.max_new_tokens for r in rows)
         known = []
         for i, r in enumerate(rows):
             try:
-                known.append((i, self.adapter(r.user)))
+                known.append((i, BASE_ADAPTER if r.user is None else self.adapter(r.user)))
             except UnknownUser:
                 pass
         self.evict({rows[i].user for i, _ in known})
         if known:
-            texts = generate(self.peft, self.tokenizer, [rows[i].prompt for i, _ in known], n,
-                             batch_size=len(known), adapter_names=[name for _, name in known])
+            options = dict(rows[0].options)
+            if (seed := options.pop("seed", None)) is not None:
+                torch.manual_seed(seed)
+            if any(rows[i].on_token for i, _ in known):
+                options["streamer"] = RowStreamer([rows[i].on_token for i, _ in known])
+            model, names = (self.model, None) if self.peft is None else (self.peft, [name for _, name in known])
+            texts = generate(model, self.tokenizer, [rows[i].prompt for i, _ in known], n,
+                             batch_size=len(known), adapter_names=names, **options)
             for (i, _), text in zip(known, texts):
                 out[i] = text
             self.counts["batches"] += 1
@@ -188,9 +200,12 @@ class Service:
 
 
 def groups(rows: list[Pending], most_users: int) -> list[list[Pending]]:
-    """Split a batch into calls of one max_new_tokens and at most `most_users` distinct users each."""
+    """Split a batch into calls of one max_new_tokens and options, and at most `most_users` distinct users each."""
     out = []
-    for _, same_n in itertools.groupby(sorted(rows, key=lambda r: r.max_new_tokens), key=lambda r: r.max_new_tokens):
+    def same(r):
+        return r.max_new_tokens, repr(r.options)
+
+    for _, same_n in itertools.groupby(sorted(rows, key=same), key=same):
         part: list[Pending] = []
         for r in same_n:
             if r.user not in {p.user for p in part} and len({p.user for p in part}) == most_users:
@@ -208,9 +223,10 @@ class Batcher:
         self.service = service
         self.queue: asyncio.Queue[Pending] = asyncio.Queue()
 
-    async def submit(self, user: str, prompt: str, max_new_tokens: int) -> str:
+    async def submit(self, user: str | None, prompt: str, max_new_tokens: int, options: tuple = (),
+                     on_token: Callable[[int], None] | None = None) -> str:
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put(Pending(user, prompt, max_new_tokens, future))
+        await self.queue.put(Pending(user, prompt, max_new_tokens, future, options, on_token))
         return await future
 
     async def run(self) -> None:
@@ -260,10 +276,12 @@ def create_app(run: Run | str | Path, settings: ServeSettings | None = None) -> 
     app = FastAPI(title="perpcs", lifespan=lifespan)
     app.state.service = service
     header = APIKeyHeader(name="X-API-Key", auto_error=False)
+    bearer = HTTPBearer(auto_error=False)
 
-    def authorized(key: str | None = Depends(header)) -> None:
+    def authorized(key: str | None = Depends(header), auth: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        key = key or (auth.credentials if auth else None)
         if settings.api_key and not (key and secrets.compare_digest(key, settings.api_key)):
-            raise HTTPException(401, "missing or wrong X-API-Key header")
+            raise HTTPException(401, "missing or wrong API key (X-API-Key or Authorization: Bearer header)")
 
     @app.middleware("http")
     async def body_limit(request: Request, call_next):
@@ -274,6 +292,9 @@ def create_app(run: Run | str | Path, settings: ServeSettings | None = None) -> 
             if int(length) > settings.max_body_bytes:
                 return JSONResponse({"detail": [{"loc": ["body"], "msg": f"body over {settings.max_body_bytes} bytes"}]}, 413)
         return await call_next(request)
+
+    app.include_router(openai_routes(service, batcher, settings, authorized))
+    install_error_handlers(app)
 
     async def on_thread(fn, *args):
         return await asyncio.get_running_loop().run_in_executor(service.thread, fn, *args)
