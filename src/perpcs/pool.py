@@ -31,6 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_tensors
 
 from perpcs.errors import InputError
+from perpcs.annindex import PREFIX as ANN_PREFIX
 from perpcs.keyindex import PREFIX as KEY_INDEX_PREFIX
 from perpcs.utils import atomic_path, dir_bytes, sha256_file
 
@@ -357,8 +358,9 @@ class Pool:
     # --- size ---
 
     def nbytes(self) -> int:
-        """Bytes on disk of the pool: manifest and sharer files, not the key index (a cache made on first use)."""
-        return dir_bytes(self.path) - sum(f.stat().st_size for f in self.path.glob(f"{KEY_INDEX_PREFIX}*.safetensors"))
+        """Bytes on disk of the pool: manifest and sharer files, not the key indexes (caches made on first use)."""
+        return (dir_bytes(self.path) - sum(f.stat().st_size for f in self.path.glob(f"{KEY_INDEX_PREFIX}*.safetensors"))
+                - sum(dir_bytes(f) for f in self.path.glob(f"{ANN_PREFIX}*") if f.is_dir()))
 
     def sharer_nbytes(self, sharer_id: str) -> int:
         return self._db.execute("SELECT nbytes FROM sharers WHERE idx = ?", (self._sharer(sharer_id)[0],)).fetchone()[0]
