@@ -73,7 +73,7 @@ def build(folder: Path, sharers: list[str], kind: str, positions: list[str],
                 nlist = lists_for(len(x))
                 index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(x.shape[1]), x.shape[1], nlist,
                                                       faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
-                index.cp.seed = seed
+                index.cp.seed, index.cp.min_points_per_centroid = seed, 1  # one list for tiny pools
                 sample = np.random.default_rng(seed).permutation(len(x))[: 64 * nlist]
                 index.train(x[np.sort(sample)])
                 index.add(x)
