@@ -204,6 +204,8 @@ def main(a: argparse.Namespace) -> None:
                                                     "bytes": dir_bytes(pools[n])})[1])
         step(state, partial, f"{n}/indexes", lambda: build_indexes(pools[n], a.seed))
         print(f"{n} sharers: {json.dumps(state[f'{n}/indexes'])}", file=sys.stderr)
+    if a.build_only:
+        return
     runs = [(n, "auto") for n in a.sharers] + [(n, "approximate") for n in a.sharers if 1000 <= n < LARGE_POOL]
     for n, key_index in runs:
         step(state, partial, f"{n}/{key_index}/measure",
@@ -273,6 +275,7 @@ if __name__ == "__main__":
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/pool-scale.json"))
     ap.add_argument("--work", type=Path, default=Path("/tmp/perpcs-pool-scale"), help="where the pools are built")
     ap.add_argument("--keep", action="store_true", help="keep the pools (they take up to tens of GB)")
+    ap.add_argument("--build-only", action="store_true", help="build pools and indexes, measure nothing yet")
     ap.add_argument("--items", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)

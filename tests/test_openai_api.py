@@ -149,6 +149,8 @@ def test_errors_in_openai_shape(run, url, client):  # noqa: F811
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="alice", messages=[])
     assert e.value.response.json()["error"]["param"] == "messages"
+    big = httpx.post(f"{url}/v1/completions", json={"model": "alice", "prompt": "x" * 1_000_001})
+    assert (big.status_code, big.json()["error"]["code"]) == (413, "request_too_large")
     assert httpx.get(f"{url}/v1/users/nobody").json() == {"detail": "no recipe for user 'nobody'"}  # old shape there
 
 

@@ -40,8 +40,8 @@ def index_path(pool) -> Path:
 
 
 def lists_for(n: int) -> int:
-    """IVF lists for n vectors: about 2 sqrt(n), at most 256, each with at least ~40 training points."""
-    return max(1, min(256, round(2 * math.sqrt(n)), n // 40))
+    """IVF lists for n vectors: about 2 sqrt(n), at most 256, each with at least ~32 training points."""
+    return max(1, min(256, round(2 * math.sqrt(n)), n // 32))
 
 
 def indexed_vectors(keys: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -73,8 +73,8 @@ def build(folder: Path, sharers: list[str], kind: str, positions: list[str],
                 nlist = lists_for(len(x))
                 index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(x.shape[1]), x.shape[1], nlist,
                                                       faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
-                index.cp.seed, index.cp.min_points_per_centroid = seed, 1  # one list for tiny pools
-                sample = np.random.default_rng(seed).permutation(len(x))[: 64 * nlist]
+                index.cp.seed, index.cp.niter, index.cp.min_points_per_centroid = seed, 10, 1  # 1: tiny pools
+                sample = np.random.default_rng(seed).permutation(len(x))[: 32 * nlist]
                 index.train(x[np.sort(sample)])
                 index.add(x)
                 with atomic_path(part / f"{i}.npz") as tmp, open(tmp, "wb") as f:

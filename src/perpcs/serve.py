@@ -35,7 +35,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from perpcs.baselines import generate
 from perpcs.data import Item
 from perpcs.models import load_base
-from perpcs.openai_api import BASE_ADAPTER, RowStreamer, install_error_handlers, openai_routes
+from perpcs.openai_api import BASE_ADAPTER, CODES, RowStreamer, error_response, install_error_handlers, openai_routes
+from perpcs.openai_api import PATHS as OPENAI_PATHS
 from perpcs.pipeline import Run
 from perpcs.recipe import Recipe, materialize, peft_state_dict
 
@@ -287,10 +288,15 @@ def create_app(run: Run | str | Path, settings: ServeSettings | None = None) -> 
     async def body_limit(request: Request, call_next):
         if request.method in ("POST", "PUT", "PATCH"):
             length = request.headers.get("content-length")
-            if length is None or not length.isdigit():
-                return JSONResponse({"detail": [{"loc": ["header", "content-length"], "msg": "a body needs a Content-Length"}]}, 411)
-            if int(length) > settings.max_body_bytes:
-                return JSONResponse({"detail": [{"loc": ["body"], "msg": f"body over {settings.max_body_bytes} bytes"}]}, 413)
+            if not (length or "").isdigit():
+                status, loc, msg = 411, ["header", "content-length"], "a body needs a Content-Length"
+            elif int(length) > settings.max_body_bytes:
+                status, loc, msg = 413, ["body"], f"body over {settings.max_body_bytes} bytes"
+            else:
+                return await call_next(request)
+            if request.url.path in OPENAI_PATHS:
+                return error_response(status, msg, None, CODES[status])
+            return JSONResponse({"detail": [{"loc": loc, "msg": msg}]}, status)
         return await call_next(request)
 
     app.include_router(openai_routes(service, batcher, settings, authorized))
