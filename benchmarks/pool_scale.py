@@ -204,13 +204,15 @@ def main(a: argparse.Namespace) -> None:
                                                     "bytes": dir_bytes(pools[n])})[1])
         step(state, partial, f"{n}/indexes", lambda: build_indexes(pools[n], a.seed))
         print(f"{n} sharers: {json.dumps(state[f'{n}/indexes'])}", file=sys.stderr)
-    if a.build_only:
+    if a.until == "build":
         return
     runs = [(n, "auto") for n in a.sharers] + [(n, "approximate") for n in a.sharers if 1000 <= n < LARGE_POOL]
     for n, key_index in runs:
         step(state, partial, f"{n}/{key_index}/measure",
              lambda: in_process("--measure", str(pools[n]), "--key-index", key_index, "--repeats", str(a.repeats),
                                 *common))
+    if a.until == "measure":
+        return
     alternating = step(state, partial, "alternating", lambda: in_process(
         "--alternate", *[f"{pools[n]}={k}" for n, k in runs], "--repeats", str(2 * a.repeats), *common))
     result = {"positions": len(shapes), "lora_r": LoraSettings().r, "history_items": a.items, "repeats": a.repeats,
@@ -275,7 +277,8 @@ if __name__ == "__main__":
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/pool-scale.json"))
     ap.add_argument("--work", type=Path, default=Path("/tmp/perpcs-pool-scale"), help="where the pools are built")
     ap.add_argument("--keep", action="store_true", help="keep the pools (they take up to tens of GB)")
-    ap.add_argument("--build-only", action="store_true", help="build pools and indexes, measure nothing yet")
+    ap.add_argument("--until", choices=["build", "measure", "all"], default="all",
+                    help="stop after building pools and indexes, or after the per-size processes (resume later)")
     ap.add_argument("--items", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
