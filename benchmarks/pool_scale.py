@@ -6,10 +6,11 @@ of width 576, LoRA r=8). Keys are real-sized, distinct and synthetic: per positi
 plus a sharer's own offset in a 16-dimensional subspace plus isotropic noise, sized like real
 activation keys (offsets about a sixth of the key's norm). Pieces share storage: the first 10
 sharers have their own random fp32 pieces, and sharer i's manifest row points at sharer i mod 10's
-file (a pool of 100,000 distinct 4.7 MB sharer files would take 470 GB). The key index the pool
-uses (exhaustive below annindex.LARGE_POOL sharers, approximate from there) is written from the
-synthetic keys; the approximate index is built at every size too, and its top-3 recall against
-exhaustive scoring of the same keys is measured on new users' keys drawn like the sharers'.
+file (a pool of 100,000 distinct 4.7 MB sharer files would take 470 GB). The key indexes are
+written from the synthetic keys: the exhaustive one up to 10,000 sharers (at 100,000 it would be a
+27 GB file), the approximate one at every size, with its top-3 recall against exhaustive scoring of
+the same keys, measured on new users' keys drawn like the sharers'. Assembly is timed with the
+exhaustive index up to 10,000 sharers and with the approximate one from 1,000 on.
 
 Each size's peak RSS is measured in a fresh process: load the base, one plain forward over the
 history (the "model" memory), open the pool, assemble `--repeats` times. Time is measured
@@ -49,6 +50,7 @@ from perpcs.utils import dir_bytes, read_json, write_json
 
 TASK = Task(name="scale", kind="classification", labels=["yes", "no"], instruction="Does this user like it?")
 FILES, RANK, QUERIES = 10, 16, 20
+EXACT_UP_TO = 10_000  # the exhaustive index of 100,000 sharers would be a 27 GB file
 
 
 def positions(config) -> dict[str, tuple[int, int]]:
@@ -91,7 +93,7 @@ def build_indexes(folder: Path, seed: int) -> dict:
     pool = Pool.open(folder, verify=False)
     n, sharers, d = len(pool), pool.sharers(), pool.shapes[pool.positions[0]][0]
     out: dict = {}
-    if n < LARGE_POOL:
+    if n <= EXACT_UP_TO:
         t0 = time.perf_counter()
         keys = {pos: (list(range(n)), synthetic_keys(n, d, i, seed)) for i, pos in enumerate(pool.positions)}
         KeyIndex.write(KeyIndex.path_of(pool), sharers, {p: s[0] for p, s in pool.shapes.items()}, keys)
@@ -206,7 +208,7 @@ def main(a: argparse.Namespace) -> None:
         print(f"{n} sharers: {json.dumps(state[f'{n}/indexes'])}", file=sys.stderr)
     if a.until == "build":
         return
-    runs = [(n, "auto") for n in a.sharers] + [(n, "approximate") for n in a.sharers if 1000 <= n < LARGE_POOL]
+    runs = [(n, "exact") for n in a.sharers if n <= EXACT_UP_TO] + [(n, "approximate") for n in a.sharers if n >= 1000]
     for n, key_index in runs:
         step(state, partial, f"{n}/{key_index}/measure",
              lambda: in_process("--measure", str(pools[n]), "--key-index", key_index, "--repeats", str(a.repeats),
@@ -216,28 +218,30 @@ def main(a: argparse.Namespace) -> None:
     alternating = step(state, partial, "alternating", lambda: in_process(
         "--alternate", *[f"{pools[n]}={k}" for n, k in runs], "--repeats", str(2 * a.repeats), *common))
     result = {"positions": len(shapes), "lora_r": LoraSettings().r, "history_items": a.items, "repeats": a.repeats,
-              "torch_threads": torch.get_num_threads(), "large_pool": LARGE_POOL, "runs": []}
+              "torch_threads": torch.get_num_threads(), "large_pool": LARGE_POOL, "nprobe": AssemblySettings().nprobe,
+              "indexes": {n: {"pool": state[f"{n}/pool"], **state[f"{n}/indexes"]} for n in a.sharers}, "runs": []}
     for (n, key_index), seconds in zip(runs, alternating):
         m = state[f"{n}/{key_index}/measure"]
-        result["runs"].append({"sharers": n, "key_index": key_index, "approximate": m["approximate"],
+        result["runs"].append({"sharers": n, "key_index": key_index, "default": (n >= LARGE_POOL) == m["approximate"],
                                "alternating_seconds": seconds, "alternating_median_seconds": statistics.median(seconds),
                                "own_process_seconds": min(m["assembly_seconds"]), "peak_rss_mb": m["peak_rss_mb"],
                                "model_rss_mb": m["model_rss_mb"], "rss_over_model_mb": m["rss_over_model_mb"],
-                               "assembler_open_seconds": m["index_seconds"], "pool": state[f"{n}/pool"],
-                               **state[f"{n}/indexes"]})
-    auto = {r["sharers"]: r for r in result["runs"] if r["key_index"] == "auto"}
-    lo, hi = auto[min(auto)], auto[max(auto)]
+                               "assembler_open_seconds": m["index_seconds"]})
+    default = {r["sharers"]: r for r in result["runs"] if r["default"]}
+    lo, hi = default[min(default)], default[max(default)]
     result["time_growth"] = hi["alternating_median_seconds"] / lo["alternating_median_seconds"]
     write_json(a.out, result)
     plot(result, a.out.with_suffix(".png"))
     for r in result["runs"]:
-        ann = r["approximate_index"]
-        print(f"{r['sharers']:>6} sharers, {'approximate' if r['approximate'] else 'exact'} index: assembly "
+        print(f"{r['sharers']:>6} sharers, {r['key_index']} index{' (the default)' if r['default'] else ''}: assembly "
               f"{r['alternating_median_seconds']:.2f} s (alternating), peak RSS +{r['rss_over_model_mb']:.0f} MB over "
-              f"the model; approximate index {ann['seconds']:.0f} s to build, {ann['bytes'] / 1e6:.0f} MB, "
-              f"top-3 recall {ann['recall_at_3']}")
-    print(f"time growth {min(auto)} -> {max(auto)} sharers: {result['time_growth']:.2f}x (alternating); wrote "
-          f"{a.out} and {a.out.with_suffix('.png')}")
+              f"the model")
+    for n, ix in result["indexes"].items():
+        ann = ix["approximate_index"]
+        print(f"{n:>6} sharers: approximate index {ann['seconds']:.0f} s to build, {ann['bytes'] / 1e6:.0f} MB, "
+              f"top-3 recall by nprobe {ann['recall_at_3']}")
+    print(f"time growth {min(default)} -> {max(default)} sharers, default index: {result['time_growth']:.2f}x "
+          f"(alternating); wrote {a.out} and {a.out.with_suffix('.png')}")
     if not a.keep:
         for folder in pools.values():
             shutil.rmtree(folder, ignore_errors=True)
@@ -249,18 +253,18 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 3.6))
-    for key_index, style in (("auto", "o-"), ("approximate", "s--")):
+    for key_index, style in (("exact", "o-"), ("approximate", "s--")):
         runs = [r for r in result["runs"] if r["key_index"] == key_index]
-        label = "index as chosen (auto)" if key_index == "auto" else "approximate index forced"
+        label = f"{key_index} index"
         a.plot([r["sharers"] for r in runs], [r["alternating_median_seconds"] for r in runs], style, label=label)
         b.plot([r["sharers"] for r in runs], [r["rss_over_model_mb"] for r in runs], style, label=label)
-    auto = [r for r in result["runs"] if r["key_index"] == "auto"]
     a.set(xscale="log", xlabel="sharers", ylabel="assembly seconds (one target, alternating)", ylim=(0, None))
     b.set(xscale="log", xlabel="sharers", ylabel="peak RSS over the model (MB)", ylim=(0, None))
     a.legend(fontsize=8)
     b.legend(fontsize=8)
-    for nprobe in auto[0]["approximate_index"]["recall_at_3"]:
-        c.plot([r["sharers"] for r in auto], [r["approximate_index"]["recall_at_3"][nprobe] for r in auto], "o-",
+    sizes = [int(n) for n in result["indexes"]]
+    for nprobe in next(iter(result["indexes"].values()))["approximate_index"]["recall_at_3"]:
+        c.plot(sizes, [ix["approximate_index"]["recall_at_3"][nprobe] for ix in result["indexes"].values()], "o-",
                label=f"nprobe {nprobe}")
     c.axhline(0.99, color="grey", lw=0.8, ls=":")
     c.set(xscale="log", xlabel="sharers", ylabel="approximate top-3 recall vs exhaustive", ylim=(0.8, 1.005))
@@ -282,7 +286,7 @@ if __name__ == "__main__":
     ap.add_argument("--items", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--key-index", default="auto", help=argparse.SUPPRESS)
+    ap.add_argument("--key-index", default="exact", help=argparse.SUPPRESS)
     ap.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # internal: one measurement, in a fresh process
     ap.add_argument("--alternate", nargs="+", help=argparse.SUPPRESS)  # internal: POOL=KEY_INDEX ..., in turn
     a = ap.parse_args()
