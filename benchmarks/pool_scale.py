@@ -105,7 +105,7 @@ def build_indexes(folder: Path, seed: int) -> dict:
     def keys_at(pos: str):
         i = pool.positions.index(pos)
         everyone = synthetic_keys(n, d, i, seed, QUERIES)
-        keys, queries[pos] = everyone[:n], everyone[n:]
+        keys, queries[pos] = everyone[:n], everyone[n:].clone()  # a view would keep all n keys alive
         c = keys.mean(0)
         scores = F.normalize(queries[pos] - c, dim=-1) @ F.normalize(keys - c, dim=-1).T  # sqrt(d) cos, unscaled
         exact_top[pos] = [{sharers[j] for j in row} for row in torch.topk(scores, min(3, n), dim=1).indices.tolist()]

@@ -156,7 +156,8 @@ def plot(rounds: list[dict], path: Path) -> None:
     rate, lat = axes[:2]
     if extra:
         tok, first = axes[2:]
-        tok.bar(x, [r["tokens_per_s"] for r in rounds], color=["C0" if r["mode"] == "batched" else "C1" for r in rounds])
+        colours = ["C0" if r["mode"] == "batched" else "C1" for r in rounds]
+        tok.bar(x, [r["tokens_per_s"] for r in rounds], color=colours)
         tok.set(xticks=list(x), xticklabels=labels, ylabel="completion tokens / s", title="tokens")
         streamed = [(i, r) for i, r in enumerate(rounds) if r.get("stream")]
         first.bar([i - 0.2 for i, _ in streamed], [r["first_token_p50_s"] for _, r in streamed], 0.4, label="p50")

@@ -19,8 +19,8 @@ def clustered_pieces(n: int, seed: int) -> dict[str, dict]:
     pieces = {}
     for i in range(n):
         p = random_pieces(seed + i)
-        pieces[f"u{i}"] = {pos: (a, b, 3 + torch.randn(4, generator=g) @ basis[pos] + 0.2 * torch.randn(k.shape, generator=g))
-                           for pos, (a, b, k) in p.items()}
+        pieces[f"u{i}"] = {pos: (a, b, 3 + torch.randn(4, generator=g) @ basis[pos]
+                                 + 0.2 * torch.randn(k.shape, generator=g)) for pos, (a, b, k) in p.items()}
     return pieces
 
 
@@ -47,8 +47,10 @@ def test_search_probing_every_list_gives_the_exhaustive_top_k_and_scores(tmp_pat
             want = hand_scores(kind, mean, keys)
             top = torch.topk(want, 5)
             found, scores = index.search(pos, mean, 5)
-            assert found == [ids[i] for i in top.indices.tolist()]
-            assert torch.allclose(scores, top.values, atol=5e-3 * math.sqrt(keys.shape[1]))
+            score_of, tol = dict(zip(ids, want.tolist())), 5e-3 * math.sqrt(keys.shape[1])  # fp16 vectors
+            assert len(set(found)) == 5  # the exhaustive top-5, in order, up to ties within fp16 rounding:
+            assert all(score_of[f] >= top.values[r] - tol for r, f in enumerate(found))
+            assert torch.allclose(scores, torch.tensor([score_of[f] for f in found]), atol=tol)
     assert index_path(pool).is_dir() and index.nbytes() > 0
 
 
@@ -89,7 +91,10 @@ def test_assembly_through_the_index_makes_the_exhaustive_recipe(tmp_path, tokeni
     exact, _ = assemble(pool, tokenizer, HISTORY, top_k=2, batch_size=3, select=select, key_index="exact")
     approx, _ = assemble(pool, tokenizer, HISTORY, top_k=2, batch_size=3, select=select, key_index="approximate",
                          nprobe=1000)
-    assert {p: [s for s, _ in c] for p, c in approx.pieces.items()} == {p: [s for s, _ in c] for p, c in exact.pieces.items()}
+    def chosen(recipe):
+        return {p: [s for s, _ in c] for p, c in recipe.pieces.items()}
+
+    assert chosen(approx) == chosen(exact)
     for pos, chosen in exact.pieces.items():
         assert [w for _, w in approx.pieces[pos]] == pytest.approx([w for _, w in chosen], abs=2e-3)
     with pytest.raises(ValueError, match="topp"):

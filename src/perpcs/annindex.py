@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from perpcs.utils import atomic_path, sha256_file
 
 PREFIX = "ann-"
-LARGE_POOL = 20_000  # sharers from which key_index="auto" uses this index
+LARGE_POOL = 5_000  # sharers from which key_index="auto" uses this index (measured: benchmarks/README.md)
 
 
 def index_path(pool) -> Path:

@@ -232,7 +232,8 @@ class Assembler:
         """(candidates, their scores) at `pos`: every candidate, or the best the approximate index finds."""
         s = self.settings
         if self.approximate:
-            return self.keys.search(pos, target_mean(h, mask), max(s.top_k, s.sample_topk if s.select == "sample" else 0))
+            want = max(s.top_k, s.sample_topk if s.select == "sample" else 0)
+            return self.keys.search(pos, target_mean(h, mask), want)
         ids, keys = self.keys.keys(pos)
         # on the CPU: the seeded generator is a CPU one (multinomial refuses it for CUDA scores)
         return ids, (piece_scores(h, keys, mask, self.pool.key).cpu() if ids else torch.empty(0))

@@ -279,7 +279,8 @@ def create_app(run: Run | str | Path, settings: ServeSettings | None = None) -> 
     header = APIKeyHeader(name="X-API-Key", auto_error=False)
     bearer = HTTPBearer(auto_error=False)
 
-    def authorized(key: str | None = Depends(header), auth: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+    def authorized(key: str | None = Depends(header),
+                   auth: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
         key = key or (auth.credentials if auth else None)
         if settings.api_key and not (key and secrets.compare_digest(key, settings.api_key)):
             raise HTTPException(401, "missing or wrong API key (X-API-Key or Authorization: Bearer header)")
