@@ -127,6 +127,10 @@ def test_base_model_and_model_list(run, url, client):  # noqa: F811
     got = client.chat.completions.create(model=base, messages=[{"role": "user", "content": TEXTS[0]}], max_tokens=6,
                                          temperature=0)
     assert got.choices[0].message.content == want
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": TEXTS[1]}]
+    templated = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    got = client.chat.completions.create(model=base, messages=conversation, max_tokens=6, temperature=0)
+    assert got.choices[0].message.content == generate(model, tok, [templated], 6)[0]
 
 
 def test_sampling_with_a_seed_repeats(run, url, client):  # noqa: F811
