@@ -7,8 +7,12 @@ requests/s, p50/p95 latency, the adapter cache's hit rate and whether both modes
 First, midway through one pass over the requests, it kills the server (SIGKILL) and restarts it, and
 checks that every recipe assembled before is still served, byte for byte (recipes are written
 atomically to RUN/recipes). The throughput rounds then run on fresh servers with warmed caches.
+With --openai the requests go through the real `openai` client to the OpenAI routes, as chat
+completions (model = the user), each round once whole and once streamed: it reports requests/s,
+p50/p95 latency, completion tokens/s and, streamed, the time to the first token (no restart check).
 
     python benchmarks/serve_load.py --run RUN --users 4 --requests 4 --concurrency 4
+    python benchmarks/serve_load.py --run RUN --users 16 --concurrency 8 --openai
 """
 
 import argparse
@@ -85,6 +89,44 @@ async def fire(url: str, jobs: list[dict], concurrency: int, max_new_tokens: int
     return latencies, outputs, time.perf_counter() - t0
 
 
+async def fire_openai(url: str, jobs: list, concurrency: int, max_tokens: int, stream: bool) -> dict:
+    """The jobs as chat completions through the openai client, `concurrency` at a time: latencies, times to
+    the first token (streamed), completion tokens, outputs by job, wall seconds."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+    limit = asyncio.Semaphore(concurrency)
+    got: dict = {"latencies": [], "first_token": [], "tokens": 0, "outputs": {}}
+
+    async def one(i, job):
+        async with limit:
+            t0 = time.perf_counter()
+            ask = {"model": job["user"], "messages": [{"role": "user", "content": job["input"]}],
+                   "max_tokens": max_tokens, "temperature": 0}
+            if stream:
+                parts = []
+                async for chunk in await client.chat.completions.create(**ask, stream=True,
+                                                                        stream_options={"include_usage": True}):
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        if not parts:
+                            got["first_token"].append(time.perf_counter() - t0)
+                        parts.append(chunk.choices[0].delta.content)
+                    if chunk.usage:
+                        got["tokens"] += chunk.usage.completion_tokens
+                got["outputs"][i] = "".join(parts)
+            else:
+                done = await client.chat.completions.create(**ask)
+                got["tokens"] += done.usage.completion_tokens
+                got["outputs"][i] = done.choices[0].message.content
+            got["latencies"].append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i, job) for i, job in jobs))
+    got["wall"] = time.perf_counter() - t0
+    await client.close()
+    return got
+
+
 def delta(before: dict, after: dict) -> dict:
     """Change of the server's counters (/health) over a phase."""
     return {k: after[k] - before[k] for k in ("cache_hits", "cache_misses", "batches", "generated")}
@@ -100,15 +142,30 @@ def summary(latencies: list[float], wall: float, counts: dict) -> dict:
 
 
 def plot(rounds: list[dict], path: Path) -> None:
-    """Requests/s and p50/p95 latency of each throughput round."""
+    """Requests/s and p50/p95 latency of each throughput round (and tokens/s, time to first token, if measured)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['mode'].replace('_', ' ')}\nround {r['round']}" for r in rounds]
+    labels = [f"{r['mode'].replace('_', ' ')}{' streamed' if r.get('stream') else ''}\nround {r['round']}"
+              for r in rounds]
     x = range(len(rounds))
-    fig, (rate, lat) = plt.subplots(1, 2, figsize=(9, 3.2))
+    extra = "tokens_per_s" in rounds[0]
+    fig, axes = plt.subplots(1, 4 if extra else 2, figsize=(18 if extra else 9, 3.4))
+    rate, lat = axes[:2]
+    if extra:
+        tok, first = axes[2:]
+        colours = ["C0" if r["mode"] == "batched" else "C1" for r in rounds]
+        tok.bar(x, [r["tokens_per_s"] for r in rounds], color=colours)
+        tok.set(xticks=list(x), xticklabels=labels, ylabel="completion tokens / s", title="tokens")
+        streamed = [(i, r) for i, r in enumerate(rounds) if r.get("stream")]
+        first.bar([i - 0.2 for i, _ in streamed], [r["first_token_p50_s"] for _, r in streamed], 0.4, label="p50")
+        first.bar([i + 0.2 for i, _ in streamed], [r["first_token_p95_s"] for _, r in streamed], 0.4, label="p95")
+        first.set(xticks=list(x), xticklabels=labels, ylabel="seconds", title="time to first token (streamed)")
+        first.legend()
+        for ax in axes:
+            ax.tick_params(axis="x", labelsize=7)
     rate.bar(x, [r["requests_per_s"] for r in rounds], color=["C0" if r["mode"] == "batched" else "C1" for r in rounds])
     rate.set(xticks=list(x), xticklabels=labels, ylabel="requests / s", title="throughput")
     lat.bar([i - 0.2 for i in x], [r["p50_s"] for r in rounds], 0.4, label="p50")
@@ -130,8 +187,10 @@ def main() -> None:
     ap.add_argument("--cache-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=1, help="batched/one-at-a-time rounds, alternated")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/serve-load.json"))
+    ap.add_argument("--openai", action="store_true", help="through the openai client and the OpenAI routes")
+    ap.add_argument("--out", type=Path, help="default benchmarks/results/serve-load[-openai].json")
     args = ap.parse_args()
+    args.out = args.out or Path(f"benchmarks/results/serve-load{'-openai' if args.openai else ''}.json")
 
     run = Run(args.run)
     data = run.data
@@ -160,6 +219,11 @@ def main() -> None:
     result["assemble_seconds"] = {"mean": round(statistics.mean(assemble_s), 3), "max": round(max(assemble_s), 3),
                                   "history_items": [len(u.history) for u in users]}
     print(f"assembled {len(names)} users, {result['assemble_seconds']['mean']} s each", file=sys.stderr)
+    if args.openai:
+        server.kill()
+        openai_rounds(args, names, jobs, common, result)
+        finish(run, names, result, args.out)
+        return
 
     # restart check: half the requests, kill -9, restart, every recipe still served, the other half
     half = len(jobs) // 2
@@ -195,11 +259,40 @@ def main() -> None:
     result["outputs_differing_between_modes"] = sum(
         outputs[r, "batched"][i] != outputs[r, "one_at_a_time"][i]
         for r in range(args.rounds) for i in outputs[r, "batched"])
+    finish(run, names, result, args.out)
+
+
+def openai_rounds(args, names: list[str], jobs: list, common: list[str], result: dict) -> None:
+    """Batched and one at a time, alternated, each on a fresh server: the jobs whole, then streamed."""
+    outputs = {}
+    for rnd in range(args.rounds):
+        for mode, batch in (("batched", args.max_batch), ("one_at_a_time", 1)):
+            server = Server(args.run, common + ["--max-batch", str(batch)])
+            asyncio.run(fire_openai(server.url, jobs[: len(names)], 1, args.max_new_tokens, False))  # warm-up
+            for stream in (False, True):
+                before = server.health()
+                got = asyncio.run(fire_openai(server.url, jobs, args.concurrency, args.max_new_tokens, stream))
+                outputs[rnd, mode, stream] = got["outputs"]
+                row = {"round": rnd, "mode": mode, "stream": stream,
+                       **summary(got["latencies"], got["wall"], delta(before, server.health())),
+                       "completion_tokens": got["tokens"], "tokens_per_s": round(got["tokens"] / got["wall"], 2)}
+                if stream:
+                    q = statistics.quantiles(got["first_token"], n=20)
+                    row |= {"first_token_p50_s": round(statistics.median(got["first_token"]), 3),
+                            "first_token_p95_s": round(q[18], 3)}
+                result["rounds"].append(row)
+                print(json.dumps(row), file=sys.stderr)
+            server.kill()
+    first = outputs[0, "batched", False]
+    result["outputs_differing_from_round_0_batched"] = sum(o[i] != first[i] for o in outputs.values() for i in first)
+
+
+def finish(run: Run, names: list[str], result: dict, out: Path) -> None:
     for name in names:  # remove only the recipes this benchmark made
         run.recipe_path(name).unlink(missing_ok=True)
-    write_json(args.out, result)
-    plot(result["rounds"], args.out.with_suffix(".png"))
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')}", file=sys.stderr)
+    write_json(out, result)
+    plot(result["rounds"], out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}", file=sys.stderr)
 
 
 if __name__ == "__main__":

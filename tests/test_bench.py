@@ -12,7 +12,7 @@ from perpcs.methods import rows
 from perpcs.pipeline import Run
 from perpcs.recipe import Recipe
 from perpcs.runfolder import safe_name
-from perpcs.settings import BenchSettings
+from perpcs.settings import GRID, BenchSettings
 from perpcs.tables import results_table
 from perpcs.utils import read_json
 

@@ -179,7 +179,8 @@ def test_a_pool_of_noise_declines_and_targets_get_the_task_model(tmp_path, tiny_
         return {pos: (torch.randn(A.shape, generator=gen), torch.randn(B.shape, generator=gen))
                 for pos, (A, B) in real(peft_model).items()}
     monkeypatch.setattr(perpcs.pipeline, "lora_state", noise)
-    run = Run.create(tmp_path / "run", tiny_run_config(calibration={"enabled": True, "rules": ["act-cat", "average", "paper"]}))
+    config = tiny_run_config(calibration={"enabled": True, "rules": ["act-cat", "average", "paper"]})
+    run = Run.create(tmp_path / "run", config)
     recipes = run.pipeline()
     cal = run.calibrate()
     assert cal["chosen"] == "none" and cal["declined"], cal["candidates"]

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from perpcs.annindex import LARGE_POOL, ApproximateIndex
 from perpcs.data import Item
 from perpcs.keyindex import KeyIndex
 from perpcs.lora import clear, inference_config, install, lora_layers, mix_pieces
@@ -60,16 +61,21 @@ def piece_scores(h: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, key: K
       from the pool's in the way its owner's do. The sqrt(d) puts it on the gate score's scale
       (|LN(x)| is about sqrt(d), so that one is sqrt(d) times a cosine too), so tau means the same.
     """
-    if not mask.any():
-        raise ValueError("no token predicts an output token in this batch (are all targets truncated away?)")
     d = h.shape[-1]
-    mean = example_means(F.layer_norm(h.float(), (d,)), mask).mean(0)  # [d]
+    mean = target_mean(h, mask)
     keys = keys.to(mean.device, mean.dtype)
     if key == "gate":  # linear in LN(h): averaging first gives the same scores for n x d work, not B x T x n x d
         # a row-wise sum, not a matrix product: a piece's score then does not depend on the other candidates
         return (F.layer_norm(keys, (d,)) * mean).sum(-1) / math.sqrt(d)
     c = keys.mean(0)
     return math.sqrt(d) * F.cosine_similarity((mean - c).unsqueeze(0), keys - c, dim=-1)
+
+
+def target_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The target's mean LN(h) [d] over a batch: per example over its masked tokens, then over examples."""
+    if not mask.any():
+        raise ValueError("no token predicts an output token in this batch (are all targets truncated away?)")
+    return example_means(F.layer_norm(h.float(), (h.shape[-1],)), mask).mean(0)
 
 
 @torch.no_grad()
@@ -150,7 +156,12 @@ class Assembler:
         if missing:
             raise ValueError(f"the model has no module at pool positions {sorted(missing)[:5]}: "
                              "pool from another architecture?")
-        self.keys = KeyIndex.of(pool)  # read per position as the forward pass reaches it
+        # read per position as the forward pass reaches it
+        auto = settings.key_index == "auto" and len(pool) >= LARGE_POOL
+        self.approximate = settings.key_index == "approximate" or auto
+        if self.approximate and settings.select == "topp":
+            raise ValueError("select='topp' weighs every candidate: it needs key_index='exact'")
+        self.keys = ApproximateIndex.of(pool, settings.nprobe) if self.approximate else KeyIndex.of(pool)
 
     @classmethod
     def for_run(cls, model, pool, config: RunConfig, settings: AssemblySettings | None = None) -> "Assembler":
@@ -201,15 +212,23 @@ class Assembler:
                 trace.append(batch_trace)
         return {pos: {sid: w / len(batches) for sid, w in sorted(ws.items())} for pos, ws in totals.items()}
 
+    def _scores(self, pos: str, h: torch.Tensor, mask: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+        """(candidates, their scores) at `pos`: every candidate, or the best the approximate index finds."""
+        s = self.settings
+        if self.approximate:
+            want = max(s.top_k, s.sample_topk if s.select == "sample" else 0)
+            return self.keys.search(pos, target_mean(h, mask), want)
+        ids, keys = self.keys.keys(pos)
+        # on the CPU: the seeded generator is a CPU one (multinomial refuses it for CUDA scores)
+        return ids, (piece_scores(h, keys, mask, self.pool.key).cpu() if ids else torch.empty(0))
+
     def _hook(self, pos, mask, generator, totals, batch_trace):
         def hook(module, args):
-            ids, keys = self.keys.keys(pos)
+            ids, scores = self._scores(pos, args[0], mask)
             if not ids:  # no sharer shares this position (low sharing ratio): leave it without update
                 clear(module)
                 batch_trace[pos] = ([], torch.empty(0))
             else:
-                # chosen on the CPU: the seeded generator is a CPU one (multinomial refuses it for CUDA scores)
-                scores = piece_scores(args[0], keys, mask, self.pool.key).cpu()
                 idx, w = choose(scores, self.settings, generator)
                 chosen = [ids[i] for i in idx.tolist()]
                 install(module, mix_pieces([self.pool.piece(c, pos) for c in chosen], w.tolist(), self.settings.mix,

@@ -37,7 +37,7 @@ class KeyIndex:
     @classmethod
     def of(cls, pool) -> "KeyIndex":
         """The index of `pool` as it is now: opened if written already, else built (one pass over the sharer files)."""
-        path = pool.path / f"{PREFIX}{sha256_file(pool.path / 'pool.sqlite')[:16]}.safetensors"
+        path = cls.path_of(pool)
         if not path.exists():
             sharers = pool.sharers()  # in the order `candidates(pos)` gives them
             rows: dict[str, list[int]] = {pos: [] for pos in pool.positions}
@@ -46,18 +46,27 @@ class KeyIndex:
                 for pos, key in pool.sharer_keys(sid).items():
                     rows[pos].append(i)
                     keys[pos].append(key)
-            tensors = {}
-            for pos in pool.positions:
-                if rows[pos]:
-                    tensors[f"{pos}.keys"] = torch.stack(keys.pop(pos))
-                    tensors[f"{pos}.sharers"] = torch.tensor(rows[pos], dtype=torch.int32)
-            dims = {pos: d_in for pos, (d_in, _) in pool.shapes.items()}
-            with atomic_path(path) as tmp:
-                save_file(tensors, tmp, metadata={"sharers": json.dumps(sharers), "dims": json.dumps(dims)})
+            cls.write(path, sharers, {pos: d_in for pos, (d_in, _) in pool.shapes.items()},
+                      {pos: (rows[pos], torch.stack(keys.pop(pos))) for pos in pool.positions if rows[pos]})
             for old in pool.path.glob(f"{PREFIX}*.safetensors"):
                 if old != path:
                     old.unlink(missing_ok=True)
         return cls(path)
+
+    @staticmethod
+    def path_of(pool) -> Path:
+        return pool.path / f"{PREFIX}{sha256_file(pool.path / 'pool.sqlite')[:16]}.safetensors"
+
+    @staticmethod
+    def write(path: Path, sharers: list[str], dims: dict[str, int],
+              keys: dict[str, tuple[list[int], torch.Tensor]]) -> None:
+        """The index file: per position (rows into `sharers`, keys [n, d_in]); positions left out have none."""
+        tensors = {}
+        for pos, (rows, k) in keys.items():
+            tensors[f"{pos}.keys"] = k
+            tensors[f"{pos}.sharers"] = torch.tensor(rows, dtype=torch.int32)
+        with atomic_path(path) as tmp:
+            save_file(tensors, tmp, metadata={"sharers": json.dumps(sharers), "dims": json.dumps(dims)})
 
     def keys(self, position: str) -> tuple[list[str], torch.Tensor]:
         """(candidate sharer ids, their keys [n, d_in]) at `position`, as `Pool.keys` gives them."""

@@ -30,6 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_tensors
 
+from perpcs.annindex import PREFIX as ANN_PREFIX
 from perpcs.errors import InputError
 from perpcs.keyindex import PREFIX as KEY_INDEX_PREFIX
 from perpcs.settings import KeyKind
@@ -352,10 +353,11 @@ class Pool:
     # --- size ---
 
     def nbytes(self) -> int:
-        """Bytes on disk of the pool: manifest and sharer files, not the key index (a cache made on first use)
+        """Bytes on disk of the pool: manifest and sharer files, not the key indexes (caches made on first use)
         nor calibration's report (`calibration.json`, written once the pool is built)."""
         extra = [*self.path.glob(f"{KEY_INDEX_PREFIX}*.safetensors"), *self.path.glob("calibration.json")]
-        return dir_bytes(self.path) - sum(f.stat().st_size for f in extra)
+        return (dir_bytes(self.path) - sum(f.stat().st_size for f in extra)
+                - sum(dir_bytes(f) for f in self.path.glob(f"{ANN_PREFIX}*") if f.is_dir()))
 
     def sharer_nbytes(self, sharer_id: str) -> int:
         return self._db.execute("SELECT nbytes FROM sharers WHERE idx = ?", (self._sharer(sharer_id)[0],)).fetchone()[0]

@@ -4,6 +4,7 @@
     POST   /v1/generate             {"user", "input", "max_new_tokens"?}     -> {"user", "output"}
     GET    /v1/users/{id}           the recipe's metadata;  DELETE removes it
     GET    /health                  liveness, cache and batching counters
+    GET    /v1/models, POST /v1/completions, /v1/chat/completions   the OpenAI API (openai_api.py)
 
 Assembly trains nothing and keeps no history: only the recipe is written (atomically) into the
 run's recipes folder, so a restarted server, `perpcs export` and the pipeline all see it.
@@ -21,11 +22,13 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
+import torch
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.security import APIKeyHeader
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from perpcs.assembly import assemble_history
@@ -33,6 +36,8 @@ from perpcs.data import Item
 from perpcs.generation import generate
 from perpcs.lora import AdapterCache, peft_state_dict
 from perpcs.models import load_base
+from perpcs.openai_api import BASE_ADAPTER, CODES, RowStreamer, error_response, install_error_handlers, openai_routes
+from perpcs.openai_api import PATHS as OPENAI_PATHS
 from perpcs.recipe import Recipe, materialize
 from perpcs.runfolder import RunFolder
 
@@ -87,10 +92,12 @@ class UnknownUser(LookupError):
 
 @dataclass
 class Pending:
-    user: str
+    user: str | None  # None: the base model, no adapter
     prompt: str
     max_new_tokens: int
     future: asyncio.Future = field(repr=False)
+    options: tuple = ()  # sorted (name, value) pairs for model.generate (sampling); rows batch only with equal ones
+    on_token: Callable[[int], None] | None = field(default=None, repr=False)  # each new token id, from the model thread
 
 
 class Service:
@@ -127,19 +134,26 @@ class Service:
         return self.cache.put(user, mtime, recipe.peft_config(), peft_state_dict(materialize(recipe, self.pool)))
 
     def generate(self, rows: list[Pending]) -> list[str | Exception]:
-        """One answer per row: rows of equal max_new_tokens, at most cache_size users, in one call."""
+        """One answer per row: rows of equal max_new_tokens and options, at most cache_size users, in one call."""
         out: list[str | Exception] = [UnknownUser(r.user) for r in rows]
         n = max(r.max_new_tokens for r in rows)
         known = []
         for i, r in enumerate(rows):
             try:
-                known.append((i, self.adapter(r.user)))
+                known.append((i, BASE_ADAPTER if r.user is None else self.adapter(r.user)))
             except UnknownUser:
                 pass
         self.cache.evict({rows[i].user for i, _ in known}, self.settings.cache_size)
         if known:
-            texts = generate(self.cache.peft, self.tokenizer, [rows[i].prompt for i, _ in known], n,
-                             batch_size=len(known), adapter_names=[name for _, name in known])
+            options = dict(rows[0].options)
+            if (seed := options.pop("seed", None)) is not None:
+                torch.manual_seed(seed)
+            if any(rows[i].on_token for i, _ in known):
+                options["streamer"] = RowStreamer([rows[i].on_token for i, _ in known])
+            peft = self.cache.peft
+            model, names = (self.cache.model, None) if peft is None else (peft, [name for _, name in known])
+            texts = generate(model, self.tokenizer, [rows[i].prompt for i, _ in known], n,
+                             batch_size=len(known), adapter_names=names, **options)
             for (i, _), text in zip(known, texts):
                 out[i] = text
             self.counts["batches"] += 1
@@ -161,9 +175,12 @@ class Service:
 
 
 def groups(rows: list[Pending], most_users: int) -> list[list[Pending]]:
-    """Split a batch into calls of one max_new_tokens and at most `most_users` distinct users each."""
+    """Split a batch into calls of one max_new_tokens and options, and at most `most_users` distinct users each."""
     out = []
-    for _, same_n in itertools.groupby(sorted(rows, key=lambda r: r.max_new_tokens), key=lambda r: r.max_new_tokens):
+    def same(r):
+        return r.max_new_tokens, repr(r.options)
+
+    for _, same_n in itertools.groupby(sorted(rows, key=same), key=same):
         part: list[Pending] = []
         for r in same_n:
             if r.user not in {p.user for p in part} and len({p.user for p in part}) == most_users:
@@ -181,9 +198,10 @@ class Batcher:
         self.service = service
         self.queue: asyncio.Queue[Pending] = asyncio.Queue()
 
-    async def submit(self, user: str, prompt: str, max_new_tokens: int) -> str:
+    async def submit(self, user: str | None, prompt: str, max_new_tokens: int, options: tuple = (),
+                     on_token: Callable[[int], None] | None = None) -> str:
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put(Pending(user, prompt, max_new_tokens, future))
+        await self.queue.put(Pending(user, prompt, max_new_tokens, future, options, on_token))
         return await future
 
     async def run(self) -> None:
@@ -233,22 +251,31 @@ def create_app(run: RunFolder | str | Path, settings: ServeSettings | None = Non
     app = FastAPI(title="perpcs", lifespan=lifespan)
     app.state.service = service
     header = APIKeyHeader(name="X-API-Key", auto_error=False)
+    bearer = HTTPBearer(auto_error=False)
 
-    def authorized(key: str | None = Depends(header)) -> None:
+    def authorized(key: str | None = Depends(header),
+                   auth: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        key = key or (auth.credentials if auth else None)
         if settings.api_key and not (key and secrets.compare_digest(key, settings.api_key)):
-            raise HTTPException(401, "missing or wrong X-API-Key header")
+            raise HTTPException(401, "missing or wrong API key (X-API-Key or Authorization: Bearer header)")
 
     @app.middleware("http")
     async def body_limit(request: Request, call_next):
         if request.method in ("POST", "PUT", "PATCH"):
             length = request.headers.get("content-length")
-            if length is None or not length.isdigit():
-                return JSONResponse({"detail": [{"loc": ["header", "content-length"],
-                                                 "msg": "a body needs a Content-Length"}]}, 411)
-            if int(length) > settings.max_body_bytes:
-                return JSONResponse({"detail": [{"loc": ["body"],
-                                                 "msg": f"body over {settings.max_body_bytes} bytes"}]}, 413)
+            if not (length or "").isdigit():
+                status, loc, msg = 411, ["header", "content-length"], "a body needs a Content-Length"
+            elif int(length) > settings.max_body_bytes:
+                status, loc, msg = 413, ["body"], f"body over {settings.max_body_bytes} bytes"
+            else:
+                return await call_next(request)
+            if request.url.path in OPENAI_PATHS:
+                return error_response(status, msg, None, CODES[status])
+            return JSONResponse({"detail": [{"loc": loc, "msg": msg}]}, status)
         return await call_next(request)
+
+    app.include_router(openai_routes(service, batcher, settings, authorized))
+    install_error_handlers(app)
 
     async def on_thread(fn, *args):
         return await asyncio.get_running_loop().run_in_executor(service.thread, fn, *args)

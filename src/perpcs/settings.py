@@ -90,6 +90,10 @@ class AssemblySettings(BaseModel):
     strength_by: Literal["kind", "metric", "loss"] = Field(
         "kind", description="how auto scores a candidate: the task's metric on greedy outputs, or the outputs' "
         "loss; kind: metric for generation, loss for classification and rating")
+    key_index: Literal["auto", "exact", "approximate"] = Field(
+        "auto", description="how pieces are found: every candidate scored (exact), or an IVF index (annindex.py) "
+        "that finds the top-k with some loss of recall; auto: the index from annindex.LARGE_POOL sharers on")
+    nprobe: int = Field(64, ge=1, description="IVF lists the approximate index searches per position")
 
 
 def _act(**assembly) -> dict:
