@@ -466,6 +466,32 @@ def demo(out: Path = typer.Option(Path("runs/demo"), "--out"), seed: int = typer
     _bench(data, out, cfg, [], DEMO_CONFIG["variants"])
 
 
+# --- privacy (privacy.py) ---
+@app.command("privacy")
+def privacy_cmd(
+    run: Path = typer.Option(..., "--run", help="a finished run folder (pool and recipes)"),
+    out: Path = typer.Option(..., "--out", help="folder for privacy.json, privacy.md and privacy.png"),
+    oppu: Optional[Path] = typer.Option(None, "--oppu", help="folder of the targets' OPPU adapters (default RUN/oppu)"),
+    members: int = typer.Option(16, "--members", help="training items drawn per sharer and target"),
+    nonmembers: int = typer.Option(64, "--nonmembers", help="items drawn from held-out users"),
+    targets: int = typer.Option(3, "--targets", help="targets whose assembled PEFT and OPPU are attacked"),
+    seed: int = typer.Option(0, "--seed"),
+    force: bool = typer.Option(False, "--force", help="write into a folder holding other files"),
+) -> None:
+    """Membership and attribute attacks on a run's pool, keys and recipes, each beside a never-saw reference."""
+    from pydantic import ValidationError
+
+    from perpcs.privacy import PrivacySettings, privacy
+
+    try:
+        settings = PrivacySettings(members=members, nonmembers=nonmembers, targets=targets, seed=seed)
+        privacy(run, out, settings, oppu, force)
+    except (ValueError, OSError, ValidationError) as e:
+        fail(str(e))
+    console.print(f"wrote {out / 'privacy.json'}, {out / 'privacy.md'} and {out / 'privacy.png'}")
+    print((out / "privacy.md").read_text())
+
+
 # --- serve (serve.py) ---
 @app.command("serve")
 def serve_cmd(

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from perpcs.assembly import Assembler, AssemblySettings, activation_means
 from perpcs.data import Dataset, Item, User, data_sha256, load_dataset
+from perpcs.dp import counted_examples, key_generator, key_privacy, noisy_keys
 from perpcs.errors import InputError
 from perpcs.gates import lora_layers, train_gates
 from perpcs.models import fingerprint, load_base, prepare_base
@@ -50,7 +51,7 @@ from perpcs.utils import (atomic_dir, atomic_path, check_output_dir, deep_merge,
 
 
 # Settings of steps 3-5 only: a derived run (`Run.derive`) may change these and reuse steps 0-2.
-LATER_STEPS = ("device", "key", "share_ratio", "gate_train", "assembly")
+LATER_STEPS = ("device", "key", "key_noise", "key_clip", "key_delta", "share_ratio", "gate_train", "assembly")
 # Settings of step 1: a derived run may change these too; it then selects again, and each sharer it
 # has in common with the run it derives from keeps its LoRA.
 SELECTION_STEP = ("n_sharers", "selection", "min_sharer_items")
@@ -78,6 +79,11 @@ class RunConfig(BaseModel):
     share_ratio: float = 1.0
     # the default selection rule (README); the paper's: PAPER_RULE
     key: Literal["gate", "activation"] = "activation"
+    # activation keys as (epsilon, key_delta)-DP means (perpcs.dp, docs/privacy.md): Gaussian noise of std key_noise
+    # times the sensitivity, each example's vector clipped to key_clip * sqrt(d) first; 0: no noise, no clipping
+    key_noise: float = Field(0.0, ge=0, allow_inf_nan=False)
+    key_clip: float = Field(1.0, gt=0, allow_inf_nan=False)
+    key_delta: float = Field(1e-5, gt=0, lt=1)
     retrieval_copies: bool = False
     max_len: int = 256
     lora: LoraSettings = Field(default_factory=LoraSettings)
@@ -92,6 +98,14 @@ class RunConfig(BaseModel):
         """Step 5 formats the history as step 2 did, unless `assembly.retrieval_copies` is set explicitly."""
         if "retrieval_copies" not in self.assembly.model_fields_set:
             self.assembly = self.assembly.model_copy(update={"retrieval_copies": self.retrieval_copies})
+        return self
+
+    @model_validator(mode="after")
+    def _key_noise_on_activation_keys(self) -> "RunConfig":
+        """The mechanism is defined for activation keys over examples that each hold one history item."""
+        if self.key_noise and (self.key != "activation" or self.retrieval_copies):
+            raise ValueError(f"key_noise={self.key_noise} needs key=activation and retrieval_copies=false "
+                             "(a gate is trained, not a mean; with retrieval copies one item is in several examples)")
         return self
 
     def updated(self, overrides: dict) -> "RunConfig":
@@ -385,8 +399,9 @@ class Run:
             pieces = load_pieces(self.sharer_dir(user_id) / "pieces.safetensors")
             if pool is None:
                 shapes = {pos: (A.shape[1], B.shape[0]) for pos, (A, B, _) in pieces.items()}
+                noise = key_privacy(c.key_noise, c.key_clip, c.key_delta, len(shapes)) if c.key_noise else None
                 pool = Pool.create(self.pool_path, self.merged_fingerprint, c.lora.model_dump(), shapes,
-                                   seed=c.seed, sharing_ratio=c.share_ratio, key=c.key)
+                                   seed=c.seed, sharing_ratio=c.share_ratio, key=c.key, key_privacy=noise)
             sid = pool.add_sharer(user_id, pieces, share_mask(pool.positions, c.share_ratio, c.seed, user_id))
             write_json(self.sharer_dir(user_id) / "stats.json", {"sharer_id": sid, **stats})
         self.record("build_pool", self._pool_stats(pool))
@@ -426,8 +441,11 @@ class Run:
         if self.config.key == "gate":
             return train_gates(peft_model, examples, self.config.training("gate_train", user_id), pad_id,
                                desc=f"sharer {user_id}: gates")
-        t0 = time.perf_counter()
-        keys = activation_means(peft_model, lora_layers(peft_model), examples, pad_id, self.config.assembly.batch_size)
+        c, t0 = self.config, time.perf_counter()
+        keys = activation_means(peft_model, lora_layers(peft_model), examples, pad_id, c.assembly.batch_size,
+                                clip=c.key_clip if c.key_noise else None)
+        if c.key_noise:
+            keys = noisy_keys(keys, counted_examples(examples), c.key_clip, c.key_noise, key_generator(c.seed, user_id))
         return keys, {"seconds": time.perf_counter() - t0}
 
     def _pool_stats(self, pool: Pool) -> dict:
