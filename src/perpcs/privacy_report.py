@@ -63,8 +63,8 @@ def privacy_table(result: dict) -> str:
                                               f"delta {kp['delta']:g}" if kp else ", no DP noise")
              + f". {result['n_sharers']} sharers, {result['n_targets']} targets, "
                f"{result['n_nonmember_items']} non-member items from {result['n_nonmember_users']} held-out users.",
-             "", "| attack | members vs non-members | AUROC [95% CI] | TPR@1%FPR | reference AUROC | reference TPR@1%FPR |",
-             "|---|---|---|---|---|---|"]
+             "", "| attack | members vs non-members | AUROC [95% CI] | TPR@1%FPR | reference AUROC "
+                 "| reference TPR@1%FPR |", "|---|---|---|---|---|---|"]
     for name, a in result["attacks"].items():
         lines.append(f"| {name} | {a['what']} | {_cell(a['attack'])} | {_tpr(a['attack'])} | "
                      f"{_cell(a.get('reference'))} | {_tpr(a.get('reference'))} |")
