@@ -188,3 +188,20 @@ def test_privacy_refuses_unfinished_runs_and_foreign_folders(finished, tmp_path,
     (tmp_path / "o2" / "mine.txt").write_text("x")
     with pytest.raises(ValueError, match="did not write"):
         privacy(finished, tmp_path / "o2")
+
+
+def test_members_are_the_items_the_lora_saw():
+    """The seeded batch order replayed: a step cap below one epoch leaves items unseen (no members)."""
+    from perpcs.data import Item
+    from perpcs.privacy import trained_items
+    from perpcs.training import batches
+
+    items = [Item(input=f"x{i}", output="y") for i in range(10)]
+    s = TrainSettings(batch_size=4, seed=3)
+    two = trained_items(items, s, {"steps": 2})
+    first = [j for b in batches(list(range(10)), 4, 2, 3) for j in b]
+    assert len(two) == 8 and [it.input for it in two] == [f"x{j}" for j in sorted(first)]
+    assert len(trained_items(items, s, {"steps": 3})) == 10  # one epoch: every item
+    assert len(trained_items(items, s, {"steps": 6, "best_epoch": 1})) == 10
+    # retrieval copies (examples 10..18 are items 1..9 again): more examples, no item beyond the history
+    assert {it.input for it in trained_items(items, s, {"steps": 5}, copies=True)} <= {it.input for it in items}

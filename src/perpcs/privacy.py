@@ -34,8 +34,8 @@ from perpcs.data import Item, User
 from perpcs.pipeline import Run, safe_name
 from perpcs.privacy_report import privacy_plot, privacy_table, roc
 from perpcs.recipe import Recipe, apply_lora, apply_recipe
-from perpcs.training import IGNORE, collate, history_examples, split_heldout
-from perpcs.utils import check_output_dir, write_json, write_text
+from perpcs.training import IGNORE, TrainSettings, batches, collate, history_examples, split_heldout
+from perpcs.utils import check_output_dir, read_json, write_json, write_text
 
 OUTPUTS = {"privacy.json", "privacy.md", "privacy.png"}
 
@@ -94,6 +94,18 @@ def key_scores(v: torch.Tensor, keys: torch.Tensor, kind: str) -> torch.Tensor:
     return F.cosine_similarity((v - c).unsqueeze(1), (keys - c).unsqueeze(0), dim=-1)
 
 
+def trained_items(items: list[Item], settings: TrainSettings, stats: dict, copies: bool = False) -> list[Item]:
+    """The items a LoRA saw up to the epoch it kept: its seeded batch order (`training.batches`) replayed.
+    With a step cap below the history's size, most items are never seen; they are no members."""
+    n = len(items) + (max(len(items) - 1, 0) if copies else 0)  # retrieval copies follow the items, from the 2nd
+    steps = stats["steps"]
+    if "best_epoch" in stats:
+        steps = min(steps, stats["best_epoch"] * math.ceil(n / settings.batch_size))
+    seen = {j if j < len(items) else j - len(items) + 1
+            for batch in batches(list(range(n)), settings.batch_size, steps, settings.seed) for j in batch}
+    return [items[i] for i in sorted(seen)]
+
+
 class Attacks:
     """The attacks on one run (its pool's keys, its sharers' pieces, its targets' recipes)."""
 
@@ -123,8 +135,13 @@ class Attacks:
                      for pos in self.pool.positions}  # [S, d], NaN where a sharer does not share the position
 
     def _member_items(self, user: User, rng: random.Random) -> list[Item]:
-        """Items the user's LoRA trained on (those `Run.user_lora` does not hold out), a seeded sample."""
-        items, _ = split_heldout(user.history, self.run.config.training("sharer_train", user.user_id))
+        """A seeded sample of the items the user's LoRA (sharer or OPPU) trained on."""
+        settings = self.run.config.training("sharer_train", user.user_id)
+        items, _ = split_heldout(user.history, settings)
+        stats = (self.run.sharer_dir(user.user_id) / "lora.json" if user.user_id in self.sharers
+                 else self.oppu_dir / safe_name(user.user_id) / "stats.json")
+        if stats.exists():
+            items = trained_items(items, settings, read_json(stats), self.run.config.retrieval_copies)
         return rng.sample(items, min(self.s.members, len(items)))
 
     def examples(self, items: list[Item]) -> list:
