@@ -2,12 +2,12 @@
 protection at several strengths, each with the bench's primary metric (95% bootstrap CI over queries).
 
 From a bench output made with `--methods non_personalized --methods oppu --methods perpcs --variant gate:key=gate`:
-- the attacks on its activation-key run and on its gate-key variant (same sharers and LoRAs; the
-  OPPU adapters of the bench serve as the assembled PEFT's reference and as the reference leak);
 - `key_noise` at each --noise z (a run derived with key_noise=z: the same sharer LoRAs, DP keys);
-- a minimum mix at each --top-k k (assembly.top_k=k: at least k sharers' pieces at every position).
-Every point is kept in OUT/privacy/<point>/ and not redone. Writes benchmarks/results/privacy-NAME.{json,md,png}
-and privacy-NAME-{activation,gate}.{json,md,png}. Usage (resumable):
+- a minimum mix at each --top-k k (assembly.top_k=k: k sharers' pieces at every position);
+each point with Per-Pcs's metric on the bench's queries (kept in OUT/privacy/<point>/, not redone); then one
+`perpcs privacy` pass over the bench's run with the gate variant and every point as views (same sharers and
+LoRAs, so one forward pass per sharer scores every pool's keys), its OPPU adapters as references. Writes
+benchmarks/results/privacy-NAME.{json,md,png} (the curve) and privacy-NAME-attacks.{json,md,png}. Usage:
 
     OMP_NUM_THREADS=1 nice -n 15 python benchmarks/privacy_curve.py /tmp/priv/demo demo \\
         --noise 0.03 0.1 0.5 2 --top-k 1 8
@@ -34,12 +34,6 @@ SETTINGS = PrivacySettings(members=12, nonmembers=48, targets=3)
 KEY_ATTACK, MIX_ATTACK = "key_membership_calibrated", "assembled_calibrated"
 
 
-def attacked(run: Path, out: Path, oppu: Path | None) -> dict:
-    if not (out / "privacy.json").exists():
-        privacy(run, out, SETTINGS, oppu_dir=oppu, force=True)  # derived runs have no OPPU: those rows are left out
-    return read_json(out / "privacy.json")
-
-
 def utility(run: Run, out: Path) -> dict:
     """The primary metric of Per-Pcs on the run's targets, with its CI (the bench's generation and scoring)."""
     preds_path = out / "preds" / "perpcs.json"
@@ -54,18 +48,16 @@ def utility(run: Run, out: Path) -> dict:
             "n": len(scores)}
 
 
-def point(bench_out: Path, label: str, overrides: dict) -> dict:
+def point(bench_out: Path, label: str, overrides: dict) -> Path:
+    """A run derived from the bench's with `overrides`, finished, and its utility (kept: not redone)."""
     folder = bench_out / "privacy" / label
-    if (folder / "point.json").exists():
-        return read_json(folder / "point.json")
-    base = Run(bench_out / "run")
-    run = base.derive(folder / "run", base.config.updated(overrides))
-    run.pipeline()
-    result = {"label": label, "settings": overrides, "utility": utility(run, folder),
-              "privacy": attacked(run.folder, folder / "attacks", None)}
-    del run.merged  # one model in memory at a time
-    write_json(folder / "point.json", result)
-    return result
+    if not (folder / "utility.json").exists():
+        base = Run(bench_out / "run")
+        run = base.derive(folder / "run", base.config.updated(overrides))
+        run.pipeline()
+        write_json(folder / "utility.json", {"settings": overrides, "utility": utility(run, folder)})
+        del run.merged  # one model in memory at a time
+    return folder
 
 
 def row(p: dict) -> str:
@@ -83,7 +75,7 @@ def row(p: dict) -> str:
 def plot(points: list[dict], name: str, path: Path) -> None:
     fig = Figure(figsize=(10, 4))
     groups = [("key_noise (activation keys)", KEY_ATTACK, lambda p: "top_k" not in p["label"]),
-              ("minimum mix (assembly.top_k)", MIX_ATTACK, lambda p: not p["label"].startswith("key_noise"))]
+              ("minimum mix (assembly.top_k)", MIX_ATTACK, lambda p: p["label"].startswith(("top_k", "none")))]
     for i, (title, attack, keep) in enumerate(groups):
         ax = fig.add_subplot(1, 2, i + 1)
         for p in filter(keep, points):
@@ -108,34 +100,33 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, nargs="*", default=[1, 8])
     ap.add_argument("--results", type=Path, default=RESULTS, help="where the result files go")
     args = ap.parse_args()
-    results = args.results
     torch.set_num_threads(1)
-    out, bench = args.bench_out, read_json(args.bench_out / "results.json")
-    oppu = out / "run" / "oppu"
-    for kind, run in (("activation", out / "run"), ("gate", out / "variants" / "gate" / "run")):
-        attacked(run, out / "privacy" / f"keys-{kind}", oppu)
-        for suffix in ("json", "md", "png"):
-            shutil.copy(out / "privacy" / f"keys-{kind}" / f"privacy.{suffix}",
-                        results / f"privacy-{args.name}-{kind}.{suffix}")
-    primary = bench["primary_metric"]
-    st = bench["statistics"]["methods"]["perpcs"]
-    points = [{"label": "none (bench)", "settings": {},
-               "privacy": read_json(out / "privacy" / "keys-activation" / "privacy.json"),
-               "utility": {"metric": primary["name"], "higher_is_better": primary["higher_is_better"],
-                           "mean": st["mean"], "ci": st["ci"], "n": st["n"]}}]
-    for z in args.noise:
-        points.append(point(out, f"key_noise={z:g}", {"key_noise": z}))
-    for k in args.top_k:
-        points.append(point(out, f"top_k={k}", {"assembly": {"top_k": k}}))
+    out, results, bench = args.bench_out, args.results, read_json(args.bench_out / "results.json")
+    folders = {f"key_noise={z:g}": point(out, f"key_noise={z:g}", {"key_noise": z}) for z in args.noise}
+    folders.update({f"top_k={k}": point(out, f"top_k={k}", {"assembly": {"top_k": k}}) for k in args.top_k})
+    attacks = out / "privacy" / "attacks"
+    if not (attacks / "privacy.json").exists():  # one pass: every pool's keys and recipes on the same sharers
+        views = {"gate": out / "variants" / "gate" / "run", **{name: f / "run" for name, f in folders.items()}}
+        privacy(out / "run", attacks, SETTINGS, oppu_dir=out / "run" / "oppu", force=True, views=views)
+    for suffix in ("json", "md", "png"):
+        shutil.copy(attacks / f"privacy.{suffix}", results / f"privacy-{args.name}-attacks.{suffix}")
+    found = read_json(attacks / "privacy.json")
+    primary, st = bench["primary_metric"], bench["statistics"]["methods"]
+    as_bench = lambda m: {"metric": primary["name"], "higher_is_better": primary["higher_is_better"],  # noqa: E731
+                          "mean": st[m]["mean"], "ci": st[m]["ci"], "n": st[m]["n"]}
+    points = [{"label": "none (bench)", "privacy": found, "utility": as_bench("perpcs")},
+              {"label": "gate keys (bench)", "privacy": found["views"]["gate"], "utility": as_bench("gate")}]
+    points += [{"label": name, "privacy": found["views"][name], **read_json(f / "utility.json")}
+               for name, f in folders.items()]
     head = ["protection", "epsilon per key / all keys (delta 1e-5)", f"Per-Pcs {primary['name']} [95% CI]",
             f"{KEY_ATTACK} AUROC [CI] / TPR@1%FPR", "key_membership", f"{MIX_ATTACK}", "assembled_loss",
             "dominant label from keys"]
     md = [f"# privacy/utility on {args.name} ({bench['task']}, {bench['n_targets']} targets, "
           f"{bench['n_sharers']} sharers)",
           "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *map(row, points), "",
-          f"Attacks: `perpcs privacy` with {json.dumps(SETTINGS.model_dump())}; "
-          f"OPPU on the same targets: {bench['methods']['oppu']['metrics'][primary['name']]:.3f}, "
-          f"non-personalized: {bench['methods']['non_personalized']['metrics'][primary['name']]:.3f}.",
+          f"Attacks: `perpcs privacy` with {json.dumps(SETTINGS.model_dump())} (all attacks: "
+          f"privacy-{args.name}-attacks.md). Same queries: OPPU {as_bench('oppu')['mean']:.3f}, "
+          f"non-personalized {as_bench('non_personalized')['mean']:.3f}.",
           "", f"![privacy/utility](privacy-{args.name}.png)", ""]
     write_json(results / f"privacy-{args.name}.json", {"bench": str(out), "points": points})
     write_text(results / f"privacy-{args.name}.md", "\n".join(md))

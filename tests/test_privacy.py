@@ -180,6 +180,23 @@ def test_privacy_writes_its_three_files(finished, tmp_path):
     assert again["attacks"] == result["attacks"]  # same seed, same result
 
 
+def test_views_share_the_runs_passes(finished, tmp_path, tiny_run_config):
+    """A derived run with other keys: its key attacks come from the same passes; a foreign run is refused."""
+    base = Run(finished)
+    view = base.derive(tmp_path / "gate", base.config.updated({"key": "gate", "key_noise": 0}))
+    view.pipeline()
+    s = PrivacySettings(members=4, nonmembers=8, resamples=100)
+    both = privacy(finished, tmp_path / "out", s, views={"gate": view.folder})
+    alone = privacy(view.folder, tmp_path / "alone", s)
+    for name in ("key_membership", "key_membership_calibrated", "assembled_loss"):
+        assert both["views"]["gate"]["attacks"][name]["attack"] == alone["attacks"][name]["attack"]
+    assert both["views"]["gate"]["key"] == "gate" and "gate" in (tmp_path / "out" / "privacy.md").read_text()
+    other = Run.create(tmp_path / "other", tiny_run_config(seed=1))
+    other.pipeline()
+    with pytest.raises(ValueError, match="not derived from"):
+        privacy(finished, tmp_path / "o3", s, views={"x": other.folder})
+
+
 def test_privacy_refuses_unfinished_runs_and_foreign_folders(finished, tmp_path, tiny_run_config):
     Run.create(tmp_path / "empty", tiny_run_config())
     with pytest.raises(ValueError, match="not a finished run"):

@@ -477,6 +477,8 @@ def privacy_cmd(
     targets: int = typer.Option(3, "--targets", help="targets whose assembled PEFT and OPPU are attacked"),
     seed: int = typer.Option(0, "--seed"),
     force: bool = typer.Option(False, "--force", help="write into a folder holding other files"),
+    views: list[str] = typer.Option([], "--view", help="NAME=RUN: also the key and assembly attacks on a run "
+                                    "derived from --run (e.g. a bench variant: OUT/variants/NAME/run); repeat"),
 ) -> None:
     """Membership and attribute attacks on a run's pool, keys and recipes, each beside a never-saw reference."""
     from pydantic import ValidationError
@@ -484,8 +486,12 @@ def privacy_cmd(
     from perpcs.privacy import PrivacySettings, privacy
 
     try:
+        pairs = [v.partition("=") for v in views]
+        bad = [v for v, (name, sep, folder) in zip(views, pairs) if not (name and sep and folder)]
+        if bad:
+            raise ValueError(f"--view {bad[0]!r}: expected NAME=RUN_FOLDER")
         settings = PrivacySettings(members=members, nonmembers=nonmembers, targets=targets, seed=seed)
-        privacy(run, out, settings, oppu, force)
+        privacy(run, out, settings, oppu, force, {name: folder for name, _, folder in pairs})
     except (ValueError, OSError, ValidationError) as e:
         fail(str(e))
     console.print(f"wrote {out / 'privacy.json'}, {out / 'privacy.md'} and {out / 'privacy.png'}")

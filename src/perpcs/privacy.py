@@ -38,6 +38,7 @@ from perpcs.training import IGNORE, TrainSettings, batches, collate, history_exa
 from perpcs.utils import check_output_dir, read_json, write_json, write_text
 
 OUTPUTS = {"privacy.json", "privacy.md", "privacy.png"}
+REF = {"": "ref", "cal": "ref_cal"}  # an attack's rows -> its reference's rows
 
 
 class PrivacySettings(BaseModel):
@@ -106,16 +107,39 @@ def trained_items(items: list[Item], settings: TrainSettings, stats: dict, copie
     return [items[i] for i in sorted(seen)]
 
 
-class Attacks:
-    """The attacks on one run (its pool's keys, its sharers' pieces, its targets' recipes)."""
+class View:
+    """One pool of the run's sharers, with its keys and recipes: the run's own, or a run derived from it with
+    other step 3-5 settings (`Run.derive`: the same sharers and LoRAs, other keys, noise or assembly)."""
 
-    def __init__(self, run: Run, settings: PrivacySettings, oppu_dir: Path | None = None):
+    def __init__(self, run: Run, sharers: list[str]):
+        self.run, self.pool = run, run.open_pool()
+        self.sids = [self.pool.pseudonym(u) for u in sharers]
+        keys = [self.pool.sharer_keys(sid) for sid in self.sids]
+        self.keys = {pos: torch.stack([k.get(pos, torch.full(self.pool.shapes[pos][:1], math.nan)) for k in keys])
+                     for pos in self.pool.positions}  # [S, d], NaN where a sharer does not share the position
+
+
+class Attacks:
+    """The attacks on one run (its pool's keys, its sharers' pieces, its targets' recipes), and on `views`,
+    runs derived from it (their keys and recipes; their pieces are the run's)."""
+
+    def __init__(self, run: Run, settings: PrivacySettings, oppu_dir: Path | None = None,
+                 views: dict[str, Run] | None = None):
         self.run, self.s = run, settings
         self.model, self.tok = run.merged
         self.task = run.data.task
-        self.pool = run.open_pool()
         self.sharers = [s.user_id for s in run.select()]
-        self.sids = [self.pool.pseudonym(u) for u in self.sharers]
+        self.views = {"": View(run, self.sharers)}
+        for name, vrun in (views or {}).items():
+            same = [s.user_id for s in vrun.select()] == self.sharers and all(
+                (vrun.sharer_dir(u) / "adapter").resolve() == (run.sharer_dir(u) / "adapter").resolve()
+                for u in self.sharers)
+            if not same:
+                raise ValueError(f"view {name}: {vrun.folder} is not derived from {run.folder} with its sharers "
+                                 "and their LoRAs (make it with Run.derive or a bench --variant)")
+            self.views[name] = View(vrun, self.sharers)
+        self.pool = self.views[""].pool
+        self.sids = self.views[""].sids
         self.oppu_dir = oppu_dir if oppu_dir is not None else run.folder / "oppu"
         self.targets = [t for t in run.split["targets"] if (run.recipe_path(t)).exists()][: settings.targets]
         self.modules = {pos: self.model.get_submodule(pos) for pos in self.pool.positions}
@@ -129,10 +153,6 @@ class Attacks:
         self.nonmember_items = rng.sample(pool_items, min(settings.nonmembers, len(pool_items)))
         self.n_nonmember_users = len(held_out)
         self.members = {u: self._member_items(run.data.user(u), rng) for u in self.sharers + self.targets}
-        self.nonmembers = self.examples(self.nonmember_items)
-        keys = [self.pool.sharer_keys(sid) for sid in self.sids]
-        self.keys = {pos: torch.stack([k.get(pos, torch.full(self.pool.shapes[pos][:1], math.nan)) for k in keys])
-                     for pos in self.pool.positions}  # [S, d], NaN where a sharer does not share the position
 
     def _member_items(self, user: User, rng: random.Random) -> list[Item]:
         """A seeded sample of the items the user's LoRA (sharer or OPPU) trained on."""
@@ -147,128 +167,153 @@ class Attacks:
     def examples(self, items: list[Item]) -> list:
         return history_examples(self.task, self.tok, items, self.run.config.max_len)
 
-    def losses(self, model, items: list[Item]) -> np.ndarray:
-        return forward_items(model, self.examples(items), self.tok.pad_token_id, self.s.batch_size)[0]
+    def user_losses(self, users: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Under the model as it is now: the losses of each user's member items, and of the non-members."""
+        items = [it for u in users for it in self.members[u]] + self.nonmember_items
+        loss = forward_items(self.model, self.examples(items), self.tok.pad_token_id, self.s.batch_size)[0]
+        out, i = {}, 0
+        for u in users:
+            out[u], i = loss[i : i + len(self.members[u])], i + len(self.members[u])
+        return out, loss[i:]
 
-    def with_lora(self, weights: dict | None = None, recipe: Recipe | None = None):
-        if recipe is not None:
-            return apply_recipe(self.model, recipe, self.pool)
+    def with_lora(self, weights: dict):
         return apply_lora(self.model, self.pool.lora_config, int(self.pool.lora_config["r"]), weights)
 
     def run_all(self) -> dict:
-        base = {u: self.losses(self.model, items) for u, items in self.members.items()}
-        base_non = self.losses(self.model, self.nonmember_items)
-        attacks = {**self.piece_and_key_attacks(base, base_non), **self.assembled_and_oppu(base, base_non)}
-        return {"run": str(self.run.folder), "key": self.pool.key, "key_privacy": self.pool.key_privacy,
-                "n_sharers": len(self.sharers), "n_targets": len(self.targets),
+        self.base, self.base_non = self.user_losses(self.sharers + self.targets)
+        self.oppu = self.oppu_losses()
+        keys = self.piece_and_key_attacks()
+        acts = self.label_activations()
+        results = {}
+        for name, view in self.views.items():
+            results[name] = {"run": str(view.run.folder), "key": view.pool.key, "key_privacy": view.pool.key_privacy,
+                             "attacks": {**keys[name], **self.assembled(view)},
+                             "attribute": self.attribute(view, acts)}
+        main = results.pop("")
+        main["attacks"] = {**main["attacks"], **keys["pieces"], **self.oppu_attacks()}
+        return {**main, "n_sharers": len(self.sharers), "n_targets": len(self.targets),
                 "n_nonmember_items": len(self.nonmember_items), "n_nonmember_users": self.n_nonmember_users,
-                "settings": self.s.model_dump(), "attacks": attacks, "attribute": self.attribute()}
+                "settings": self.s.model_dump(), **({"views": results} if results else {})}
 
     def _roc(self, pos, neg) -> dict:
         return roc(np.concatenate(pos), np.concatenate(neg), self.s.resamples, self.s.seed)
 
-    def _pair(self, what: str, att: tuple, ref: tuple) -> dict:
-        return {"what": what, "attack": self._roc(*att), "reference": self._roc(*ref)}
+    def _pair(self, what: str, att: tuple, ref: tuple | None = None) -> dict:
+        return {"what": what, "attack": self._roc(*att), **({"reference": self._roc(*ref)} if ref and ref[0] else {})}
 
-    def piece_and_key_attacks(self, base: dict, base_non: np.ndarray) -> dict:
-        """(b) and (c): each sharer's pieces on its items, the next sharer's items and the non-members."""
-        S, pad = len(self.sharers), self.tok.pad_token_id
-        rows = {k: ([], []) for k in ("loss", "cal", "key", "keycal", "ref_loss", "ref_cal", "ref_key", "ref_keycal")}
+    def piece_and_key_attacks(self) -> dict:
+        """(b) and (c): each sharer's pieces on its items, the next sharer's items and the non-members;
+        the key scores against every view's keys from the same forward pass."""
+        S, pad, names = len(self.sharers), self.tok.pad_token_id, list(self.views)
+        rows = {(v, k): ([], []) for v in names + ["pieces"] for k in ("", "cal", "ref", "ref_cal")}
+
+        def reduce(pos, v):  # [B, views, S]
+            return torch.stack([key_scores(v, view.keys[pos], view.pool.key) for view in self.views.values()], 1)
+
         for i, u in enumerate(self.sharers):
             nxt = self.sharers[(i + 1) % S]
             peft = self.with_lora(self.pool.sharer_pieces(self.sids[i]))
             try:
                 items = self.members[u] + self.members[nxt] + self.nonmember_items
-                loss, red = forward_items(self.model, self.examples(items), pad, self.s.batch_size, self.modules,
-                                          lambda pos, v: key_scores(v, self.keys[pos], self.pool.key))
+                loss, red = forward_items(self.model, self.examples(items), pad, self.s.batch_size, self.modules, reduce)
             finally:
                 peft.unload()
-            scores = torch.stack(list(red.values())).nanmean(0).numpy()  # [n, S], mean over positions
-            own = scores[:, i]
-            others = np.nanmean(np.delete(scores, i, axis=1), axis=1) if S > 1 else np.zeros_like(own)
-            base_all = np.concatenate([base[u], base[nxt], base_non])
+            scores = torch.stack(list(red.values())).nanmean(0).numpy()  # [n, views, S], mean over positions
             a, b = len(self.members[u]), len(self.members[u]) + len(self.members[nxt])
-            parts = {"loss": -loss, "cal": base_all - loss, "key": own, "keycal": own - others}
-            for name, v in parts.items():
-                rows[name][0].append(v[:a])
-                rows[name][1].append(v[b:])
-                rows["ref_" + name][0].append(v[a:b])  # the next sharer's items: these pieces never saw them
-                rows["ref_" + name][1].append(v[b:])
+            base_all = np.concatenate([self.base[u], self.base[nxt], self.base_non])
+            parts = {("pieces", ""): -loss, ("pieces", "cal"): base_all - loss}
+            for j, name in enumerate(names):
+                own = scores[:, j, i]
+                others = np.nanmean(np.delete(scores[:, j], i, axis=1), axis=1) if S > 1 else np.zeros_like(own)
+                parts[(name, "")], parts[(name, "cal")] = own, own - others
+            for (name, kind), v in parts.items():
+                rows[(name, kind)][0].append(v[:a])
+                rows[(name, kind)][1].append(v[b:])
+                rows[(name, REF[kind])][0].append(v[a:b])  # the next sharer's items: never seen by these
+                rows[(name, REF[kind])][1].append(v[b:])
         what = "sharer's items vs held-out users' items; reference: the next sharer's items"
-        return {"piece_loss": self._pair(what, rows["loss"], rows["ref_loss"]),
-                "piece_calibrated": self._pair(what, rows["cal"], rows["ref_cal"]),
-                "key_membership": self._pair(what, rows["key"], rows["ref_key"]),
-                "key_membership_calibrated": self._pair(what, rows["keycal"], rows["ref_keycal"])}
 
-    def assembled_and_oppu(self, base: dict, base_non: np.ndarray) -> dict:
-        """(a) each target's assembled PEFT, and its OPPU adapter (the reference leak, and (a)'s reference)."""
-        out_rows = {k: ([], []) for k in ("a_loss", "a_cal", "ar_loss", "ar_cal",
-                                          "o_loss", "o_cal", "or_loss", "or_cal")}
-        have_oppu = [t for t in self.targets if (self.oppu_dir / safe_name(t) / "adapter").exists()]
-        for j, t in enumerate(self.targets):
-            recipe = Recipe.load(self.run.recipe_path(t))
-            weighted = {sid for chosen in recipe.pieces.values() for sid, w in chosen if w > 0}
-            chosen = [u for u, sid in zip(self.sharers, self.sids) if sid in weighted]
-            if not chosen:
-                continue
-            mem = [it for u in chosen for it in self.members[u]]
-            mem_base = np.concatenate([base[u] for u in chosen])
-            peft = self.with_lora(recipe=recipe)
-            try:
-                loss = self.losses(self.model, mem + self.nonmember_items)
-            finally:
-                peft.unload()
-            n = len(mem)
-            self._add(out_rows, "a", -loss[:n], -loss[n:], mem_base - loss[:n], base_non - loss[n:])
-            if t not in have_oppu:
-                continue
-            nxt = have_oppu[(have_oppu.index(t) + 1) % len(have_oppu)]
-            peft = self.with_lora(load_lora(self.oppu_dir / safe_name(t) / "adapter"))
-            try:
-                own = self.members[t] + (self.members[nxt] if nxt != t else [])
-                loss = self.losses(self.model, own + mem + self.nonmember_items)
-            finally:
-                peft.unload()
-            a, b = len(self.members[t]), len(own)
-            own_base = np.concatenate([base[t]] + ([base[nxt]] if nxt != t else []))
-            # (a)'s reference: the target's OPPU never saw the sharers' items
-            self._add(out_rows, "ar", -loss[b:b + n], -loss[b + n:], mem_base - loss[b:b + n], base_non - loss[b + n:])
-            self._add(out_rows, "o", -loss[:a], -loss[b + n:], own_base[:a] - loss[:a], base_non - loss[b + n:])
-            if nxt != t:  # OPPU's reference: this OPPU on another target's items
-                self._add(out_rows, "or", -loss[a:b], -loss[b + n:], own_base[a:] - loss[a:b], base_non - loss[b + n:])
-        what_a = "items of sharers the recipe weighs vs held-out users' items; reference: the target's OPPU"
-        what_o = "target's own items vs held-out users' items; reference: another target's OPPU"
-        out = {"assembled_loss": self._pair(what_a, out_rows["a_loss"], out_rows["ar_loss"]) if have_oppu else
-               {"what": what_a, "attack": self._roc(*out_rows["a_loss"])},
-               "assembled_calibrated": self._pair(what_a, out_rows["a_cal"], out_rows["ar_cal"]) if have_oppu else
-               {"what": what_a, "attack": self._roc(*out_rows["a_cal"])}}
-        if have_oppu:
-            for name, key in (("oppu_loss", "o_loss"), ("oppu_calibrated", "o_cal")):
-                ref = out_rows["or" + key[1:]]
-                out[name] = {"what": what_o, "attack": self._roc(*out_rows[key]),
-                             **({"reference": self._roc(*ref)} if ref[0] else {})}
+        def pair(name, kind):
+            return self._pair(what, rows[(name, kind)], rows[(name, REF[kind])])
+
+        out = {name: {"key_membership": pair(name, ""), "key_membership_calibrated": pair(name, "cal")}
+               for name in names}
+        out["pieces"] = {"piece_loss": pair("pieces", ""), "piece_calibrated": pair("pieces", "cal")}
         return out
 
-    @staticmethod
-    def _add(rows: dict, prefix: str, loss_pos, loss_neg, cal_pos, cal_neg) -> None:
-        for name, pos, neg in (("loss", loss_pos, loss_neg), ("cal", cal_pos, cal_neg)):
-            rows[f"{prefix}_{name}"][0].append(pos)
-            rows[f"{prefix}_{name}"][1].append(neg)
+    def oppu_losses(self) -> dict:
+        """Under each target's OPPU adapter: the losses of every sharer's, its own and the next target's items."""
+        have = [t for t in self.targets if (self.oppu_dir / safe_name(t) / "adapter").exists()]
+        out = {}
+        for t in have:
+            nxt = have[(have.index(t) + 1) % len(have)]
+            peft = self.with_lora(load_lora(self.oppu_dir / safe_name(t) / "adapter"))
+            try:
+                out[t] = (nxt, *self.user_losses(self.sharers + list(dict.fromkeys([t, nxt]))))
+            finally:
+                peft.unload()
+        return out
 
-    def attribute(self) -> dict:
-        """Each sharer's dominant label from its keys: cosine of the centred key with each label's direction."""
+    def _rows(self, pos_users: list[str], losses: dict, non: np.ndarray, rows: dict, prefix: str) -> None:
+        rows[prefix][0].append(-np.concatenate([losses[u] for u in pos_users]))
+        rows[prefix][1].append(-non)
+        rows[prefix + "_cal"][0].append(np.concatenate([self.base[u] - losses[u] for u in pos_users]))
+        rows[prefix + "_cal"][1].append(self.base_non - non)
+
+    def assembled(self, view: View) -> dict:
+        """(a) each target's assembled PEFT on the items of the sharers its recipe weighs; reference: its OPPU."""
+        rows = {k: ([], []) for k in ("a", "a_cal", "r", "r_cal")}
+        for t in self.targets:
+            recipe = Recipe.load(view.run.recipe_path(t))
+            weighted = {sid for chosen in recipe.pieces.values() for sid, w in chosen if w > 0}
+            chosen = [u for u, sid in zip(self.sharers, view.sids) if sid in weighted]
+            if not chosen:
+                continue
+            peft = apply_recipe(self.model, recipe, view.pool)
+            try:
+                losses, non = self.user_losses(chosen)
+            finally:
+                peft.unload()
+            self._rows(chosen, losses, non, rows, "a")
+            if t in self.oppu:  # the target's OPPU never saw the sharers' items
+                self._rows(chosen, self.oppu[t][1], self.oppu[t][2], rows, "r")
+        what = "items of sharers the recipe weighs vs held-out users' items; reference: the target's OPPU"
+        return {"assembled_loss": self._pair(what, rows["a"], rows["r"]),
+                "assembled_calibrated": self._pair(what, rows["a_cal"], rows["r_cal"])}
+
+    def oppu_attacks(self) -> dict:
+        """The reference leak: each target's OPPU on its own items; reference: another target's OPPU on them."""
+        if not self.oppu:
+            return {}
+        rows = {k: ([], []) for k in ("o", "o_cal", "r", "r_cal")}
+        for t, (nxt, losses, non) in self.oppu.items():
+            self._rows([t], losses, non, rows, "o")
+            if nxt != t:
+                self._rows([nxt], losses, non, rows, "r")
+        what = "target's own items vs held-out users' items; reference: another target's OPPU"
+        return {"oppu_loss": self._pair(what, rows["o"], rows["r"]),
+                "oppu_calibrated": self._pair(what, rows["o_cal"], rows["r_cal"])}
+
+    def label_activations(self) -> tuple[list[str], dict, torch.Tensor] | None:
+        """The task model's mean LN(h) of the held-out items at every position, and their labels."""
         labels = sorted({it.output for it in self.nonmember_items})
-        counts = {y: sum(it.output == y for it in self.nonmember_items) for y in labels}
-        labels = [y for y in labels if counts[y] >= 2]
+        labels = [y for y in labels if sum(it.output == y for it in self.nonmember_items) >= 2]
         if self.task.kind == "generation" or len(labels) < 2:
-            return {"skipped": "a generation task, or fewer than 2 labels with 2 held-out items each"}
-        _, acts = forward_items(self.model, self.nonmembers, self.tok.pad_token_id, self.s.batch_size,
-                                self.modules, lambda pos, v: v)
+            return None
+        _, acts = forward_items(self.model, self.examples(self.nonmember_items), self.tok.pad_token_id,
+                                self.s.batch_size, self.modules, lambda pos, v: v)
         which = torch.tensor([labels.index(it.output) if it.output in labels else -1 for it in self.nonmember_items])
+        return labels, acts, which
+
+    def attribute(self, view: View, label_acts) -> dict:
+        """Each sharer's dominant label from its keys: cosine of the centred key with each label's direction."""
+        if label_acts is None:
+            return {"skipped": "a generation task, or fewer than 2 labels with 2 held-out items each"}
+        labels, acts, which = label_acts
         sims = []
         for pos, a in acts.items():
             mu = torch.stack([a[which == y].mean(0) for y in range(len(labels))])  # [L, d]
-            k = self.keys[pos]
+            k = view.keys[pos]
             sims.append(F.cosine_similarity((k - k.nanmean(0)).unsqueeze(1), (mu - mu.mean(0)).unsqueeze(0), dim=-1))
         score = torch.stack(sims).nanmean(0).numpy()  # [S, L]
         dominant = []
@@ -276,7 +321,7 @@ class Attacks:
             hist = [it.output for it in self.run.data.user(u).history]
             dominant.append(max(labels, key=lambda y: (hist.count(y), y)))
         truth = np.array([[y == d for y in labels] for d in dominant])
-        prior = max(labels, key=lambda y: counts[y])
+        prior = max(labels, key=lambda y: (int((which == labels.index(y)).sum()), y))
         return {"labels": len(labels), "sharers": len(self.sharers),
                 "accuracy": float(np.mean([labels[i] == d for i, d in zip(score.argmax(1), dominant)])),
                 "prior_accuracy": float(np.mean([d == prior for d in dominant])),
@@ -284,14 +329,16 @@ class Attacks:
 
 
 def privacy(run_dir: str | Path, out: str | Path, settings: PrivacySettings | None = None,
-            oppu_dir: str | Path | None = None, force: bool = False) -> dict:
-    """Run every attack on a finished run; write OUT/privacy.json, privacy.md and privacy.png."""
+            oppu_dir: str | Path | None = None, force: bool = False, views: dict[str, str | Path] | None = None) -> dict:
+    """Run every attack on a finished run (and the key and assembly attacks on `views`, runs derived from
+    it); write OUT/privacy.json, privacy.md and privacy.png."""
     run = Run(run_dir)
     out = Path(out)
     check_output_dir(out, OUTPUTS, (run.folder, Path(run.config.data)), force)
     if not run.pool_path.exists() or not any(run.recipe_path(t).exists() for t in run.split["targets"]):
         raise ValueError(f"{run.folder}: not a finished run (no pool or no recipes); finish it with `perpcs pipeline`")
-    result = Attacks(run, settings or PrivacySettings(), Path(oppu_dir) if oppu_dir else None).run_all()
+    views = {name: Run(folder) for name, folder in (views or {}).items()}
+    result = Attacks(run, settings or PrivacySettings(), Path(oppu_dir) if oppu_dir else None, views).run_all()
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "privacy.json", result)
     write_text(out / "privacy.md", privacy_table(result))

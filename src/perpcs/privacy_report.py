@@ -54,6 +54,12 @@ def _tpr(r: dict | None) -> str:
     return "-" if not r or math.isnan(r["tpr_at_1pct_fpr"]) else f"{r['tpr_at_1pct_fpr']:.3f}"
 
 
+def _attribute(at: dict) -> str:
+    if "skipped" in at:
+        return f"skipped ({at['skipped']})"
+    return f"dominant label right for {at['accuracy']:.0%} of sharers (most common label: {at['prior_accuracy']:.0%})"
+
+
 def privacy_table(result: dict) -> str:
     """The markdown a person reads: one row per attack, with its never-saw-the-data reference beside it."""
     kp = result.get("key_privacy")
@@ -70,14 +76,22 @@ def privacy_table(result: dict) -> str:
                      f"{_cell(a.get('reference'))} | {_tpr(a.get('reference'))} |")
     lines += ["", "Reference: the same attack on a model or key that never saw the members "
               "(see `reference` of each attack in privacy.json)."]
-    at = result.get("attribute")
-    if at and "skipped" not in at:
-        lines += ["", f"Attribute inference from keys ({at['labels']} labels, {at['sharers']} sharers): "
-                      f"dominant label guessed for {at['accuracy']:.0%} of sharers (always guessing the most common "
-                      f"label: {at['prior_accuracy']:.0%}); AUROC of 'this is the sharer's dominant label' "
-                      f"{_cell(at['roc'])}."]
-    elif at:
-        lines += ["", f"Attribute inference: skipped ({at['skipped']})."]
+    if result.get("views"):
+        names = ["key_membership", "key_membership_calibrated", "assembled_loss", "assembled_calibrated"]
+        lines += ["", "Other pools of the same sharers and LoRAs (AUROC [95% CI] / TPR@1%FPR; reference AUROC):", "",
+                  "| pool | keys | epsilon per key | " + " | ".join(names) + " | dominant label from keys |",
+                  "|---|---|---|" + "---|" * (len(names) + 1)]
+        for name, v in {"this run": result, **result["views"]}.items():
+            kp = v.get("key_privacy")
+            cells = [name, v["key"], f"{kp['epsilon_per_key']:.3g}" if kp else "inf"]
+            cells += [f"{_cell(v['attacks'][n]['attack'])} / {_tpr(v['attacks'][n]['attack'])}; "
+                      f"{_cell(v['attacks'][n].get('reference')).split(' ')[0]}" for n in names]
+            cells.append(_attribute(v["attribute"]))
+            lines.append("| " + " | ".join(cells) + " |")
+    at = result["attribute"]
+    lines += ["", f"Attribute inference from keys: {_attribute(at)}" + ("" if "skipped" in at else
+              f" ({at['labels']} labels, {at['sharers']} sharers; AUROC of 'this is the sharer's dominant label' "
+              f"{_cell(at['roc'])}).")]
     return "\n".join(lines + ["", "![AUROC of each attack against its reference](privacy.png)", ""])
 
 
