@@ -1,7 +1,8 @@
 """Privacy against utility: `perpcs privacy` on a finished bench, and on runs derived from it with
 protection at several strengths, each with the bench's primary metric (95% bootstrap CI over queries).
 
-From a bench output made with `--methods non_personalized --methods oppu --methods perpcs --variant gate:key=gate`:
+From a bench output made with `--methods non_personalized --methods oppu --methods perpcs`:
+- the paper's gates as keys (a run derived with key=gate: the same sharers and LoRAs);
 - `key_noise` at each --noise z (a run derived with key_noise=z: the same sharer LoRAs, DP keys);
 - a minimum mix at each --top-k k (assembly.top_k=k: k sharers' pieces at every position);
 each point with Per-Pcs's metric on the bench's queries (kept in OUT/privacy/<point>/, not redone); then one
@@ -29,7 +30,8 @@ from perpcs.stats import bootstrap_ci
 from perpcs.utils import read_json, write_json, write_text
 
 RESULTS = Path(__file__).parent / "results"
-SETTINGS = PrivacySettings(members=12, nonmembers=48, targets=3)
+# sized for 2 shared CPU cores: 4 sharers' pieces and keys attacked (all 8 keys score), 2 targets' recipes
+SETTINGS = PrivacySettings(members=8, nonmembers=32, targets=2, sharers=4)
 # the attack each protection is meant to stop, read off each point
 KEY_ATTACK, MIX_ATTACK = "key_membership_calibrated", "assembled_calibrated"
 
@@ -65,8 +67,8 @@ def row(p: dict) -> str:
     eps = f"{kp['epsilon_per_key']:.3g} / {kp['epsilon_all_keys']:.3g}" if kp else "inf"
     cells = [p["label"], eps, f"{u['mean']:.3f} [{u['ci'][0]:.3f}, {u['ci'][1]:.3f}]"]
     for name in (KEY_ATTACK, "key_membership", MIX_ATTACK, "assembled_loss"):
-        a = p["privacy"]["attacks"][name]["attack"]
-        cells.append(f"{a['auroc']:.3f} [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}] / {a['tpr_at_1pct_fpr']:.2f}")
+        a = p["privacy"]["attacks"].get(name, {}).get("attack")
+        cells.append(f"{a['auroc']:.3f} [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}] / {a['tpr_at_1pct_fpr']:.2f}" if a else "-")
     at = p["privacy"]["attribute"]
     cells.append("-" if "skipped" in at else f"{at['accuracy']:.0%} (prior {at['prior_accuracy']:.0%})")
     return "| " + " | ".join(cells) + " |"
@@ -74,11 +76,11 @@ def row(p: dict) -> str:
 
 def plot(points: list[dict], name: str, path: Path) -> None:
     fig = Figure(figsize=(10, 4))
-    groups = [("key_noise (activation keys)", KEY_ATTACK, lambda p: "top_k" not in p["label"]),
+    groups = [("keys: activation, gates, key_noise", KEY_ATTACK, lambda p: "top_k" not in p["label"]),
               ("minimum mix (assembly.top_k)", MIX_ATTACK, lambda p: p["label"].startswith(("top_k", "none")))]
     for i, (title, attack, keep) in enumerate(groups):
         ax = fig.add_subplot(1, 2, i + 1)
-        for p in filter(keep, points):
+        for p in filter(lambda p: keep(p) and attack in p["privacy"]["attacks"], points):
             a, u = p["privacy"]["attacks"][attack]["attack"], p["utility"]
             ax.errorbar(a["auroc"], u["mean"], xerr=[[a["auroc"] - a["ci"][0]], [a["ci"][1] - a["auroc"]]],
                         yerr=[[u["mean"] - u["ci"][0]], [u["ci"][1] - u["mean"]]], fmt="o", capsize=3)
@@ -98,24 +100,31 @@ def main() -> None:
     ap.add_argument("name")
     ap.add_argument("--noise", type=float, nargs="*", default=[0.03, 0.1, 0.5, 2.0])
     ap.add_argument("--top-k", type=int, nargs="*", default=[1, 8])
+    ap.add_argument("--gate", action=argparse.BooleanOptionalAction, default=True, help="the gate-key point")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where the result files go")
+    ap.add_argument("--points-only", action="store_true", help="make these points and stop (to run them in parallel)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    out, results, bench = args.bench_out, args.results, read_json(args.bench_out / "results.json")
-    folders = {f"key_noise={z:g}": point(out, f"key_noise={z:g}", {"key_noise": z}) for z in args.noise}
-    folders.update({f"top_k={k}": point(out, f"top_k={k}", {"assembly": {"top_k": k}}) for k in args.top_k})
+    out, results = args.bench_out, args.results
+    specs = {**({"gate keys": {"key": "gate"}} if args.gate else {}),
+             **{f"key_noise={z:g}": {"key_noise": z} for z in args.noise},
+             **{f"top_k={k}": {"assembly": {"top_k": k}} for k in args.top_k}}
+    folders = {name: point(out, name.replace(" ", "-"), spec) for name, spec in specs.items()}
+    if args.points_only:
+        return
+    bench = read_json(out / "results.json")
     attacks = out / "privacy" / "attacks"
     if not (attacks / "privacy.json").exists():  # one pass: every pool's keys and recipes on the same sharers
-        views = {"gate": out / "variants" / "gate" / "run", **{name: f / "run" for name, f in folders.items()}}
-        privacy(out / "run", attacks, SETTINGS, oppu_dir=out / "run" / "oppu", force=True, views=views)
+        privacy(out / "run", attacks, SETTINGS, oppu_dir=out / "run" / "oppu", force=True,
+                views={name: f / "run" for name, f in folders.items()},
+                assembled_views={n for n in folders if not n.startswith("key_noise")})
     for suffix in ("json", "md", "png"):
         shutil.copy(attacks / f"privacy.{suffix}", results / f"privacy-{args.name}-attacks.{suffix}")
     found = read_json(attacks / "privacy.json")
     primary, st = bench["primary_metric"], bench["statistics"]["methods"]
     as_bench = lambda m: {"metric": primary["name"], "higher_is_better": primary["higher_is_better"],  # noqa: E731
                           "mean": st[m]["mean"], "ci": st[m]["ci"], "n": st[m]["n"]}
-    points = [{"label": "none (bench)", "privacy": found, "utility": as_bench("perpcs")},
-              {"label": "gate keys (bench)", "privacy": found["views"]["gate"], "utility": as_bench("gate")}]
+    points = [{"label": "none (bench)", "privacy": found, "utility": as_bench("perpcs")}]
     points += [{"label": name, "privacy": found["views"][name], **read_json(f / "utility.json")}
                for name, f in folders.items()]
     head = ["protection", "epsilon per key / all keys (delta 1e-5)", f"Per-Pcs {primary['name']} [95% CI]",

@@ -46,6 +46,8 @@ class PrivacySettings(BaseModel):
     members: int = Field(16, ge=2, description="training items drawn per member user (sharer or target)")
     nonmembers: int = Field(64, ge=2, description="items drawn from the held-out users, shared by every attack")
     targets: int = Field(3, ge=1, description="targets whose assembled PEFT and OPPU adapter are attacked")
+    sharers: int | None = Field(None, ge=2, description="sharers whose pieces and keys are attacked, the first in "
+                                "selection order (every key still scores): one forward pass per sharer; None: all")
     resamples: int = Field(1000, ge=100, description="bootstrap resamples of each AUROC")
     batch_size: int = Field(16, ge=1)
     seed: int = 0
@@ -124,11 +126,13 @@ class Attacks:
     runs derived from it (their keys and recipes; their pieces are the run's)."""
 
     def __init__(self, run: Run, settings: PrivacySettings, oppu_dir: Path | None = None,
-                 views: dict[str, Run] | None = None):
+                 views: dict[str, Run] | None = None, assembled_views: set[str] | None = None):
         self.run, self.s = run, settings
         self.model, self.tok = run.merged
         self.task = run.data.task
         self.sharers = [s.user_id for s in run.select()]
+        self.attacked = self.sharers[: settings.sharers]
+        self.assembled_views = assembled_views
         self.views = {"": View(run, self.sharers)}
         for name, vrun in (views or {}).items():
             same = [s.user_id for s in vrun.select()] == self.sharers and all(
@@ -152,7 +156,7 @@ class Attacks:
         pool_items = [it for u in run.users(held_out) for it in u.history]
         self.nonmember_items = rng.sample(pool_items, min(settings.nonmembers, len(pool_items)))
         self.n_nonmember_users = len(held_out)
-        self.members = {u: self._member_items(run.data.user(u), rng) for u in self.sharers + self.targets}
+        self.members = {u: self._member_items(run.data.user(u), rng) for u in self.attacked + self.targets}
 
     def _member_items(self, user: User, rng: random.Random) -> list[Item]:
         """A seeded sample of the items the user's LoRA (sharer or OPPU) trained on."""
@@ -180,18 +184,21 @@ class Attacks:
         return apply_lora(self.model, self.pool.lora_config, int(self.pool.lora_config["r"]), weights)
 
     def run_all(self) -> dict:
-        self.base, self.base_non = self.user_losses(self.sharers + self.targets)
+        self.base, self.base_non = self.user_losses(self.attacked + self.targets)
         self.oppu = self.oppu_losses()
         keys = self.piece_and_key_attacks()
         acts = self.label_activations()
         results = {}
         for name, view in self.views.items():
+            assembled = self.assembled(view) if not name or self.assembled_views is None or \
+                name in self.assembled_views else {}
             results[name] = {"run": str(view.run.folder), "key": view.pool.key, "key_privacy": view.pool.key_privacy,
-                             "attacks": {**keys[name], **self.assembled(view)},
+                             "attacks": {**keys[name], **assembled},
                              "attribute": self.attribute(view, acts)}
         main = results.pop("")
         main["attacks"] = {**main["attacks"], **keys["pieces"], **self.oppu_attacks()}
-        return {**main, "n_sharers": len(self.sharers), "n_targets": len(self.targets),
+        return {**main, "n_sharers": len(self.sharers), "n_attacked_sharers": len(self.attacked),
+                "n_targets": len(self.targets),
                 "n_nonmember_items": len(self.nonmember_items), "n_nonmember_users": self.n_nonmember_users,
                 "settings": self.s.model_dump(), **({"views": results} if results else {})}
 
@@ -205,13 +212,14 @@ class Attacks:
         """(b) and (c): each sharer's pieces on its items, the next sharer's items and the non-members;
         the key scores against every view's keys from the same forward pass."""
         S, pad, names = len(self.sharers), self.tok.pad_token_id, list(self.views)
+        A = len(self.attacked)
         rows = {(v, k): ([], []) for v in names + ["pieces"] for k in ("", "cal", "ref", "ref_cal")}
 
         def reduce(pos, v):  # [B, views, S]
             return torch.stack([key_scores(v, view.keys[pos], view.pool.key) for view in self.views.values()], 1)
 
-        for i, u in enumerate(self.sharers):
-            nxt = self.sharers[(i + 1) % S]
+        for i, u in enumerate(self.attacked):
+            nxt = self.attacked[(i + 1) % A]
             peft = self.with_lora(self.pool.sharer_pieces(self.sids[i]))
             try:
                 items = self.members[u] + self.members[nxt] + self.nonmember_items
@@ -249,7 +257,7 @@ class Attacks:
             nxt = have[(have.index(t) + 1) % len(have)]
             peft = self.with_lora(load_lora(self.oppu_dir / safe_name(t) / "adapter"))
             try:
-                out[t] = (nxt, *self.user_losses(self.sharers + list(dict.fromkeys([t, nxt]))))
+                out[t] = (nxt, *self.user_losses(self.attacked + list(dict.fromkeys([t, nxt]))))
             finally:
                 peft.unload()
         return out
@@ -266,7 +274,7 @@ class Attacks:
         for t in self.targets:
             recipe = Recipe.load(view.run.recipe_path(t))
             weighted = {sid for chosen in recipe.pieces.values() for sid, w in chosen if w > 0}
-            chosen = [u for u, sid in zip(self.sharers, view.sids) if sid in weighted]
+            chosen = [u for u, sid in zip(self.sharers, view.sids) if sid in weighted and u in self.members]
             if not chosen:
                 continue
             peft = apply_recipe(self.model, recipe, view.pool)
@@ -329,7 +337,8 @@ class Attacks:
 
 
 def privacy(run_dir: str | Path, out: str | Path, settings: PrivacySettings | None = None,
-            oppu_dir: str | Path | None = None, force: bool = False, views: dict[str, str | Path] | None = None) -> dict:
+            oppu_dir: str | Path | None = None, force: bool = False, views: dict[str, str | Path] | None = None,
+            assembled_views: set[str] | None = None) -> dict:
     """Run every attack on a finished run (and the key and assembly attacks on `views`, runs derived from
     it); write OUT/privacy.json, privacy.md and privacy.png."""
     run = Run(run_dir)
@@ -338,7 +347,8 @@ def privacy(run_dir: str | Path, out: str | Path, settings: PrivacySettings | No
     if not run.pool_path.exists() or not any(run.recipe_path(t).exists() for t in run.split["targets"]):
         raise ValueError(f"{run.folder}: not a finished run (no pool or no recipes); finish it with `perpcs pipeline`")
     views = {name: Run(folder) for name, folder in (views or {}).items()}
-    result = Attacks(run, settings or PrivacySettings(), Path(oppu_dir) if oppu_dir else None, views).run_all()
+    result = Attacks(run, settings or PrivacySettings(), Path(oppu_dir) if oppu_dir else None, views,
+                     assembled_views).run_all()
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "privacy.json", result)
     write_text(out / "privacy.md", privacy_table(result))

@@ -67,7 +67,8 @@ def privacy_table(result: dict) -> str:
              f"Pool keys: {result['key']}" + (f", DP noise: epsilon {kp['epsilon_per_key']:.3g} per key, "
                                               f"{kp['epsilon_all_keys']:.3g} for all {kp['positions']} keys, "
                                               f"delta {kp['delta']:g}" if kp else ", no DP noise")
-             + f". {result['n_sharers']} sharers, {result['n_targets']} targets, "
+             + f". {result.get('n_attacked_sharers', result['n_sharers'])} of {result['n_sharers']} sharers attacked, "
+               f"{result['n_targets']} targets, "
                f"{result['n_nonmember_items']} non-member items from {result['n_nonmember_users']} held-out users.",
              "", "| attack | members vs non-members | AUROC [95% CI] | TPR@1%FPR | reference AUROC "
                  "| reference TPR@1%FPR |", "|---|---|---|---|---|---|"]
@@ -85,7 +86,8 @@ def privacy_table(result: dict) -> str:
             kp = v.get("key_privacy")
             cells = [name, v["key"], f"{kp['epsilon_per_key']:.3g}" if kp else "inf"]
             cells += [f"{_cell(v['attacks'][n]['attack'])} / {_tpr(v['attacks'][n]['attack'])}; "
-                      f"{_cell(v['attacks'][n].get('reference')).split(' ')[0]}" for n in names]
+                      f"{_cell(v['attacks'][n].get('reference')).split(' ')[0]}" if n in v["attacks"] else "-"
+                      for n in names]
             cells.append(_attribute(v["attribute"]))
             lines.append("| " + " | ".join(cells) + " |")
     at = result["attribute"]
