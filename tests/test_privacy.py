@@ -222,3 +222,14 @@ def test_members_are_the_items_the_lora_saw():
     assert len(trained_items(items, s, {"steps": 6, "best_epoch": 1})) == 10
     # retrieval copies (examples 10..18 are items 1..9 again): more examples, no item beyond the history
     assert {it.input for it in trained_items(items, s, {"steps": 5}, copies=True)} <= {it.input for it in items}
+
+
+def test_private_preset_sits_under_config_and_set(tmp_path):
+    from perpcs.cli import build_config
+    from perpcs.pipeline import PRESETS
+
+    cfg = build_config(tmp_path, None, 0, None, None, None, [], "private")
+    assert cfg.model_dump(include=set(PRESETS["private"])) == PRESETS["private"]
+    assert build_config(tmp_path, None, 0, None, None, None, ["key_noise=2"], "private").key_noise == 2
+    with pytest.raises(ValueError, match="known presets"):
+        build_config(tmp_path, None, 0, None, None, None, [], "secret")

@@ -166,16 +166,19 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 
 def build_config(data: Path, base: Optional[str], seed: int, targets: Optional[int], sharers: Optional[int],
-                 config: Optional[Path], overrides: list[str]):
-    """A RunConfig from defaults < --config file < flags < --set overrides (nested sections merge key by key)."""
-    from perpcs.pipeline import RunConfig
+                 config: Optional[Path], overrides: list[str], preset: Optional[str] = None):
+    """A RunConfig from defaults < --preset < --config file < flags < --set overrides (nested sections merge
+    key by key)."""
+    from perpcs.pipeline import PRESETS, RunConfig
     from perpcs.utils import deep_merge, read_json
 
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"--preset {preset!r}: known presets are {', '.join(PRESETS)}")
     flags = {"data": str(data), "seed": seed, "base": base, "n_targets": targets, "n_sharers": sharers}
     cfg = RunConfig(data=str(data)).model_dump()
     del cfg["assembly"]["retrieval_copies"]  # unset: it follows `retrieval_copies` unless a layer sets it
-    for layer in (read_json(config) if config else {}, {k: v for k, v in flags.items() if v is not None},
-                  parse_overrides(overrides)):
+    for layer in (PRESETS.get(preset, {}), read_json(config) if config else {},
+                  {k: v for k, v in flags.items() if v is not None}, parse_overrides(overrides)):
         deep_merge(cfg, layer)
     return RunConfig.model_validate(cfg)
 
@@ -183,6 +186,8 @@ def build_config(data: Path, base: Optional[str], seed: int, targets: Optional[i
 EXECUTOR = typer.Option("local", "--executor", help="where sharers and bulk assembly run: local (this process) "
                         "or ray (a local Ray, or the cluster at --ray-address)")
 RAY_ADDRESS = typer.Option(None, "--ray-address", help="Ray cluster to join, e.g. ray://head:10001 (docs/scale.md)")
+PRESET = typer.Option(None, "--preset", help="named settings under --config and --set: paper (the paper's rule), "
+                      "private (for a privacy-sensitive pool, docs/privacy.md)")
 
 
 def _run_command(all_steps: bool):
@@ -195,6 +200,7 @@ def _run_command(all_steps: bool):
         sharers: Optional[int] = typer.Option(None, "--sharers", help="number of sharers S"),
         config: Optional[Path] = typer.Option(None, "--config", help="JSON file of RunConfig fields"),
         overrides: list[str] = typer.Option([], "--set", help="override a setting, e.g. --set assembly.top_k=5"),
+        preset: Optional[str] = PRESET,
         executor: str = EXECUTOR,
         ray_address: Optional[str] = RAY_ADDRESS,
     ) -> None:
@@ -206,7 +212,7 @@ def _run_command(all_steps: bool):
         try:
             if not all_steps and (executor != "local" or ray_address):
                 raise ValueError("--executor and --ray-address are for perpcs pipeline: init runs no step")
-            r = Run.create(run, build_config(data, base, seed, targets, sharers, config, overrides))
+            r = Run.create(run, build_config(data, base, seed, targets, sharers, config, overrides, preset))
             if all_steps:
                 recipes = r.pipeline(make_executor(executor, ray_address))
                 console.print(f"wrote {len(recipes)} recipes to {r.folder / 'recipes'}, pool at {r.pool_path}")
@@ -388,6 +394,7 @@ def bench_command(
                                                "(every other method on all; comparisons on the queries shared)"),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="several seeds, e.g. 0,1,2: one bench each into "
                                         "OUT/seed-N, then `perpcs report` of them all into OUT"),
+    preset: Optional[str] = PRESET,
 ) -> None:
     """Per-Pcs vs non-personalized, RAG, PEFT retrieval, OPPU and PriME on one data set, with costs and CIs."""
     from pydantic import ValidationError
@@ -396,7 +403,7 @@ def bench_command(
 
     try:
         runs = [(out / f"seed-{s}" if seeds else out, build_config(data, base, s, targets, sharers, config,
-                                                                   (QUICK if quick else []) + overrides))
+                                                                   (QUICK if quick else []) + overrides, preset))
                 for s in (parse_seeds(seeds) if seeds else [seed])]
         for folder, cfg in runs:
             _bench(data, folder, cfg, methods, parse_variants(variants), oppu_targets)

@@ -60,6 +60,9 @@ SELECTION_STEP = ("n_sharers", "selection", "min_sharer_items")
 # The paper's selection rule exactly (trained gates, linear A/B mix, the assembled update as is):
 # `--set key=gate --set assembly.mix=linear --set assembly.strength=1`.
 PAPER_RULE = {"key": "gate", "assembly": {"mix": "linear", "strength": 1.0}}
+# `--preset NAME`: named settings (under --config and --set); "private" is what docs/privacy.md advises a
+# privacy-sensitive pool, from the attacks measured there
+PRESETS = {"paper": PAPER_RULE, "private": {"key_noise": 0.5}}
 
 
 class RunConfig(BaseModel):
