@@ -482,6 +482,8 @@ def privacy_cmd(
     members: int = typer.Option(16, "--members", help="training items drawn per sharer and target"),
     nonmembers: int = typer.Option(64, "--nonmembers", help="items drawn from held-out users"),
     targets: int = typer.Option(3, "--targets", help="targets whose assembled PEFT and OPPU are attacked"),
+    sharers: Optional[int] = typer.Option(None, "--sharers", help="attack the first N sharers' pieces and keys "
+                                          "(one forward pass each; every key still scores); default all"),
     seed: int = typer.Option(0, "--seed"),
     force: bool = typer.Option(False, "--force", help="write into a folder holding other files"),
     views: list[str] = typer.Option([], "--view", help="NAME=RUN: also the key and assembly attacks on a run "
@@ -497,7 +499,7 @@ def privacy_cmd(
         bad = [v for v, (name, sep, folder) in zip(views, pairs) if not (name and sep and folder)]
         if bad:
             raise ValueError(f"--view {bad[0]!r}: expected NAME=RUN_FOLDER")
-        settings = PrivacySettings(members=members, nonmembers=nonmembers, targets=targets, seed=seed)
+        settings = PrivacySettings(members=members, nonmembers=nonmembers, targets=targets, sharers=sharers, seed=seed)
         privacy(run, out, settings, oppu, force, {name: folder for name, _, folder in pairs})
     except (ValueError, OSError, ValidationError) as e:
         fail(str(e))
