@@ -112,7 +112,6 @@ def main() -> None:
     folders = {name: point(out, name.replace(" ", "-"), spec) for name, spec in specs.items()}
     if args.points_only:
         return
-    bench = read_json(out / "results.json")
     attacks = out / "privacy" / "attacks"
     if not (attacks / "privacy.json").exists():  # one pass: every pool's keys and recipes on the same sharers
         privacy(out / "run", attacks, SETTINGS, oppu_dir=out / "run" / "oppu", force=True,
@@ -121,21 +120,22 @@ def main() -> None:
     for suffix in ("json", "md", "png"):
         shutil.copy(attacks / f"privacy.{suffix}", results / f"privacy-{args.name}-attacks.{suffix}")
     found = read_json(attacks / "privacy.json")
-    primary, st = bench["primary_metric"], bench["statistics"]["methods"]
-    as_bench = lambda m: {"metric": primary["name"], "higher_is_better": primary["higher_is_better"],  # noqa: E731
-                          "mean": st[m]["mean"], "ci": st[m]["ci"], "n": st[m]["n"]}
-    points = [{"label": "none (bench)", "privacy": found, "utility": as_bench("perpcs")}]
+    base = out / "privacy" / "none"
+    if not (base / "utility.json").exists():  # the bench's own run, scored here (the bench may still be running)
+        write_json(base / "utility.json", {"settings": {}, "utility": utility(Run(out / "run"), base)})
+    points = [{"label": "none", "privacy": found, **read_json(base / "utility.json")}]
     points += [{"label": name, "privacy": found["views"][name], **read_json(f / "utility.json")}
                for name, f in folders.items()]
-    head = ["protection", "epsilon per key / all keys (delta 1e-5)", f"Per-Pcs {primary['name']} [95% CI]",
+    metric = points[0]["utility"]["metric"]
+    head = ["protection", "epsilon per key / all keys (delta 1e-5)", f"Per-Pcs {metric} [95% CI]",
             f"{KEY_ATTACK} AUROC [CI] / TPR@1%FPR", "key_membership", f"{MIX_ATTACK}", "assembled_loss",
             "dominant label from keys"]
-    md = [f"# privacy/utility on {args.name} ({bench['task']}, {bench['n_targets']} targets, "
-          f"{bench['n_sharers']} sharers)",
+    run = Run(out / "run")
+    md = [f"# privacy/utility on {args.name} ({run.data.task.name}, {len(run.split['targets'])} targets, "
+          f"{len(run.select())} sharers)",
           "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *map(row, points), "",
           f"Attacks: `perpcs privacy` with {json.dumps(SETTINGS.model_dump())} (all attacks: "
-          f"privacy-{args.name}-attacks.md). Same queries: OPPU {as_bench('oppu')['mean']:.3f}, "
-          f"non-personalized {as_bench('non_personalized')['mean']:.3f}.",
+          f"privacy-{args.name}-attacks.md); utility: Per-Pcs's {metric} on the run's targets' queries.",
           "", f"![privacy/utility](privacy-{args.name}.png)", ""]
     write_json(results / f"privacy-{args.name}.json", {"bench": str(out), "points": points})
     write_text(results / f"privacy-{args.name}.md", "\n".join(md))
