@@ -30,8 +30,8 @@ from perpcs.stats import bootstrap_ci
 from perpcs.utils import read_json, write_json, write_text
 
 RESULTS = Path(__file__).parent / "results"
-# sized for 2 shared CPU cores: 4 sharers' pieces and keys attacked (all 8 keys score), 2 targets' recipes
-SETTINGS = PrivacySettings(members=8, nonmembers=32, targets=2, sharers=4)
+# sized for 2 shared CPU cores: 3 sharers' pieces and keys attacked (every key scores), 1 target's recipe
+SETTINGS = PrivacySettings(members=8, nonmembers=32, targets=1, sharers=3)
 # the attack each protection is meant to stop, read off each point
 KEY_ATTACK, MIX_ATTACK = "key_membership_calibrated", "assembled_calibrated"
 
