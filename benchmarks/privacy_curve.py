@@ -68,7 +68,8 @@ def row(p: dict) -> str:
     cells = [p["label"], eps, f"{u['mean']:.3f} [{u['ci'][0]:.3f}, {u['ci'][1]:.3f}]"]
     for name in (KEY_ATTACK, "key_membership", MIX_ATTACK, "assembled_loss"):
         a = p["privacy"]["attacks"].get(name, {}).get("attack")
-        cells.append(f"{a['auroc']:.3f} [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}] / {a['tpr_at_1pct_fpr']:.2f}" if a else "-")
+        cells.append("-" if not a else f"{a['auroc']:.3f} [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}] / "
+                     f"{a['tpr_at_1pct_fpr']:.2f}")
     at = p["privacy"]["attribute"]
     cells.append("-" if "skipped" in at else f"{at['accuracy']:.0%} (prior {at['prior_accuracy']:.0%})")
     return "| " + " | ".join(cells) + " |"

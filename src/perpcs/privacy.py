@@ -223,7 +223,8 @@ class Attacks:
             peft = self.with_lora(self.pool.sharer_pieces(self.sids[i]))
             try:
                 items = self.members[u] + self.members[nxt] + self.nonmember_items
-                loss, red = forward_items(self.model, self.examples(items), pad, self.s.batch_size, self.modules, reduce)
+                loss, red = forward_items(self.model, self.examples(items), pad, self.s.batch_size, self.modules,
+                                          reduce)
             finally:
                 peft.unload()
             scores = torch.stack(list(red.values())).nanmean(0).numpy()  # [n, views, S], mean over positions
