@@ -118,8 +118,10 @@ def main() -> None:
         privacy(out / "run", attacks, SETTINGS, oppu_dir=out / "run" / "oppu", force=True,
                 views={name: f / "run" for name, f in folders.items()},
                 assembled_views={n for n in folders if not n.startswith("key_noise")})
-    for suffix in ("json", "md", "png"):
+    for suffix in ("json", "png"):
         shutil.copy(attacks / f"privacy.{suffix}", results / f"privacy-{args.name}-attacks.{suffix}")
+    write_text(results / f"privacy-{args.name}-attacks.md", (attacks / "privacy.md").read_text().replace(
+        "(privacy.png)", f"(privacy-{args.name}-attacks.png)"))
     found = read_json(attacks / "privacy.json")
     base = out / "privacy" / "none"
     if not (base / "utility.json").exists():  # the bench's own run, scored here (the bench may still be running)
