@@ -80,16 +80,20 @@ def target_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def activation_means(model, modules: dict[str, torch.nn.Module], examples: Sequence[Example], pad_id: int,
-                     batch_size: int = 16) -> dict[str, torch.Tensor]:
+                     batch_size: int = 16, clip: float | None = None) -> dict[str, torch.Tensor]:
     """Mean LN(h) of each module's input over the tokens that predict outputs (per example, then
-    over examples) while `model` runs over `examples`: a sharer's activation keys."""
+    over examples) while `model` runs over `examples`: a sharer's activation keys. With `clip`, each
+    example's mean is first scaled down to L2 norm at most clip * sqrt(d) (for `dp.noisy_keys`)."""
     device = next(model.parameters()).device
     sums = {pos: 0.0 for pos in modules}
     n = 0
 
     def hook(pos, mask):
         def fn(module, args):
-            sums[pos] = sums[pos] + example_means(F.layer_norm(args[0].float(), (args[0].shape[-1],)), mask).sum(0)
+            v = example_means(F.layer_norm(args[0].float(), (args[0].shape[-1],)), mask)
+            if clip is not None:
+                v = v * (clip * math.sqrt(v.shape[-1]) / v.norm(dim=-1, keepdim=True).clamp(min=1e-12)).clamp(max=1)
+            sums[pos] = sums[pos] + v.sum(0)
         return fn
 
     for i in range(0, len(examples), batch_size):

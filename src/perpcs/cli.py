@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from perpcs.commands import bench, data, run, serve
+from perpcs.commands import bench, data, privacy, run, serve
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 model_app = typer.Typer(no_args_is_help=True, help="Base models: prepare (convert and cache) and inspect.")
@@ -33,6 +33,7 @@ COMMANDS = [
     (app, "report", bench.report_command),
     (app, "demo", bench.demo),
     (app, "serve", serve.serve_cmd),
+    (app, "privacy", privacy.privacy_cmd),
 ]
 for group, verb, function in COMMANDS:
     group.command(verb)(function)

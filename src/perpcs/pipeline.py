@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from perpcs.assembly import activation_means, assemble_history, assemble_users
 from perpcs.calibration import calibrate
 from perpcs.data import Item, data_sha256
+from perpcs.dp import counted_examples, key_generator, key_privacy, noisy_keys
 from perpcs.export import export_base, export_user
 from perpcs.gates import train_gates
 from perpcs.lora import load_or_train, lora_layers, lora_state
@@ -179,8 +180,9 @@ class Run(RunFolder):
             pieces = load_pieces(self.sharer_dir(user_id) / "pieces.safetensors")
             if pool is None:
                 shapes = {pos: (A.shape[1], B.shape[0]) for pos, (A, B, _) in pieces.items()}
+                noise = key_privacy(c.key_noise, c.key_clip, c.key_delta, len(shapes)) if c.key_noise else None
                 pool = Pool.create(self.pool_path, self.merged_fingerprint, c.lora.model_dump(), shapes,
-                                   seed=c.seed, sharing_ratio=c.share_ratio, key=c.key)
+                                   seed=c.seed, sharing_ratio=c.share_ratio, key=c.key, key_privacy=noise)
             sid = pool.add_sharer(user_id, pieces, share_mask(pool.positions, c.share_ratio, c.seed, user_id))
             write_json(self.sharer_dir(user_id) / "stats.json", {"sharer_id": sid, **stats})
         self.record("build_pool", self._pool_stats(pool))
@@ -214,8 +216,11 @@ class Run(RunFolder):
         if self.config.key == "gate":
             return train_gates(peft_model, examples, self.config.training("gate_train", user_id), pad_id,
                                desc=f"sharer {user_id}: gates")
-        t0 = time.perf_counter()
-        keys = activation_means(peft_model, lora_layers(peft_model), examples, pad_id, self.config.assembly.batch_size)
+        c, t0 = self.config, time.perf_counter()
+        keys = activation_means(peft_model, lora_layers(peft_model), examples, pad_id, c.assembly.batch_size,
+                                clip=c.key_clip if c.key_noise else None)
+        if c.key_noise:
+            keys = noisy_keys(keys, counted_examples(examples), c.key_clip, c.key_noise, key_generator(c.seed, user_id))
         return keys, {"seconds": time.perf_counter() - t0}
 
     def _pool_stats(self, pool: Pool) -> dict:

@@ -158,7 +158,8 @@ def with_rule_fixed(overrides: dict) -> dict:
 
 
 # Settings of steps 3-5 only: a derived run (`Run.derive`) may change these and reuse steps 0-2.
-LATER_STEPS = ("device", "key", "share_ratio", "gate_train", "assembly", "calibration")
+LATER_STEPS = ("device", "key", "key_noise", "key_clip", "key_delta", "share_ratio", "gate_train", "assembly",
+               "calibration")
 # Settings of step 1: a derived run may change these too; it then selects again, and each sharer it
 # has in common with the run it derives from keeps its LoRA.
 SELECTION_STEP = ("n_sharers", "selection", "min_sharer_items")
@@ -184,6 +185,12 @@ class RunConfig(BaseModel):
     share_ratio: float = Field(1.0, description="sharing ratio rho: share of its positions each sharer shares")
     key: KeyKind = Field("activation", description="piece keys (with calibration on, what it starts from; the "
                          "paper's: PAPER_RULE)")
+    key_noise: float = Field(0.0, ge=0, allow_inf_nan=False, description="activation keys as (epsilon, key_delta)-DP "
+                             "means (perpcs.dp, docs/privacy.md): Gaussian noise of std key_noise times the "
+                             "sensitivity; 0: no noise, no clipping")
+    key_clip: float = Field(1.0, gt=0, allow_inf_nan=False, description="key_noise: each example's vector is "
+                            "clipped to L2 norm key_clip * sqrt(d) first")
+    key_delta: float = Field(1e-5, gt=0, lt=1, description="key_noise: the delta of the (epsilon, delta) guarantee")
     retrieval_copies: bool = Field(False, description="train and assemble also on each item with its most "
                                    "similar earlier item in the prompt")
     max_len: int = Field(256, description="tokens per example (long prompts lose their start)")
@@ -224,6 +231,14 @@ class RunConfig(BaseModel):
                     raise ValueError(f"assembly.{name}={json.dumps(value)}: assembly uses the run's {name} "
                                      f"({json.dumps(run_value)}); set {name} instead")
         return {**data, "assembly": assembly}
+
+    @model_validator(mode="after")
+    def _key_noise_on_activation_keys(self) -> "RunConfig":
+        """The mechanism is defined for activation keys over examples that each hold one history item."""
+        if self.key_noise and (self.key != "activation" or self.retrieval_copies):
+            raise ValueError(f"key_noise={self.key_noise} needs key=activation and retrieval_copies=false "
+                             "(a gate is trained, not a mean; with retrieval copies one item is in several examples)")
+        return self
 
     def updated(self, overrides: dict) -> "RunConfig":
         """These settings with `overrides` (nested sections merged key by key), validated."""
@@ -319,6 +334,9 @@ class BenchSettings(BaseModel):
 # The paper's selection rule exactly (trained gates, top-3, tau 1, linear A/B mix, the assembled update as is):
 # `--set key=gate --set assembly.mix=linear --set assembly.strength=1`.
 PAPER_RULE = GRID["paper"]
+# `--preset NAME`: named settings (under --config and --set); "private" is what docs/privacy.md advises a
+# privacy-sensitive pool, from the attacks measured there
+PRESETS = {"paper": PAPER_RULE, "private": {"key_noise": 0.5}}
 # `--quick`: tiny budgets that check the harness; the numbers mean nothing.
 QUICK = ["task_train.steps=4", "sharer_train.steps=3", "gate_train.steps=2", "n_targets=2", "n_sharers=3",
          "min_sharer_items=1"]
@@ -365,14 +383,17 @@ def parse_variants(specs: list[str]) -> dict[str, dict]:
 
 def build_config(data: str | Path, base: str | None = None, seed: int = 0, targets: int | None = None,
                  sharers: int | None = None, config: str | Path | None = None, overrides: list[str] = (),
-                 quick: bool = False) -> RunConfig:
-    """A RunConfig from defaults < --config file < flags < (`QUICK` with `quick`) < --set overrides
-    (nested sections merge key by key). A file or --set that fixes the selection rule (key,
+                 quick: bool = False, preset: str | None = None) -> RunConfig:
+    """A RunConfig from defaults < --preset < --config file < flags < (`QUICK` with `quick`) < --set overrides
+    (nested sections merge key by key). A preset, file or --set that fixes the selection rule (key,
     assembly.mix, ...) turns calibration off, unless it sets calibration.enabled itself."""
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"--preset {preset!r}: known presets are {', '.join(PRESETS)}")
     flags = {"data": str(data), "seed": seed, "base": base, "n_targets": targets, "n_sharers": sharers}
     cfg = RunConfig(data=str(data)).model_dump()
     given: dict = {}
-    for layer in (read_json(config) if config else {}, {k: v for k, v in flags.items() if v is not None},
+    for layer in (PRESETS.get(preset, {}), read_json(config) if config else {},
+                  {k: v for k, v in flags.items() if v is not None},
                   parse_overrides((QUICK if quick else []) + list(overrides))):
         deep_merge(cfg, layer)
         deep_merge(given, layer)

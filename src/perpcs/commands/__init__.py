@@ -27,3 +27,5 @@ SEED = typer.Option(0, "--seed")
 BASE = typer.Option(None, "--base", help="base model: HF id, folder or .gguf (default SmolLM2-135M-Instruct)")
 QUICK = typer.Option(False, "--quick", help="tiny budgets: checks the harness, numbers mean nothing")
 CONFIG = typer.Option(None, "--config", help="JSON file of RunConfig fields (settings.py)")
+PRESET = typer.Option(None, "--preset", help="named settings under --config and --set: paper (the paper's rule), "
+                      "private (for a privacy-sensitive pool, docs/privacy.md)")

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from perpcs.commands import BASE, CONFIG, DATA, QUICK, SEED, SHARERS, TARGETS, console, fail
+from perpcs.commands import BASE, CONFIG, DATA, PRESET, QUICK, SEED, SHARERS, TARGETS, console, fail
 
 
 def _bench(data: Path, out: Path, config, methods: list[str], variants: dict[str, dict],
@@ -44,6 +44,7 @@ def bench_command(
     base: Optional[str] = BASE,
     quick: bool = QUICK,
     config: Optional[Path] = CONFIG,
+    preset: Optional[str] = PRESET,
     overrides: list[str] = typer.Option([], "--set", help="override a setting, e.g. --set sharer_train.lr=5e-4"),
     variants: list[str] = typer.Option([], "--variant", help="also Per-Pcs with other step 3-5 settings on the same "
                                        "sharers (repeat), e.g. --variant act:key=activation,assembly.mix=cat"),
@@ -60,7 +61,7 @@ def bench_command(
 
     try:
         runs = [(out / f"seed-{s}" if seeds else out, build_config(data, base, s, targets, sharers, config,
-                                                                   overrides, quick))
+                                                                   overrides, quick, preset))
                 for s in (parse_seeds(seeds) if seeds else [seed])]
         for folder, cfg in runs:
             _bench(data, folder, cfg, methods, parse_variants(variants), oppu_targets)

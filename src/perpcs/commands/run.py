@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from perpcs.commands import BASE, CONFIG, DATA, EXECUTOR, RAY_ADDRESS, SEED, SHARERS, TARGETS, console, fail
+from perpcs.commands import BASE, CONFIG, DATA, EXECUTOR, PRESET, RAY_ADDRESS, SEED, SHARERS, TARGETS, console, fail
 
 
 def run_command(all_steps: bool):
@@ -20,6 +20,7 @@ def run_command(all_steps: bool):
         targets: Optional[int] = TARGETS,
         sharers: Optional[int] = SHARERS,
         config: Optional[Path] = CONFIG,
+        preset: Optional[str] = PRESET,
         overrides: list[str] = typer.Option([], "--set", help="override a setting, e.g. --set assembly.top_k=5"),
         executor: str = EXECUTOR,
         ray_address: Optional[str] = RAY_ADDRESS,
@@ -33,7 +34,7 @@ def run_command(all_steps: bool):
         try:
             if not all_steps and (executor != "local" or ray_address):
                 raise ValueError("--executor and --ray-address are for perpcs pipeline: init runs no step")
-            r = Run.create(run, build_config(data, base, seed, targets, sharers, config, overrides))
+            r = Run.create(run, build_config(data, base, seed, targets, sharers, config, overrides, preset=preset))
             if all_steps:
                 recipes = r.pipeline(make_executor(executor, ray_address))
                 console.print(f"wrote {len(recipes)} recipes to {r.folder / 'recipes'}, pool at {r.pool_path}")
