@@ -222,7 +222,9 @@ class Attacks:
 
         for i, u in enumerate(self.attacked):
             nxt = self.attacked[(i + 1) % A]
-            peft = self.with_lora(self.pool.sharer_pieces(self.sids[i]))
+            sid = self.sids[i]  # the pieces it shares, as the pool holds them
+            shared = [p for p in self.pool.positions if sid in self.pool.candidates(p)]
+            peft = self.with_lora({p: self.pool.piece(sid, p) for p in shared})
             try:
                 items = self.members[u] + self.members[nxt] + self.nonmember_items
                 loss, red = forward_items(self.model, self.examples(items), pad, self.s.batch_size, self.modules,
