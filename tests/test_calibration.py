@@ -66,7 +66,32 @@ def test_a_constant_answer_does_not_win_by_class_balance():
 def test_exact_ties_go_to_the_simpler_rule():
     p = preds_with(GOLDS, 30)
     result = choose_rule(TASK, GOLDS, {"none": preds_with(GOLDS, 0), "average": p, "act-cat": dict(p)}, alpha=0.05)
-    assert result["chosen"] == "average"
+    assert result["chosen"] == "average" and result["tied_with_best"] == ["average", "act-cat"]
+
+
+GOLDS60 = {f"q{i}": "abc"[i % 3] for i in range(60)}
+
+
+def test_a_lead_within_noise_goes_to_the_simpler_rule():
+    """act-cat-tau16 answers one more query right than act-cat: the best, but not by evidence."""
+    result = choose_rule(TASK, GOLDS60, {"none": preds_with(GOLDS60, 0), "act-cat": preds_with(GOLDS60, 40),
+                                         "act-cat-tau16": preds_with(GOLDS60, 41)}, alpha=0.05)
+    assert result["best"] == "act-cat-tau16" and result["chosen"] == "act-cat"
+    assert result["candidates"]["act-cat"]["vs_best"]["p"] >= 0.05
+
+
+def test_a_lead_with_evidence_beats_the_simpler_rule():
+    result = choose_rule(TASK, GOLDS60, {"none": preds_with(GOLDS60, 0), "act-cat": preds_with(GOLDS60, 20),
+                                         "act-cat-tau16": preds_with(GOLDS60, 60)}, alpha=0.05)
+    assert result["chosen"] == result["best"] == "act-cat-tau16"
+    assert result["candidates"]["act-cat"]["vs_best"]["p"] < 0.05
+
+
+def test_bootstrap_p_is_never_zero():
+    """Every resample favours act-cat: p is (0 + 1) / (R + 1) per side, doubled; not 0."""
+    from perpcs.stats import RESAMPLES
+    result = choose_rule(TASK, GOLDS, {"none": preds_with(GOLDS, 0), "act-cat": preds_with(GOLDS, 30)}, alpha=0.05)
+    assert result["candidates"]["act-cat"]["vs_none"]["p"] == pytest.approx(2 / (RESAMPLES + 1))
 
 
 def test_rating_uses_the_sign_test_on_absolute_errors():

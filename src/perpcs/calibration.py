@@ -14,7 +14,11 @@ The choice: the best rule by the task's selection metric, but only among rules t
 the grid at `alpha`, so that a pool of noise declines to personalize instead of crowning the luckiest
 rule. Classification is judged by macro-F1 (accuracy can crown a constant answer by class balance)
 and its paired test is a paired bootstrap of the F1 difference; the other kinds use the bench's sign
-test on per-query scores. Exact ties go to the simpler rule (earlier in GRID).
+test on per-query scores. Among those rules, the best is not crowned on a difference that is only
+noise: every rule the same paired test cannot tell from the best (p >= `alpha`, unadjusted, so ties
+are generous) is tied with it, and the tie goes to the simplest, the earliest in GRID (the order is a
+prior: the rule that was the default before calibration first, then one change at a time). A departure
+from the simpler rule must show evidence on the validation users, not a lucky draw.
 
 Costs: rules that differ only in strength share one assembly; "none" and "average" need no forward.
 Rules with gate keys need a second pool whose gates are trained (`Run.key_run("gate")`). The grid
@@ -82,7 +86,8 @@ def _f1_paired(task: Task, golds: dict[str, str], a: dict[str, str], b: dict[str
     full = np.arange(len(ids))[None]
     diff = float((f1(full, pa) - f1(full, pb))[0])
     boot = f1(rows, pa) - f1(rows, pb)
-    p = min(1.0, 2 * min(float((boot <= 0).mean()), float((boot >= 0).mean())))
+    # two-sided, counting the observed difference as one resample so that p is never 0
+    p = min(1.0, 2 * (min(int((boot <= 0).sum()), int((boot >= 0).sum())) + 1) / (RESAMPLES + 1))
     lo, hi = np.percentile(boot, [2.5, 97.5])
     return {"n": len(ids), "p": p, "diff": diff, "ci": [float(lo), float(hi)], "test": "paired bootstrap of macro-F1"}
 
@@ -102,26 +107,35 @@ def choose_rule(task: Task, golds: dict[str, str], preds: dict[str, dict[str, st
     """Each rule's metrics, CI and paired comparison with "none"; the choice (see the module's docstring)."""
     metric, higher = selection_metric(task)
     sign = 1 if higher else -1
-    none_scores = per_query(task, golds, preds["none"])
+    scores = {name: per_query(task, golds, p) for name, p in preds.items()}
+
+    def compare(a: str, b: str) -> dict:
+        return (_f1_paired(task, golds, preds[a], preds[b], seed) if task.kind == "classification"
+                else {**paired(scores[a], scores[b], higher, seed), "test": "sign test"})
+
     table: dict[str, dict] = {}
     for name, p in preds.items():
-        metrics = score(task, golds, p)
-        scores = per_query(task, golds, p)
-        row = {"metrics": metrics, "ci": list(bootstrap_ci(scores.values(), seed)),
+        row = {"metrics": score(task, golds, p), "ci": list(bootstrap_ci(scores[name].values(), seed)),
                "answers": len(set(p.values())),
                "top_answer_share": max(list(p.values()).count(v) for v in p.values()) / len(p)}
         if name != "none":
-            row["vs_none"] = (_f1_paired(task, golds, p, preds["none"], seed) if task.kind == "classification"
-                              else {**paired(scores, none_scores, higher, seed), "test": "sign test"})
+            row["vs_none"] = compare(name, "none")
         table[name] = row
     adjusted = holm({n: r["vs_none"]["p"] for n, r in table.items() if n != "none"})
     for name, p_holm in adjusted.items():
         table[name]["vs_none"]["p_holm"] = p_holm
-    better = [n for n in preds if n != "none" and sign * table[n]["vs_none"]["diff"] > 0 and adjusted[n] < alpha]
     order = list(preds)
-    chosen = max(better, key=lambda n: (sign * table[n]["metrics"][metric], -order.index(n))) if better else "none"
-    return {"chosen": chosen, "declined": chosen == "none", "metric": metric, "higher_is_better": higher,
-            "alpha": alpha, "candidates": table}
+    better = [n for n in order if n != "none" and sign * table[n]["vs_none"]["diff"] > 0 and adjusted[n] < alpha]
+    best, tied = None, []
+    if better:
+        best = max(better, key=lambda n: (sign * table[n]["metrics"][metric], -order.index(n)))
+        for n in better:
+            if n != best:
+                table[n]["vs_best"] = compare(n, best)
+        tied = [n for n in better if n == best or table[n]["vs_best"]["p"] >= alpha]
+    chosen = tied[0] if tied else "none"
+    return {"chosen": chosen, "declined": chosen == "none", "best": best, "tied_with_best": tied,
+            "metric": metric, "higher_is_better": higher, "alpha": alpha, "candidates": table}
 
 
 def _prompts(task: Task, items: list[Item]) -> list[str]:

@@ -101,14 +101,16 @@ def _act(**assembly) -> dict:
             "assembly": {"select": "topk", "top_k": 3, "temperature": 1.0, "mix": "cat", "strength": 1.0, **assembly}}
 
 
-# Calibration's candidate rules (`calibration`) as RunConfig overrides, simplest first (exact ties go to the earlier).
+# Calibration's candidate rules (`calibration`) as RunConfig overrides, simplest first: rules the validation
+# users cannot tell apart go to the earliest. After the two that need no forward pass, the rule that was the
+# default before calibration, then one change from it at a time, and last the paper's, which trains gates.
 GRID: dict[str, dict] = {
     "none": {"assembly": {"select": "none"}},  # the non-personalized model
     "average": {"assembly": {"select": "all", "mix": "cat", "strength": 1.0}},  # every sharer, equal weight
-    "act-top1": _act(top_k=1),
     "act-cat": _act(),
-    "act-cat-half": _act(strength=0.5),
+    "act-top1": _act(top_k=1),
     "act-linear": _act(mix="linear"),
+    "act-cat-half": _act(strength=0.5),
     "act-cat-tau4": _act(temperature=4.0),
     "act-cat-tau16": _act(temperature=16.0),
     "paper": {"key": "gate", "assembly": {"select": "topk", "top_k": 3, "temperature": 1.0, "mix": "linear",

@@ -158,8 +158,12 @@ def calibration_lines(cal: dict, gate_seconds: float | None = None) -> list[str]
     metric = cal["metric"]
     names = [k for k in next(iter(cal["candidates"].values()))["metrics"] if k != "n"]
     v = cal["validation"]
+    tied = [n for n in cal.get("tied_with_best", []) if n != cal["chosen"]]
     verdict = ("**declined**: no rule beat the non-personalized model; targets get the task model"
-               if cal["declined"] else f"chose **{cal['chosen']}**")
+               if cal["declined"] else f"chose **{cal['chosen']}**" + (
+                   "" if cal.get("best", cal["chosen"]) == cal["chosen"] else
+                   f", the simplest of the rules the paired test cannot tell from the best ({cal['best']}): "
+                   + ", ".join(tied)))
     lines = [f"Calibration on {len(v['users'])} validation users (sharer candidates that are not sharers), "
              f"{v['queries']} of their newest history items: {verdict}. Selection by {metric} "
              f"({'higher' if cal['higher_is_better'] else 'lower'} is better); a rule must beat none, paired, "
@@ -168,13 +172,14 @@ def calibration_lines(cal: dict, gate_seconds: float | None = None) -> list[str]
              + (f", plus {gate_seconds:.0f} s of gate training for the rules with gate keys." if gate_seconds else "."),
              "", "| rule | " + " | ".join(names)
              + f" | 95% CI ({'per-query ' + metric if metric != 'f1' else 'accuracy'}) "
-             "| distinct answers | vs none: diff [CI], p (Holm) |", "|" + "---|" * (len(names) + 4)]
+             "| distinct answers | vs none: diff [CI], p (Holm) | vs the best: p |", "|" + "---|" * (len(names) + 5)]
     for name, row in cal["candidates"].items():
         vs = row.get("vs_none")
         cmp = "-" if vs is None else f"{vs['diff']:+.4f} [{vs['ci'][0]:+.3f}, {vs['ci'][1]:+.3f}], {_num(vs['p_holm'])}"
         mark = f"**{name}**" if name == cal["chosen"] else name
+        best = "best" if name == cal.get("best") else (_num(row["vs_best"]["p"]) if "vs_best" in row else "-")
         lines.append(f"| {mark} | " + " | ".join(f"{row['metrics'][k]:.4f}" for k in names)
-                     + f" | [{row['ci'][0]:.3f}, {row['ci'][1]:.3f}] | {row['answers']} | {cmp} |")
+                     + f" | [{row['ci'][0]:.3f}, {row['ci'][1]:.3f}] | {row['answers']} | {cmp} | {best} |")
     return lines
 
 
