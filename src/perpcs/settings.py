@@ -344,10 +344,11 @@ QUICK = ["task_train.steps=4", "sharer_train.steps=3", "gate_train.steps=2", "n_
          "min_sharer_items=1"]
 # The demo's data size and budgets: chosen so that `perpcs demo` runs in about 15 minutes on 2 CPU cores.
 # Per-Pcs with the calibrated rule (on 8 validation users), and the paper's rule beside it as a variant
-# (see README); no retrieval rows (the full bench has them).
+# (see README); no retrieval rows and no prime, OPPU on 4 of the 5 targets (the full bench and the evidence
+# suite have them all).
 DEMO_CONFIG = {"users": 48, "queries": 12,
                "run": {"n_targets": 5, "n_sharers": 6, "task_train": {"steps": 25}, "calibration": {"max_users": 8}},
-               "methods": ["non_personalized", "peft_retrieval", "oppu", "prime", "perpcs"],
+               "methods": ["non_personalized", "peft_retrieval", "oppu", "perpcs"], "oppu_targets": 4,
                "variants": {"perpcs-paper": PAPER_RULE}}
 
 

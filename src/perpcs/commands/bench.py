@@ -128,4 +128,4 @@ def demo(out: Path = typer.Option(Path("runs/demo"), "--out"), seed: int = SEED)
     console.print(f"wrote synthetic data to {data}")
     cfg = build_config(data, None, seed, None, None, None,
                        [f"{k}={json.dumps(v)}" for k, v in DEMO_CONFIG["run"].items()])
-    _bench(data, out, cfg, DEMO_CONFIG["methods"], DEMO_CONFIG["variants"])
+    _bench(data, out, cfg, DEMO_CONFIG["methods"], DEMO_CONFIG["variants"], DEMO_CONFIG["oppu_targets"])
