@@ -118,6 +118,32 @@ def _pooled(cells: list[Path]) -> tuple[dict, dict[str, dict[str, float]]]:
     return runs[0], pooled
 
 
+def transfer(run: dict) -> dict | None:
+    """Does the validation users' ranking of the grid's rules hold on the targets? Over the rules scored on both
+    (none = non_personalized on the targets), Spearman's rho of the selection metric, and the targets' regret:
+    the best rule's primary metric on the targets minus the chosen one's (0: the choice was the targets' best)."""
+    from scipy.stats import spearmanr
+
+    cal = run.get("calibration")
+    if not cal:
+        return None
+    metric, primary = cal["metric"], run["primary_metric"]["name"]
+    sign = 1 if run["primary_metric"]["higher_is_better"] else -1
+    on_targets = {n: run["methods"]["non_personalized" if n == "none" else n]["metrics"]
+                  for n in cal["candidates"] if ("non_personalized" if n == "none" else n) in run["methods"]}
+    names = list(on_targets)
+    rho = spearmanr([cal["candidates"][n]["metrics"][metric] for n in names],
+                    [on_targets[n][metric] for n in names]).statistic if len(names) > 2 else None
+    best = max(names, key=lambda n: sign * on_targets[n][primary])
+    chosen = cal["chosen"]
+    return {"rules": len(names), "spearman": None if rho is None or rho != rho else float(rho),
+            "targets_best": best, "chosen": chosen, "validation_best": cal.get("best", chosen),
+            "regret": (sign * (on_targets[best][primary] - on_targets[chosen][primary])
+                       if chosen in on_targets else None),
+            "validation": {n: cal["candidates"][n]["metrics"][metric] for n in names},
+            "targets": {n: on_targets[n][metric] for n in names}}
+
+
 def summarize_set(name: str, cells: list[Path]) -> dict:
     """One set over its finished seeds: pooled per-query statistics, the calibrated choices, the checks."""
     first, pooled = _pooled(cells)
@@ -147,6 +173,7 @@ def summarize_set(name: str, cells: list[Path]) -> dict:
         "chosen": [r.get("calibration", {}).get("chosen") for r in runs],
         "validation_queries": [r.get("calibration", {}).get("validation", {}).get("queries") for r in runs],
         "time_ratio": [r["alternating_costs"]["time_ratio"]["median"] for r in runs if "alternating_costs" in r],
+        "transfer": [transfer(r) for r in runs],
         "methods": {m: {"mean": s["mean"], "ci": s["ci"], "n": s["n"],
                         "vs_np": vs(m, np_ref) if m != np_ref else None} for m, s in st.items()},
         "best_fixed": best_fixed,
@@ -213,6 +240,18 @@ def write_summary(out: Path = RESULTS) -> dict:
                      f"{_yes(c['calibrated_not_significantly_worse_than_best_fixed'])} | "
                      f"{_yes(c['calibrated_at_least_as_good_as_peft_retrieval'])} | "
                      + ("-" if c["share_of_oppu_gain"] is None else f"{c['share_of_oppu_gain']:.0%}") + " |")
+    lines += ["", "Transfer from validation users to targets, per seed: Spearman's rho between the rules' "
+              "selection metric on validation users and on the targets (none = non_personalized), the best rule on "
+              "validation and on the targets, the chosen one, and the targets' regret (best rule's primary metric "
+              "minus the chosen one's).", "",
+              "| set | seed | rules | rho | best on validation | chosen | best on targets | regret |", "|" + "---|" * 8]
+    for n, s in sets.items():
+        for seed, t in zip(s["seeds"], s["transfer"]):
+            if t:
+                rho = "-" if t["spearman"] is None else f"{t['spearman']:+.2f}"
+                regret = "-" if t["regret"] is None else f"{t['regret']:.3f}"
+                lines.append(f"| {n} | {seed} | {t['rules']} | {rho} | {t['validation_best']} | {t['chosen']} | "
+                             f"{t['targets_best']} | {regret} |")
     share = summary["mean_share_of_oppu_gain"]
     lines += ["", f"At least as good as peft_retrieval on {summary['peft_retrieval_at_least_as_good']} of "
               f"{len(sets)} sets; mean share of OPPU's gain over the sets where OPPU beats NP significantly: "
