@@ -226,3 +226,20 @@ def test_grid_has_what_calibration_must_compare():
     assert {GRID[n]["assembly"].get("temperature") for n in GRID if n.startswith("act")} >= {1.0, 4.0, 16.0}
     assert {GRID[n]["assembly"].get("top_k") for n in GRID if n.startswith("act")} >= {1, 3}
     assert {GRID[n]["assembly"].get("mix") for n in GRID if n.startswith("act")} == {"cat", "linear"}
+
+
+def test_with_no_validation_users_the_pool_declines_and_says_why(tmp_path, tiny_run_config):
+    """Every sharer candidate a sharer: no evidence, so no rule is chosen over the task model; the pipeline
+    still finishes, and results say why."""
+    from perpcs.tables import calibration_lines
+
+    probe = Run.create(tmp_path / "probe", tiny_run_config())
+    everyone = len(probe.split["candidates"])
+    run = Run.create(tmp_path / "run", tiny_run_config(calibration={"enabled": True}, n_sharers=everyone))
+    recipes = run.pipeline()
+    cal = run.calibrate()
+    assert {s.user_id for s in run.select()} == set(run.split["candidates"])
+    assert cal["declined"] and cal["chosen"] == "none" and cal["validation"]["queries"] == 0
+    assert "no validation users" in cal["reason"]
+    assert all(not chosen for r in recipes.values() for chosen in r.pieces.values())
+    assert "declined" in calibration_lines(cal)[0] and "lower n_sharers" in calibration_lines(cal)[0]

@@ -18,7 +18,8 @@ test on per-query scores. Among those rules, the best is not crowned on a differ
 noise: every rule the same paired test cannot tell from the best (p >= `alpha`, unadjusted, so ties
 are generous) is tied with it, and the tie goes to the simplest, the earliest in GRID (the order is a
 prior: the rule that was the default before calibration first, then one change at a time). A departure
-from the simpler rule must show evidence on the validation users, not a lucky draw.
+from the simpler rule must show evidence on the validation users, not a lucky draw. A pool with no
+validation users has no evidence, and declines too (its report says why and what to change).
 
 Costs: rules that differ only in strength share one assembly; "none" and "average" need no forward.
 Rules with gate keys need a second pool whose gates are trained (`Run.key_run("gate")`). The grid
@@ -153,9 +154,16 @@ def calibrate(run) -> dict:
     task = run.data.task
     t0 = time.perf_counter()
     users = validation_users(run.users(run.split["candidates"]), {x.user_id for x in run.select()}, s)
-    if not users:
-        raise ValueError(f"{run.folder}: no validation users (every sharer candidate is a sharer, or has under 2 "
-                         "history items); lower n_sharers, or fix the rule (e.g. --set calibration.enabled=false)")
+    if not users:  # no evidence: the pool declines, and says why and what to do
+        reason = ("no validation users: every sharer candidate is a sharer or has under 2 history items; lower "
+                  "n_sharers, or fix the rule (e.g. --set key=activation)")
+        metric, higher = selection_metric(task)
+        return {"chosen": "none", "declined": True, "reason": reason, "best": None, "tied_with_best": [],
+                "metric": metric, "higher_is_better": higher, "alpha": s.alpha, "candidates": {},
+                "rule": GRID["none"], "grid": {n: GRID[n] for n in s.rules},
+                "validation": {"users": [], "queries": 0, "heldout_items": {}},
+                "cost": {"seconds": time.perf_counter() - t0, "assembly_forwards": 0, "generations": 0},
+                "predictions": {}, "golds": {}}
     model, tok = run.merged
     budget = answer_budget(task, tok)
     golds = {f"{u.user_id}#{i}": it.output for u in users for i, it in enumerate(u.heldout)}

@@ -156,6 +156,8 @@ def _num(x: float) -> str:
 def calibration_lines(cal: dict, gate_seconds: float | None = None) -> list[str]:
     """The calibration table for results.md: every rule's validation metrics, CI, paired test against none."""
     metric = cal["metric"]
+    if not cal["candidates"]:
+        return [f"Calibration **declined**: {cal['reason']}. Targets get the task model."]
     names = [k for k in next(iter(cal["candidates"].values()))["metrics"] if k != "n"]
     v = cal["validation"]
     tied = [n for n in cal.get("tied_with_best", []) if n != cal["chosen"]]
