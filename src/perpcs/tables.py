@@ -160,12 +160,11 @@ def calibration_lines(cal: dict, gate_seconds: float | None = None) -> list[str]
         return [f"Calibration **declined**: {cal['reason']}. Targets get the task model."]
     names = [k for k in next(iter(cal["candidates"].values()))["metrics"] if k != "n"]
     v = cal["validation"]
-    tied = [n for n in cal.get("tied_with_best", []) if n != cal["chosen"]]
     verdict = ("**declined**: no rule beat the non-personalized model; targets get the task model"
                if cal["declined"] else f"chose **{cal['chosen']}**" + (
                    "" if cal.get("best", cal["chosen"]) == cal["chosen"] else
-                   f", the simplest of the rules the paired test cannot tell from the best ({cal['best']}): "
-                   + ", ".join(tied)))
+                   f", the simplest of the rules that the paired test cannot tell from the best by {metric} "
+                   f"({cal['best']}): " + ", ".join(cal["tied_with_best"])))
     lines = [f"Calibration on {len(v['users'])} validation users (sharer candidates that are not sharers), "
              f"{v['queries']} of their newest history items: {verdict}. Selection by {metric} "
              f"({'higher' if cal['higher_is_better'] else 'lower'} is better); a rule must beat none, paired, "
