@@ -140,6 +140,8 @@ def transfer(run: dict) -> dict | None:
             "targets_best": best, "chosen": chosen, "validation_best": cal.get("best", chosen),
             "regret": (sign * (on_targets[best][primary] - on_targets[chosen][primary])
                        if chosen in on_targets else None),
+            "history_items": {"validation": cal["validation"].get("context_items_mean"),
+                              "targets": cal["validation"].get("target_history_items_mean")},
             "validation": {n: cal["candidates"][n]["metrics"][metric] for n in names},
             "targets": {n: on_targets[n][metric] for n in names}}
 
@@ -244,14 +246,17 @@ def write_summary(out: Path = RESULTS) -> dict:
               "selection metric on validation users and on the targets (none = non_personalized), the best rule on "
               "validation and on the targets, the chosen one, and the targets' regret (best rule's primary metric "
               "minus the chosen one's).", "",
-              "| set | seed | rules | rho | best on validation | chosen | best on targets | regret |", "|" + "---|" * 8]
+              "| set | seed | rules | rho | best on validation | chosen | best on targets | regret | history items "
+              "(validation / targets) |", "|" + "---|" * 9]
     for n, s in sets.items():
         for seed, t in zip(s["seeds"], s["transfer"]):
             if t:
                 rho = "-" if t["spearman"] is None else f"{t['spearman']:+.2f}"
                 regret = "-" if t["regret"] is None else f"{t['regret']:.3f}"
+                h = t["history_items"]
+                items = "-" if h["validation"] is None else f"{h['validation']:.0f} / {h['targets']:.0f}"
                 lines.append(f"| {n} | {seed} | {t['rules']} | {rho} | {t['validation_best']} | {t['chosen']} | "
-                             f"{t['targets_best']} | {regret} |")
+                             f"{t['targets_best']} | {regret} | {items} |")
     share = summary["mean_share_of_oppu_gain"]
     lines += ["", f"At least as good as peft_retrieval on {summary['peft_retrieval_at_least_as_good']} of "
               f"{len(sets)} sets; mean share of OPPU's gain over the sets where OPPU beats NP significantly: "

@@ -202,7 +202,11 @@ def calibrate(run) -> dict:
     result = choose_rule(task, golds, {n: preds[n] for n in s.rules}, s.alpha, run.config.seed)
     result.update(rule=GRID[result["chosen"]], grid={n: GRID[n] for n in s.rules},
                   validation={"users": [u.user_id for u in users], "queries": len(golds),
-                              "heldout_items": {u.user_id: len(u.heldout) for u in users}},
+                              "heldout_items": {u.user_id: len(u.heldout) for u in users},
+                              # how alike validation users and targets are, in what assembly reads
+                              "context_items_mean": float(np.mean([len(u.context) for u in users])),
+                              "target_history_items_mean": float(np.mean(
+                                  [len(t.history) for t in run.users(run.split["targets"])]))},
                   cost={"seconds": time.perf_counter() - t0, "assembly_forwards": forwards,
                         "generations": len(golds) * len(s.rules)},
                   predictions=preds, golds=golds)
