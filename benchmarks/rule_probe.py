@@ -31,7 +31,8 @@ from perpcs.generation import generate
 from perpcs.pipeline import Run
 from perpcs.retrieval import prompts
 from perpcs.selection import history_embeddings
-from perpcs.settings import PAPER_RULE, BenchSettings, parse_variants
+from perpcs.overrides import parse_variants
+from perpcs.settings import PAPER_RULE, BenchSettings
 from perpcs.utils import write_json, write_text
 
 RULES = {  # in the order they run (results are written after each)

@@ -310,7 +310,8 @@ class Run(RunFolder):
 
     def export_base(self, out: str | Path) -> Path:
         """The merged, task-adapted base as a plain HF folder (step 0 done first; `export.export_base`)."""
-        return export_base(self.task_adapt(), out)
+        self.task_adapt()
+        return export_base(self, out)
 
     def pipeline(self, executor=None) -> dict[str, Recipe]:
         self.task_adapt()
