@@ -42,7 +42,8 @@ def text_problem(v: str) -> str | None:
     return None
 
 
-def _not_blank(v: str) -> str:
+def check_text(v: str) -> str:
+    """`v`, if `text_problem` finds nothing (a pydantic validator)."""
     problem = text_problem(v)
     if problem:
         raise ValueError(problem)
@@ -50,7 +51,7 @@ def _not_blank(v: str) -> str:
 
 
 def _no_surrogate(v: str | None) -> str | None:
-    return v if v is None or not v.strip() else _not_blank(v)
+    return v if v is None or not v.strip() else check_text(v)
 
 
 class Item(BaseModel):
@@ -59,7 +60,7 @@ class Item(BaseModel):
     output: str
 
     _coerce = field_validator("output", mode="before")(_to_text)
-    _filled = field_validator("input", "output")(_not_blank)
+    _filled = field_validator("input", "output")(check_text)
 
 
 class Query(BaseModel):
@@ -69,7 +70,7 @@ class Query(BaseModel):
     output: str
 
     _coerce = field_validator("id", "output", mode="before")(_to_text)
-    _filled = field_validator("id", "input", "output")(_not_blank)
+    _filled = field_validator("id", "input", "output")(check_text)
 
 
 class User(BaseModel):
@@ -80,7 +81,7 @@ class User(BaseModel):
     profile: str | None = None
 
     _coerce = field_validator("user_id", mode="before")(_to_text)
-    _filled = field_validator("user_id")(_not_blank)
+    _filled = field_validator("user_id")(check_text)
     _text = field_validator("profile")(_no_surrogate)
 
 

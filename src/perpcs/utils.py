@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import fnmatch
 import gzip
 import hashlib
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
-from perpcs.errors import InputError
+from perpcs.errors import InputError, describe
 
 # Temporary files and folders of atomic_path/atomic_dir are named `.<target>.perpcs-tmp.<8 random>[.tmp]`,
 # so that leftovers of an interrupted write can be told from anything else (`remove_temp`).
@@ -36,9 +35,7 @@ def writing_to(path: Path) -> Iterator[None]:
     try:
         yield
     except (OSError, SafetensorError) as e:
-        detail = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.strerror and e.filename else str(e)
-        full = " (the disk is full)" if getattr(e, "errno", None) == errno.ENOSPC or "StorageFull" in str(e) else ""
-        raise InputError(f"{path}: could not be written{full} ({detail})") from None
+        raise InputError(f"{path}: could not be written: {describe(e)}") from None
 
 
 @contextmanager

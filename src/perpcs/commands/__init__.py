@@ -3,15 +3,14 @@ the error path and the options several verbs take."""
 
 from __future__ import annotations
 
-import errno
 import functools
-import sqlite3
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.text import Text
-from safetensors import SafetensorError
+
+from perpcs.errors import FILE_ERRORS, describe
 
 # No markup, no highlighting: messages carry paths and user data, where `[...]` is text, not style.
 console = Console(stderr=True, markup=False, highlight=False)
@@ -25,7 +24,7 @@ def fail(msg: str) -> None:
 
 # What a command may fail with on bad input or a bad environment (a full disk, a read-only folder): each ends
 # in a message, never a traceback. Anything else is a bug in perpcs and keeps its traceback.
-KNOWN = (ValueError, OSError, SafetensorError, sqlite3.Error)
+KNOWN = (ValueError, *FILE_ERRORS)
 
 
 def message(e: BaseException) -> str:
@@ -33,14 +32,7 @@ def message(e: BaseException) -> str:
     if isinstance(e, ValidationError):
         return "; ".join(f"--{'.'.join(map(str, err['loc'])).replace('_', '-')} {err.get('input')!r}: "
                          f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())
-    if isinstance(e, OSError) and e.filename is not None and e.strerror:
-        hint = " (the disk is full)" if e.errno == errno.ENOSPC else ""
-        return f"{e.filename}: {e.strerror}{hint}"
-    if isinstance(e, SafetensorError):
-        return f"a safetensors file could not be read or written: {e}"
-    if isinstance(e, sqlite3.Error):
-        return f"a pool manifest could not be read or written: {e}"
-    return str(e)
+    return describe(e)
 
 
 def guarded(command):
