@@ -53,31 +53,33 @@ def parse_variants(specs: list[str]) -> dict[str, dict]:
     return out
 
 
-def _lookup(layer: Any, loc: tuple) -> tuple[bool, Any]:
-    for part in loc:
+def _given(layer: Any, loc: tuple) -> tuple[int, Any]:
+    """How much of `loc` `layer` holds (a union's error adds its branch, e.g. strength.float), and the value."""
+    for n, part in enumerate(loc):
         if not isinstance(layer, dict) or part not in layer:
-            return False, None
+            return n, layer
         layer = layer[part]
-    return True, layer
+    return len(loc), layer
 
 
-def setting_errors(e: ValidationError, origins: list[tuple[str, Any]]) -> InputError:
-    """A refusal naming each bad setting where the user gave it: `--set KEY=VALUE`, the --config file's field,
-    a flag, or (a value they did not give) the setting's name. `origins`: (how, the settings given that way),
-    the later ones winning."""
-    parts = []
+def setting_errors(e: ValidationError, origins: list[tuple[str, Any]], written: dict[str, str] = {}) -> InputError:
+    """A refusal naming each bad setting where the user gave it: `--set KEY=VALUE` (`written`: KEY -> the pair
+    as typed), the --config file's field, a flag, or (a value they did not give) the setting's name.
+    `origins`: (how, the settings given that way), the later ones winning."""
+    parts: dict[str, list[str]] = {}
     for err in e.errors():
         loc = tuple(str(p) for p in err["loc"])
-        name, msg = ".".join(loc), err["msg"].removeprefix("Value error, ")
-        where = f"setting {name}" if name else "settings"
+        msg = "not a setting" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        where = f"setting {'.'.join(loc)}" if loc else "settings"
         for how, layer in reversed(origins):
-            found, value = _lookup(layer, loc)
-            if found:
-                where = {"--set": f"--set {name}={json.dumps(value)}", "flags": f"{FLAGS.get(name, name)} {value}"}.get(
-                    how, f"{how}: field '{name}'")
+            n, value = _given(layer, loc)
+            if n and not isinstance(value, dict):  # the user gave this setting (a section is no value)
+                name = ".".join(loc[:n])
+                where = {"--set": f"--set {written.get(name, f'{name}={json.dumps(value)}')}",
+                         "flags": f"{FLAGS.get(name, name)} {value}"}.get(how, f"{how}: field '{name}'")
                 break
-        parts.append(f"{where}: {'not a setting' if err['type'] == 'extra_forbidden' else msg}")
-    return InputError("; ".join(parts))
+        parts.setdefault(where, []).append(msg)
+    return InputError("; ".join(f"{where}: {' or '.join(msgs)}" for where, msgs in parts.items()))
 
 
 def build_config(data: str | Path, base: str | None = None, seed: int = 0, targets: int | None = None,
@@ -103,7 +105,7 @@ def build_config(data: str | Path, base: str | None = None, seed: int = 0, targe
     try:
         return RunConfig.model_validate(deep_merge(cfg, with_rule_fixed(given)))
     except ValidationError as e:
-        raise setting_errors(e, origins) from None
+        raise setting_errors(e, origins, {pair.partition("=")[0]: pair for pair in overrides}) from None
 
 
 def check_variants(config: RunConfig, variants: dict[str, dict]) -> None:

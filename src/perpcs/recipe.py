@@ -83,6 +83,10 @@ class Recipe(BaseModel):
     def source(self) -> str:
         return self._source or "recipe"
 
+    def __eq__(self, other: object) -> bool:
+        """The same recipe, wherever it was loaded from."""
+        return type(other) is type(self) and self.__dict__ == other.__dict__
+
     def save(self, path: str | Path) -> Path:
         """JSON for a `.json` path, else the compact binary layout (`recipe_format`)."""
         if Path(path).suffix == ".json":

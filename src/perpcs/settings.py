@@ -189,14 +189,15 @@ class CalibrationSettings(Settings):
 
 def fixes_rule(overrides: dict) -> bool:
     """Whether settings given explicitly (a --set, a --config file, a bench variant) fix the selection rule."""
-    assembly = overrides.get("assembly") or {}
-    return "key" in overrides or any(f in assembly for f in RULE_FIELDS["assembly"])
+    assembly = overrides.get("assembly")
+    return "key" in overrides or (isinstance(assembly, dict) and any(f in assembly for f in RULE_FIELDS["assembly"]))
 
 
 def with_rule_fixed(overrides: dict) -> dict:
     """`overrides`, with calibration off if they fix the rule and do not say otherwise."""
-    if fixes_rule(overrides) and "enabled" not in (overrides.get("calibration") or {}):
-        return {**overrides, "calibration": {**(overrides.get("calibration") or {}), "enabled": False}}
+    calibration = overrides.get("calibration", {})  # not a dict: left for the schema to refuse
+    if fixes_rule(overrides) and isinstance(calibration, dict) and "enabled" not in calibration:
+        return {**overrides, "calibration": {**calibration, "enabled": False}}
     return overrides
 
 

@@ -110,11 +110,15 @@ def report_command(
 
 def demo(out: Path = typer.Option(Path("runs/demo"), "--out"), seed: int = SEED) -> None:
     """Synthesise the built-in collaborative data set and run the full bench on it (about 15 minutes on 2 CPU cores)."""
+    from perpcs.bench import OUTPUTS
     from perpcs.overrides import build_config
     from perpcs.settings import DEMO_CONFIG
     from perpcs.synth import save_synthetic, synthesize
+    from perpcs.utils import check_output_dir
 
     data = out / "data"
+    check_output_dir(out, OUTPUTS)  # before the data is written: a demo resumes only in its own folder
+    check_output_dir(data, {"task.json", "users.jsonl", "groups.json"})  # the same seed writes the same data
     ds = synthesize("classification", n_users=DEMO_CONFIG["users"], n_queries=DEMO_CONFIG["queries"], seed=seed)
     save_synthetic(ds, data)
     console.print(f"wrote synthetic data to {data}")
