@@ -12,7 +12,7 @@ import shutil
 import sqlite3
 import tempfile
 from pathlib import Path
-from typing import get_args
+from typing import get_args, get_origin
 
 import pytest
 import torch
@@ -47,7 +47,7 @@ def numeric_settings(model: type[BaseModel] = RunConfig, prefix: str = "") -> li
         kind = field.annotation
         if isinstance(kind, type) and issubclass(kind, BaseModel):
             out += numeric_settings(kind, f"{prefix}{name}.")
-        elif {int, float} & set(get_args(kind) or (kind,)):
+        elif get_origin(kind) is not list and {int, float} & set(get_args(kind) or (kind,)):
             out.append(prefix + name)
     return out
 
@@ -66,6 +66,9 @@ def test_every_numeric_setting_has_a_constraint():
         for value in bad_values(name):
             with pytest.raises(InputError, match=f"--set {name}="):
                 build_config("d", overrides=[f"{name}={value}"])
+    for value in ("[NaN]", "[-1]", "[]", "[1e30]", "[0.5, true]"):  # the one list of numbers
+        with pytest.raises(InputError, match=r"--set assembly\.strengths="):
+            build_config("d", overrides=[f"assembly.strengths={value}"])
 
 
 @pytest.fixture

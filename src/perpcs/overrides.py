@@ -73,8 +73,11 @@ def setting_errors(e: ValidationError, origins: list[tuple[str, Any]], written: 
         where = f"setting {'.'.join(loc)}" if loc else "settings"
         for how, layer in reversed(origins):
             n, value = _given(layer, loc)
-            if n and not isinstance(value, dict):  # the user gave this setting (a section is no value)
-                name = ".".join(loc[:n])
+            if how == "--set":  # the longest KEY typed that the error is under (strength, for strength.float)
+                n = max((len(k.split(".")) for k in written if loc[:len(k.split("."))] == tuple(k.split("."))),
+                        default=0)
+            if n == len(loc) or (n and not isinstance(value, dict)) or (n and how == "--set"):
+                name = ".".join(loc[:n])  # given here, or a value where a union's branch failed (strength.float)
                 where = {"--set": f"--set {written.get(name, f'{name}={json.dumps(value)}')}",
                          "flags": f"{FLAGS.get(name, name)} {value}"}.get(how, f"{how}: field '{name}'")
                 break

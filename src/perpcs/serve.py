@@ -53,7 +53,8 @@ class ServeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     cache_size: int = Field(8, ge=1, description="materialised adapters kept in memory")
     max_batch: int = Field(8, ge=1, description="generate requests answered together (1: one at a time)")
-    batch_window_ms: float = Field(10.0, ge=0, description="how long a batch waits for more requests")
+    batch_window_ms: float = Field(10.0, ge=0, le=60_000, allow_inf_nan=False,
+                                   description="how long a batch waits for more requests")
     max_body_bytes: int = Field(1_000_000, ge=1)
     max_history: int = Field(500, ge=1, description="history items per assemble request")
     max_chars: int = Field(4000, ge=1, description="characters per input or output text")

@@ -8,7 +8,7 @@ an enum), so a bad value is refused before any step runs (docs/validation.md).
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, Literal, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -33,7 +33,9 @@ class Settings(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation is not bool:
+        kind = cls.model_fields[info.field_name].annotation
+        items = value if isinstance(value, list) and get_origin(kind) is list else [value]
+        if kind is not bool and any(isinstance(v, bool) for v in items):
             raise ValueError(f"expected a number, got {json.dumps(value)}")
         return value
 
