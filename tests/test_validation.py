@@ -283,18 +283,34 @@ def test_http_known_failures_are_409s_naming_the_file(client):
         assert r.status_code == 409 and str(recipe) in r.json()["detail"], r.text
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_http_read_only_run_folder_is_a_409(client):
-    folder = client.run.folder
-    modes = {p: p.stat().st_mode for p in (folder, folder / "recipes")}
-    try:
-        for p in modes:
-            p.chmod(0o555)
-        r = client.post("/v1/users/newcomer/assemble", json={"history": [{"input": "a film", "output": "comedy"}]})
-    finally:
-        for p, mode in modes.items():
-            p.chmod(mode)
-    assert r.status_code == 409 and str(folder) in r.json()["detail"], r.text
+def read_only(monkeypatch) -> None:
+    """What a read-only folder does to perpcs's writes (also as root, who may write anyway)."""
+    def refused(*a, dir=None, **k):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dir))
+    monkeypatch.setattr("perpcs.utils.tempfile.mkstemp", refused)
+    monkeypatch.setattr("perpcs.utils.tempfile.mkdtemp", refused)
+
+
+def test_http_read_only_run_folder_is_a_409(client, monkeypatch):
+    read_only(monkeypatch)
+    r = client.post("/v1/users/newcomer/assemble", json={"history": [{"input": "a film", "output": "comedy"}]})
+    assert r.status_code == 409, r.text
+    assert squash(f"{client.run.recipe_path('newcomer')}: could not be written: {client.run.folder / 'recipes'}: "
+                  "Permission denied") in squash(r.json()["detail"])
+
+
+def test_cli_read_only_run_folder_names_the_file(finished_run, tmp_path, cli, monkeypatch):
+    run = run_copy(finished_run, tmp_path)
+    (tmp_path / "h.jsonl").write_text(json.dumps({"input": "a film", "output": "comedy"}) + "\n")
+    read_only(monkeypatch)
+    code, out = cli("assemble", "--run", run, "--user", "newcomer", "--history", tmp_path / "h.jsonl")
+    assert code == 2 and "could not be written" in out and "Permission denied" in out and "Traceback" not in out
+
+    def no_lock(self, *a, **k):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), self.lock_file)
+    monkeypatch.setattr(FileLock, "acquire", no_lock)
+    code, out = cli("assemble", "--run", run)
+    assert code == 2 and squash(f"{run / 'run.lock'}: cannot take the run's lock (Permission denied)") in squash(out)
 
 
 def test_http_a_fault_is_a_logged_json_500(client, caplog, monkeypatch):

@@ -76,7 +76,7 @@ def setting_errors(e: ValidationError, origins: list[tuple[str, Any]], written: 
             if how == "--set":  # the longest KEY typed that the error is under (strength, for strength.float)
                 n = max((len(k.split(".")) for k in written if loc[:len(k.split("."))] == tuple(k.split("."))),
                         default=0)
-            if n == len(loc) or (n and not isinstance(value, dict)) or (n and how == "--set"):
+            if loc and (n == len(loc) or (n and (how == "--set" or not isinstance(value, dict)))):
                 name = ".".join(loc[:n])  # given here, or a value where a union's branch failed (strength.float)
                 where = {"--set": f"--set {written.get(name, f'{name}={json.dumps(value)}')}",
                          "flags": f"{FLAGS.get(name, name)} {value}"}.get(how, f"{how}: field '{name}'")
