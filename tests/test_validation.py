@@ -263,6 +263,10 @@ def test_http_422s_never_echo_what_json_cannot_hold(client):
         assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == field, r.text
     r = client.post("/v1/users/newcomer/assemble", json={"history": [{"input": " ", "output": "comedy"}]})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "history", 0, "input"]
+    r = raw(client, "/v1/completions", f'{{"model": "{target}", "prompt": "a \\ud800", "max_tokens": NaN}}')
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text
+    r = raw(client, "/v1/completions", f'{{"model": "{target}", "prompt": "a \\ud800"}}')
+    assert r.status_code == 400 and "lone surrogate" in r.json()["error"]["message"], r.text
 
 
 def test_http_known_failures_are_409s_naming_the_file(client):

@@ -25,7 +25,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers.generation.streamers import BaseStreamer
 
 from perpcs.errors import FILE_ERRORS, InputError, describe
@@ -143,6 +143,15 @@ def request_models(s) -> tuple[type[BaseModel], type[BaseModel]]:
         seed: int | None = None
         stream: bool = False
         stream_options: StreamOptions | None = None
+
+        @model_validator(mode="after")
+        def _text(self):
+            """No lone surrogate anywhere (it is not text: the tokenizer would fail on it, not the request)."""
+            try:
+                json.dumps(self.model_dump(), ensure_ascii=False).encode()
+            except UnicodeEncodeError:
+                raise ValueError("the request holds a lone surrogate, which is not text") from None
+            return self
 
         def stops(self) -> list[str]:
             stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
