@@ -17,8 +17,8 @@ import argparse
 from pathlib import Path
 
 from perpcs.bench import bench
-from perpcs.pipeline import Run
 from perpcs.overrides import parse_overrides, parse_variants
+from perpcs.pipeline import Run
 from perpcs.settings import BenchSettings
 
 
