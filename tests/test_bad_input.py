@@ -318,7 +318,7 @@ def _over_run_data(tmp, finished):
     data = Path(json.loads((finished / "run.json").read_text())["data"])
     paths = write_sources("amazon-reviews", tmp / "s")
     return (["data", "import", "amazon-reviews", *paths, "--out", data, "--min-history", "1"],
-            [str(data), "holds files perpcs did not write there", "--force"], None)
+            [str(data), "already holds files this command does not replace", "--force"], None)
 
 
 def _target_history(tmp, finished):

@@ -39,7 +39,7 @@ def test_cat_adapter_padded_to_a_served_rank_and_base_exports(tmp_path, tiny_run
         exact = apply_recipe(merged, recipe, run.open_pool())(ids).logits
     torch.testing.assert_close(padded, exact, rtol=1e-5, atol=1e-6)
     assert not torch.equal(padded, plain)
-    with pytest.raises(InputError, match="folder holds files perpcs did not write there"):
+    with pytest.raises(InputError, match="folder already holds files this command does not replace"):
         run.export_base(tmp_path / "base")
     with pytest.raises(InputError, match="is, holds or is inside"):  # never into the run
         run.export_base(run.merged_path / "sub")

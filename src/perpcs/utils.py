@@ -117,9 +117,9 @@ def check_output_dir(out: str | os.PathLike, own: set[str], protected: tuple[Pat
     foreign = sorted(p.name for p in where.iterdir() if not _TEMP_NAME.fullmatch(p.name)
                      and not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in own)) if where.exists() else []
     if foreign and not force:
-        raise InputError(f"{out}: folder holds files perpcs did not write there ({', '.join(foreign[:5])}"
-                         f"{', ...' if len(foreign) > 5 else ''}); give a new or empty folder, "
-                         "or --force to replace it")
+        raise InputError(f"{out}: folder already holds files this command does not replace "
+                         f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); give a new or empty "
+                         "folder, or --force to replace it")
 
 
 def remove_temp(folder: str | os.PathLike) -> list[Path]:
