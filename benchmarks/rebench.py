@@ -17,8 +17,9 @@ import argparse
 from pathlib import Path
 
 from perpcs.bench import bench
+from perpcs.overrides import parse_overrides, parse_variants
 from perpcs.pipeline import Run
-from perpcs.settings import BenchSettings, parse_overrides, parse_variants
+from perpcs.settings import BenchSettings
 
 
 def main(src: Path, dst: Path, overrides: list[str], variants: list[str]) -> None:

@@ -28,10 +28,11 @@ from tqdm.auto import tqdm
 from perpcs.bench import Bench
 from perpcs.evaluation import primary_metric, score
 from perpcs.generation import generate
+from perpcs.overrides import parse_variants
 from perpcs.pipeline import Run
 from perpcs.retrieval import prompts
 from perpcs.selection import history_embeddings
-from perpcs.settings import PAPER_RULE, BenchSettings, parse_variants
+from perpcs.settings import PAPER_RULE, BenchSettings
 from perpcs.utils import write_json, write_text
 
 RULES = {  # in the order they run (results are written after each)

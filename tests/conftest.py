@@ -87,6 +87,16 @@ def tiny_run_config(tiny_data, tiny_base):
     return make
 
 
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, tiny_run_config):
+    """A tiny finished run (steps 0-5) with a fixed rule, for tests that copy it and corrupt its recipes and pool."""
+    from perpcs.pipeline import Run
+
+    folder = tmp_path_factory.mktemp("run") / "run"
+    Run.create(folder, tiny_run_config(calibration={"enabled": False})).pipeline()
+    return folder
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for modules that train many tiny models (less overhead, and leaves a core free)."""

@@ -20,18 +20,11 @@ from safetensors.torch import load_file
 from perpcs.errors import InputError
 from perpcs.pipeline import Run
 from perpcs.recipe import Recipe
+from perpcs.runfolder import safe_name
 from perpcs.utils import atomic_dir, atomic_path, remove_temp, write_json
 from small_sources import SOURCES, TASK, USERS, data_folder, write_sources
 
 DEEP = b"[" * 100_000 + b"]" * 100_000
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, tiny_run_config):
-    folder = tmp_path_factory.mktemp("run") / "run"
-    # a fixed rule: the cases corrupt the recipes and the pool they were assembled from
-    Run.create(folder, tiny_run_config(calibration={"enabled": False})).pipeline()
-    return folder
 
 
 def run_copy(finished_run: Path, tmp: Path) -> Path:
@@ -245,6 +238,138 @@ def _changed_data(tmp, finished):
     return ["pipeline", "--data", data, "--run", run], expect, None
 
 
+def tamper_sharers(pool: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    """Edit the tensors of every sharer file, with the manifest's hash updated to match (so the integrity
+    check passes and only the tensor checks can refuse them)."""
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    db = sqlite3.connect(pool / "pool.sqlite")
+    with db:
+        for idx, file in db.execute("SELECT idx, file FROM sharers").fetchall():
+            with safe_open(pool / file, "pt") as f:
+                tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+            edit(tensors)
+            data = save(tensors, metadata=meta)
+            (pool / file).write_bytes(data)
+            db.execute("UPDATE sharers SET sha256 = ?, nbytes = ? WHERE idx = ?",
+                       (hashlib.sha256(data).hexdigest(), len(data), idx))
+    db.close()
+
+
+def each(name: str, change: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[dict], None]:
+    """An edit of every tensor whose name ends in `name` (lora_A, lora_B, activation)."""
+    def edit(tensors: dict) -> None:
+        for k in [k for k in tensors if k.endswith("." + name)]:
+            tensors[k] = change(tensors[k]).contiguous()
+    return edit
+
+
+def with_nan(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    t.view(-1)[t.numel() // 2] = float("nan")
+    return t
+
+
+def _tampered(edit: Callable[[dict], None], *expect: str) -> Callable:
+    return _export_case(lambda tmp, run: tmp / "out", "sharers", *expect,
+                        prepare=lambda run: tamper_sharers(run / "pool", edit))
+
+
+def _manifest(sql: str, *expect: str) -> Callable:
+    def prepare(run: Path) -> None:
+        db = sqlite3.connect(run / "pool" / "pool.sqlite")
+        with db:
+            db.execute(sql)
+        db.close()
+    return _export_case(lambda tmp, run: tmp / "out", "pool.sqlite", *expect, prepare=prepare)
+
+
+def _pipeline(*args: str, expect: tuple[str, ...]) -> Callable:
+    """`perpcs pipeline` with these settings: refused before any step (the run folder is never made)."""
+    def build(tmp, _):
+        folder = data_folder(tmp / "d")
+        return ["pipeline", "--data", folder, "--run", tmp / "run", *args], list(expect), None
+    return build
+
+
+def _set(pair: str, *expect: str) -> Case:
+    return Case(f"set-{pair}", _pipeline("--set", pair, expect=(f"--set {pair}:", *expect)))
+
+
+def _config_list(tmp, _):
+    (tmp / "c.json").write_text("[1, 2]")
+    return (["init", "--data", data_folder(tmp / "d"), "--run", tmp / "run", "--config", tmp / "c.json"],
+            [str(tmp / "c.json"), "expected a JSON object of RunConfig fields, got a list"], None)
+
+
+def _over_data(tmp, _):
+    folder = data_folder(tmp / "mine")
+    return ["data", "synth", "--kind", "rating", "--out", folder], [str(folder), "holds files", "--force"], None
+
+
+def _over_own_source(tmp, _):
+    paths = write_sources("perpcs", tmp / "imp")
+    return (["data", "import", "perpcs", *paths, "--task", "LaMP-3", "--out", tmp / "imp", "--force"],
+            [str(tmp / "imp"), "is, holds or is inside", str(paths[0])], None)
+
+
+def _over_run_data(tmp, finished):
+    data = Path(json.loads((finished / "run.json").read_text())["data"])
+    paths = write_sources("amazon-reviews", tmp / "s")
+    return (["data", "import", "amazon-reviews", *paths, "--out", data, "--min-history", "1"],
+            [str(data), "already holds files this command does not replace", "--force"], None)
+
+
+def _target_history(tmp, finished):
+    run = run_copy(finished, tmp)
+    user = json.loads((run / "split.json").read_text())["targets"][0]
+    (tmp / "junk.jsonl").write_text(json.dumps({"input": "junk", "output": "comedy"}) + "\n")
+    return (["assemble", "--run", run, "--user", user, "--history", tmp / "junk.jsonl"],
+            [f"user {user!r} is in the run's data set", "give the new history a user id of its own"], None)
+
+
+def _empty_user(tmp, finished):
+    run = run_copy(finished, tmp)
+    (tmp / "h.jsonl").write_text(json.dumps({"input": "a film", "output": "comedy"}) + "\n")
+    return (["assemble", "--run", run, "--user", "", "--history", tmp / "h.jsonl"],
+            ["user id ''", "must not be empty"], None)
+
+
+def _base_into_run(tmp, finished):
+    run = run_copy(finished, tmp)
+    return (["export-base", "--run", run, "--out", run / "task" / "merged" / "sub"],
+            [str(run / "task" / "merged" / "sub"), "is, holds or is inside"], None)
+
+
+def _unknown_in_split(tmp, finished):
+    run = run_copy(finished, tmp)
+    split = json.loads((run / "split.json").read_text())
+    write_json(run / "split.json", {**split, "targets": ["nobody", *split["targets"][1:]]})
+    return ["assemble", "--run", run], [str(run / "split.json"), "field 'targets.0'", "no user 'nobody'"], None
+
+
+def _diverged(tmp, finished):
+    """A sharer whose pieces hold NaN (its training diverged) is refused by name as step 4 adds it."""
+    from perpcs.pipeline import load_pieces, save_pieces
+
+    run = run_copy(finished, tmp)
+    shutil.rmtree(run / "pool")
+    folder = next(p for p in sorted((run / "sharers").iterdir()) if (p / "pieces.safetensors").exists())
+    pieces = load_pieces(folder / "pieces.safetensors")
+    pos = next(iter(pieces))
+    A, B, key = pieces[pos]
+    save_pieces(folder / "pieces.safetensors", {**pieces, pos: (A, with_nan(B), key)})
+    user = next(s.user_id for s in Run(run).selection() if safe_name(s.user_id) == folder.name)
+    return ["share", "--run", run], [f"sharer {user!r}", f"position {pos}", "lora_B holds NaN or infinite values",
+                                     "lower sharer_train.lr"], run / "pool"
+
+
+def _rating_output(output: str) -> Callable:
+    return _data_check(users_bytes(with_output(output)), {**TASK, "kind": "rating", "scale": [1, 5], "labels": None},
+                       "field 'history.0.output'", f"{output!r} is not a number in the scale [1.0, 5.0]")
+
+
 CASES = [
     # 1. export never destroys a folder it did not write
     Case("export-into-folder-with-notes", _export_case(_notes, "notes.txt", "--force"), True),
@@ -314,6 +439,87 @@ CASES = [
         lambda tmp, run: tmp / "out", "is outside the pool folder",
         prepare=lambda run: point_sharer_at(run / "pool", str(next((run / "pool" / "sharers").iterdir()).resolve()))),
          True),
+    # 12. nothing writes over data it did not create (utils.check_output_dir)
+    Case("synth-over-a-data-folder", _over_data),
+    Case("import-over-its-own-source", _over_own_source),
+    Case("import-over-a-runs-data", _over_run_data, True),
+    Case("export-base-into-the-run", _base_into_run, True),
+    # 13. every number is checked by its schema before any step, named as the user wrote it
+    _set("assembly.strength=NaN", "a strength is a number from 0 to 10"),
+    _set("assembly.strength=1e30", "a strength is a number from 0 to 10"),
+    _set("assembly.temperature=-1", "greater than 0"),
+    _set("assembly.recent_k=0", "greater than or equal to 1"),
+    _set("task_train.steps=-5", "greater than or equal to 1"),
+    _set("sharer_train.batch_size=0", "greater than or equal to 1"),
+    _set("device=tpu", "should match pattern"),
+    _set("assembly.top_k=0", "greater than or equal to 1"),
+    _set("assembly.batch_size=0", "greater than or equal to 1"),
+    _set("seed=-1", "greater than or equal to 0"),
+    _set("max_len=1", "greater than or equal to 16"),
+    _set("sharer_train.lr=-0.001", "greater than 0"),
+    _set("sharer_train.lr=1e9", "less than or equal to 10"),
+    _set("gate_train.lr=inf", "finite number"),
+    _set("n_sharers=true", "expected a number, got true"),
+    _set("assembly.topk=3", "not a setting"),
+    Case("flag-seed-negative", _pipeline("--seed", "-1", expect=("--seed -1:", "greater than or equal to 0"))),
+    Case("config-is-a-list", _config_list),
+    # 14. pieces are checked when read, whatever their hash says
+    Case("pieces-nan-lora-a", _tampered(each("lora_A", with_nan), "lora_A holds NaN or infinite values"), True),
+    Case("pieces-nan-lora-b", _tampered(each("lora_B", with_nan), "lora_B holds NaN or infinite values"), True),
+    Case("pieces-int8", _tampered(each("lora_A", lambda t: t.to(torch.int8)), "lora_A is int8"), True),
+    Case("pieces-rank-4-in-r-8-pool", _tampered(each("lora_A", lambda t: t[:4]), "lora_A has shape [4,",
+                                                "(LoRA r=8)"), True),
+    Case("pieces-wrong-width", _tampered(each("lora_A", lambda t: t[:, :-1]), "lora_A has shape"), True),
+    Case("pieces-tensor-missing", _tampered(lambda ts: [ts.pop(k) for k in list(ts) if k.endswith(".lora_B")],
+                                            "is missing or unreadable"), True),
+    Case("diverged-sharer-refused-by-name", _diverged, True),
+    # 15. recipes are checked against their pool
+    Case("recipe-keeps-2-of-8-positions", _bad_recipe(lambda r: r.update(pieces=dict(list(r["pieces"].items())[:2])),
+                                                      "field 'pieces'", "missing"), True),
+    Case("recipe-weights-x1000", _bad_recipe(lambda r: [c.__setitem__(i, [s, w * 1000]) for c in r["pieces"].values()
+                                                        for i, (s, w) in enumerate(c)], "is not in [0, 1]"), True),
+    Case("recipe-negative-weights", _bad_recipe(lambda r: [c.__setitem__(i, [s, -w]) for c in r["pieces"].values()
+                                                           for i, (s, w) in enumerate(c)], "is not in [0, 1]"), True),
+    Case("recipe-sharers-twice", _bad_recipe(lambda r: r.update(pieces={p: [[s, w / 2] for s, w in c] * 2
+                                                                        for p, c in r["pieces"].items()}),
+                                             "are listed twice"), True),
+    Case("recipe-gate-proj", _bad_recipe(lambda r: r["lora"].update(target_modules=["gate_proj"]), "field 'lora'",
+                                         "target_modules"), True),
+    Case("recipe-strength-nan", _bad_recipe(lambda r: r.update(strength=float("nan")), "strength"), True),
+    Case("recipe-strength-1e30", _bad_recipe(lambda r: r.update(strength=1e30), "strength"), True),
+    Case("recipe-lora-r-4", _bad_recipe(lambda r: r["lora"].update(r=4), "field 'lora'", "r (recipe 4, pool 8)"), True),
+    Case("recipe-no-alpha", _bad_recipe(lambda r: r["lora"].pop("alpha"), "missing alpha"), True),
+    Case("recipe-unknown-sharer", _bad_recipe(lambda r: next(c for c in r["pieces"].values() if c)[0].__setitem__(
+        0, "s000000000000"), "sharer s000000000000 does not share this position"), True),
+    # 16. a target's recipe is never replaced by another history
+    Case("assemble-history-for-a-target", _target_history, True),
+    Case("assemble-empty-user-id", _empty_user, True),
+    # 17. the data contract
+    Case("labels-twice", _data_check(USERS, {**TASK, "labels": ["sci-fi", "comedy", "comedy"]}, "task.json",
+                                     "labels ['comedy'] are listed twice")),
+    Case("label-with-newline", _data_check(USERS, {**TASK, "labels": ["sci-fi", "com\nedy"]}, "task.json",
+                                           "a label is one line of text")),
+    Case("label-leading-space", _data_check(USERS, {**TASK, "labels": ["sci-fi", " comedy"]}, "task.json",
+                                            "label ' comedy'", "without leading or trailing spaces")),
+    Case("max-new-tokens-1e9", _data_check(USERS, {**TASK, "max_new_tokens": 10**9}, "task.json",
+                                           "field 'max_new_tokens'", "less than or equal to 4096")),
+    Case("user-without-history", _data_check(users_bytes(edited(USERS, lambda u: u[1].update(history=[]))), TASK,
+                                             "line 2", "field 'history'", "has no history item")),
+    Case("rating-output-1e5", _rating_output("1e5")),
+    Case("rating-output-5-of-10", _rating_output("5/10")),
+    Case("generation-output-empty", _data_check(users_bytes(with_output("")), {**TASK, "kind": "generation",
+                                                                              "labels": None},
+                                                "field 'history.0.output'", "must not be empty")),
+    Case("generation-output-blank", _data_check(users_bytes(with_output(" \t")), {**TASK, "kind": "generation",
+                                                                                 "labels": None},
+                                                "field 'history.0.output'", "must not be empty")),
+    Case("lone-surrogate-user-id", _data_check(users_bytes(USERS).replace(b'"u0"', b'"u\\ud800"', 1), TASK,
+                                               "line 1", "field 'user_id'", "lone surrogate")),
+    # 18. known failures at the edges end in a message naming the file
+    Case("manifest-without-meta-row", _manifest("DELETE FROM meta WHERE key = 'salt'", "table meta has no row 'salt'"),
+         True),
+    Case("manifest-without-table", _manifest("DROP TABLE shares", "no such table: shares"), True),
+    Case("split-names-an-unknown-user", _unknown_in_split, True),
 ]
 
 
@@ -430,7 +636,7 @@ def test_recipe_keeps_its_seconds_so_bench_needs_no_stats(finished_run, tmp_path
 
 
 def test_recipe_refuses_nan_weights_and_unknown_mix():
-    base = dict(pool_id="p", base_fingerprint="b", lora={"r": 2}, top_k=1)
+    base = dict(pool_id="p", base_fingerprint="b", lora={"r": 2, "alpha": 4, "target_modules": ["q_proj"]}, top_k=1)
     with pytest.raises(ValueError, match="position 'l0', sharer 's1': weight inf is not a finite number"):
         Recipe(**base, pieces={"l0": [("s0", 0.5), ("s1", float("inf"))]})
     with pytest.raises(ValueError, match="mix"):

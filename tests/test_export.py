@@ -7,6 +7,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from perpcs.errors import InputError
 from perpcs.models import fingerprint, load_base
 from perpcs.pipeline import Run
 from perpcs.recipe import SERVED_RANKS, Recipe, apply_recipe, served_rank
@@ -38,14 +39,16 @@ def test_cat_adapter_padded_to_a_served_rank_and_base_exports(tmp_path, tiny_run
         exact = apply_recipe(merged, recipe, run.open_pool())(ids).logits
     torch.testing.assert_close(padded, exact, rtol=1e-5, atol=1e-6)
     assert not torch.equal(padded, plain)
-    with pytest.raises(FileExistsError):
+    with pytest.raises(InputError, match="folder already holds files this command does not replace"):
         run.export_base(tmp_path / "base")
+    with pytest.raises(InputError, match="is, holds or is inside"):  # never into the run
+        run.export_base(run.merged_path / "sub")
 
 
 def test_paper_config_is_a_run_config(tmp_path):
     from pathlib import Path
 
-    from perpcs.settings import build_config
+    from perpcs.overrides import build_config
 
     cfg = build_config(tmp_path, None, 0, None, None, Path(__file__).parents[1] / "configs" / "paper.json", [])
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (8, 8.0, 0.05)

@@ -333,8 +333,11 @@ def test_cli_import_writes_contract(amazon, tmp_path):
     ds = load_dataset(out)
     assert [u.user_id for u in ds.users] == ["A", "B"] and ds.task.name == "amazon-Beauty_5-rating"
     res = CliRunner().invoke(app, ["data", "import", "amazon-reviews", str(amazon), "--out", str(out)])
+    assert res.exit_code == 2 and "already holds files this command does not replace" in " ".join(res.output.split())
+    res = CliRunner().invoke(app, ["data", "import", "amazon-reviews", str(amazon), "--out", str(out), "--force"])
     assert res.exit_code == 2 and "only 0 usable user(s)" in res.output
-    res = CliRunner().invoke(app, ["data", "import", "amazon-reviews", str(amazon), "--out", str(out),
+    assert [u.user_id for u in load_dataset(out).users] == ["A", "B"]  # a failed import writes nothing
+    res = CliRunner().invoke(app, ["data", "import", "amazon-reviews", str(amazon), "--out", str(tmp_path / "o2"),
                                    "--target", "stars"])
     assert res.exit_code == 2 and "target" in res.output
 

@@ -271,7 +271,7 @@ def test_same_seed_same_result(done_run, tmp_path, tiny_run_config):
 
 
 def test_parse_overrides_nests_keys_and_reads_json():
-    from perpcs.settings import parse_overrides
+    from perpcs.overrides import parse_overrides
 
     got = parse_overrides(["assembly.top_k=5", "sharer_train.lr=5e-4", "sharer_train.steps=3", "selection=active",
                            "lora.target_modules=[\"q_proj\"]", 'device="cpu"', "a.b.c=true", "note=1 2"])
@@ -283,7 +283,7 @@ def test_parse_overrides_nests_keys_and_reads_json():
 
 
 def test_parse_variants():
-    from perpcs.settings import parse_variants
+    from perpcs.overrides import parse_variants
 
     assert parse_variants(["act:key=activation,assembly.mix=cat", "k5:assembly.top_k=5"]) == \
         {"act": {"key": "activation", "assembly": {"mix": "cat"}}, "k5": {"assembly": {"top_k": 5}}}
@@ -293,7 +293,7 @@ def test_parse_variants():
 
 
 def test_build_config_precedence(tmp_path):
-    from perpcs.settings import build_config
+    from perpcs.overrides import build_config
     from perpcs.utils import write_json
 
     file = write_json(tmp_path / "cfg.json", {"n_targets": 5, "n_sharers": 4, "sharer_train": {"lr": 0.1, "steps": 7}})

@@ -120,9 +120,18 @@ def test_shape_and_position_validation(pool):
     pieces = make_pieces(0)
     p = list(POSITIONS)[1]
     A, B, g = pieces[p]
-    shapes = r"\[\[2, 8\], \[4, 2\], \[8\]\].*\[\[2, 8\], \[2, 4\], \[8\]\]"
-    with pytest.raises(ValueError, match=rf"position {p}: .*{shapes}"):
+    sid = pool.pseudonym("alice")
+    with pytest.raises(ValueError, match=rf"sharer 'alice' \({sid}\): position {p}: lora_B has shape \[2, 4\], "
+                                         r"the pool's pieces \[4, 2\] \(LoRA r=2\); refused"):
         pool.add_sharer("alice", {**pieces, p: (A, B.T, g)})
+    # a diverged sharer, pieces of another rank, integer pieces, a key of the wrong length: each refused by name
+    bad = [((A, B * float("nan"), g), "lora_B holds NaN or infinite values"),
+           ((A[:1], B[:, :1], g), r"lora_A has shape \[1, 8\], the pool's pieces \[2, 8\]"),
+           ((A.to(torch.int8), B, g), "lora_A is int8, not a float32"),
+           ((A, B, g[:-1]), r"has shape \[7\], the pool's pieces \[8\]")]
+    for triple, message in bad:
+        with pytest.raises(ValueError, match=rf"sharer 'alice' .*{message}"):
+            pool.add_sharer("alice", {**pieces, p: triple})
     with pytest.raises(ValueError, match="'layers.0.q'"):
         pool.add_sharer("alice", {"layers.0.q": pieces[p]})
     with pytest.raises(ValueError, match="gives no piece"):

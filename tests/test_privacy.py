@@ -225,7 +225,8 @@ def test_members_are_the_items_the_lora_saw():
 
 
 def test_private_preset_sits_under_config_and_set(tmp_path):
-    from perpcs.settings import PRESETS, build_config
+    from perpcs.overrides import build_config
+    from perpcs.settings import PRESETS
 
     cfg = build_config(tmp_path, preset="private")
     assert cfg.model_dump(include=set(PRESETS["private"])) == PRESETS["private"]

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from perpcs.annindex import LARGE_POOL, ApproximateIndex
 from perpcs.data import Item
+from perpcs.errors import InputError
 from perpcs.keyindex import KeyIndex
 from perpcs.lora import clear, inference_config, install, lora_layers, mix_pieces
 from perpcs.recipe import Recipe
@@ -308,13 +309,20 @@ def assemble_users(run: RunFolder, user_ids: list[str]) -> dict[str, float]:
 
 
 def assemble_history(run: RunFolder, user_id: str, history: list[Item], profile: str | None = None) -> Recipe:
-    """The recipe of a user who need not be in the run's data, from the history given (not kept);
-    saved with the others, so `export` and `perpcs serve` find it."""
-    model, tok = run.merged
-    assembler = Assembler.for_run(model, run.open_pool(), run.config, run.rule.assembly)
-    try:
-        recipe = assembler.recipe(run.data.task, tok, history, profile, user=user_id)
-    finally:
-        assembler.unload()
-    recipe.save(run.recipe_path(user_id))
+    """The recipe of a user who is not in the run's data, from the history given (not kept); saved with the
+    others (under the run's lock), so `export` and `perpcs serve` find it. A user of the data set is refused:
+    its recipe is the one its own history there gives."""
+    path = run.recipe_path(user_id)  # refuses an id that is no text
+    if any(u.user_id == user_id for u in run.data.users):
+        raise InputError(f"user {user_id!r} is in the run's data set {run.config.data}: its recipe ({path}) is "
+                         "assembled from its history there (`perpcs assemble --users`); give the new history a "
+                         "user id of its own")
+    with run.writing():
+        model, tok = run.merged
+        assembler = Assembler.for_run(model, run.open_pool(), run.config, run.rule.assembly)
+        try:
+            recipe = assembler.recipe(run.data.task, tok, history, profile, user=user_id)
+        finally:
+            assembler.unload()
+        recipe.save(path)
     return recipe

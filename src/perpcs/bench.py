@@ -38,7 +38,7 @@ from perpcs.settings import BenchSettings, RunConfig, check_later_steps, with_ru
 from perpcs.tables import results_table
 from perpcs.tasks import answer_budget, cut_short
 from perpcs.user_lora import oppu_dir
-from perpcs.utils import write_text
+from perpcs.utils import check_output_dir, write_text
 
 
 class Bench:
@@ -116,6 +116,9 @@ def group_diagnostics(run: RunFolder, groups: dict[str, int], recipes: dict[str,
             "sharer_groups": sorted(group_of.values())}
 
 
+# What a bench writes into its output folder (and finds there when it resumes); `perpcs demo` adds its data
+OUTPUTS = {"run", "variants", "preds", "prime", "golds.json", "results.json", "results.md", "results.png",
+           "selection.png", "selection-*.png", "data"}
 BUDGET_KEYS = ("steps", "epochs", "best_epoch", "stopped_early", "val_losses", "seconds")
 
 
@@ -135,6 +138,7 @@ def per_user(run: RunFolder) -> dict:
 def bench(data: str | Path, out: str | Path, config: RunConfig, settings: BenchSettings) -> dict:
     """Run the pipeline and every method; write OUT/results.json and OUT/results.md."""
     out = Path(out)
+    check_output_dir(out, OUTPUTS)
     variants = {name: check_later_steps(config, config.updated(with_rule_fixed(overrides)))
                 for name, overrides in settings.variants.items()}  # bad settings fail here, before any work
     run = Run.create(out / "run", config)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from perpcs.commands import bench, data, privacy, run, serve
+from perpcs.commands import bench, data, guarded, privacy, run, serve
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 model_app = typer.Typer(no_args_is_help=True, help="Base models: prepare (convert and cache) and inspect.")
@@ -36,4 +36,4 @@ COMMANDS = [
     (app, "privacy", privacy.privacy_cmd),
 ]
 for group, verb, function in COMMANDS:
-    group.command(verb)(function)
+    group.command(verb)(guarded(function))

@@ -24,7 +24,7 @@ from perpcs.report import folder_scores
 from perpcs.settings import BenchSettings, RunConfig
 from perpcs.stats import bootstrap_ci
 from perpcs.tables import curve_table
-from perpcs.utils import atomic_path, write_json, write_text
+from perpcs.utils import atomic_path, check_output_dir, write_json, write_text
 
 POINTS = ("1", "2", "4", "8", "16", "32", "all")
 METHODS = ("perpcs", "oppu")
@@ -41,6 +41,7 @@ def curve(data: str | Path, out: str | Path, config: RunConfig, points: list[str
           oppu_targets: int | None = None) -> dict:
     """Run every point; write OUT/curve.json, curve.md and curve.png."""
     out, points = Path(out), parse_points(points)
+    check_output_dir(out, {"run", "k-*", "curve.json", "curve.md", "curve.png"}, (Path(data),))
     run = Run.create(out / "run", config)
     run.pipeline()
     task = run.data.task

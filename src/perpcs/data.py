@@ -30,11 +30,28 @@ def _to_text(v: Any) -> Any:
     return v
 
 
-def _not_blank(v: str) -> str:
-    """Ids key users and predictions, and an empty input gives a prompt with nothing to answer."""
+def text_problem(v: str) -> str | None:
+    """What makes a text unusable: blank (ids key users and predictions, an empty input gives a prompt with
+    nothing to answer, an empty output teaches nothing), or a lone surrogate (no UTF-8 file or JSON body holds it)."""
     if not v.strip():
-        raise ValueError("must not be empty")
+        return "must not be empty"
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"holds a lone surrogate ({v[e.start]!a} at character {e.start + 1}), which is not text"
+    return None
+
+
+def check_text(v: str) -> str:
+    """`v`, if `text_problem` finds nothing (a pydantic validator)."""
+    problem = text_problem(v)
+    if problem:
+        raise ValueError(problem)
     return v
+
+
+def _no_surrogate(v: str | None) -> str | None:
+    return v if v is None or not v.strip() else check_text(v)
 
 
 class Item(BaseModel):
@@ -43,7 +60,7 @@ class Item(BaseModel):
     output: str
 
     _coerce = field_validator("output", mode="before")(_to_text)
-    _filled = field_validator("input")(_not_blank)
+    _filled = field_validator("input", "output")(check_text)
 
 
 class Query(BaseModel):
@@ -53,7 +70,7 @@ class Query(BaseModel):
     output: str
 
     _coerce = field_validator("id", "output", mode="before")(_to_text)
-    _filled = field_validator("id", "input")(_not_blank)
+    _filled = field_validator("id", "input", "output")(check_text)
 
 
 class User(BaseModel):
@@ -64,7 +81,8 @@ class User(BaseModel):
     profile: str | None = None
 
     _coerce = field_validator("user_id", mode="before")(_to_text)
-    _filled = field_validator("user_id")(_not_blank)
+    _filled = field_validator("user_id")(check_text)
+    _text = field_validator("profile")(_no_surrogate)
 
 
 class Dataset(BaseModel):
@@ -133,7 +151,10 @@ def load_users(path: str | Path, task: Task | None = None) -> list[User]:
 
 
 def check_user(task: Task, user: User, where: str) -> None:
-    """Reject outputs a task cannot score (e.g. a label outside the label set)."""
+    """Reject a user without history (no step can use it) and outputs a task cannot score (e.g. a label
+    outside the label set)."""
+    if not user.history:
+        raise InputError(f"{where}: field 'history': user {user.user_id!r} has no history item (every user needs one)")
     for field, items in (("history", user.history), ("queries", user.queries)):
         for i, it in enumerate(items):
             problem = task.output_problem(it.output)
@@ -178,10 +199,13 @@ def data_sha256(folder: str | Path) -> str:
 
 
 def save_dataset(ds: Dataset, folder: str | Path) -> Path:
-    """Write `task.json` and `users.jsonl` (each atomically)."""
+    """Write `task.json` and `users.jsonl` (each atomically), refusing a data set the contract refuses to read.
+    The caller checks that `folder` may be written (`utils.check_output_dir`)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder}: exists and is not a folder; give a folder for the data set")
+    for i, user in enumerate(ds.users):
+        check_user(ds.task, user, f"{folder / 'users.jsonl'}: user {i + 1} ({user.user_id!r})")
     write_json(folder / "task.json", ds.task.model_dump(exclude_none=True))
     write_jsonl(folder / "users.jsonl", [u.model_dump(exclude_none=True) for u in ds.users])
     return folder

@@ -21,11 +21,11 @@ def export_user(run: RunFolder, user_id: str, out: str | Path, force: bool = Fal
     return export_adapter(Recipe.load(path), run.open_pool(), out, str(run.merged_path.resolve()), replace=True)
 
 
-def export_base(merged: Path, out: str | Path) -> Path:
-    """The merged, task-adapted base folder copied as a plain HF folder: what exported adapters apply to."""
+def export_base(run: RunFolder, out: str | Path) -> Path:
+    """The merged, task-adapted base folder copied as a plain HF folder (a new or empty one, outside the run and
+    its data): what exported adapters apply to."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out}: exists and is not an empty folder; choose a new --out")
+    check_output_dir(out, set(), (run.folder, Path(run.config.data)))
     with atomic_dir(out) as tmp:
-        shutil.copytree(merged, tmp, dirs_exist_ok=True)
+        shutil.copytree(run.merged_path, tmp, dirs_exist_ok=True)
     return out

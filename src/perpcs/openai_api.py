@@ -15,20 +15,26 @@ Errors come in OpenAI's shape, {"error": {"message", "type", "param", "code"}}.
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from pathlib import Path
 from typing import Callable, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
-from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers.generation.streamers import BaseStreamer
+
+from perpcs.errors import FILE_ERRORS, InputError, describe
 
 BASE_ADAPTER = "__base__"  # peft's name for rows of a mixed-adapter batch that use no adapter
 PATHS = ("/v1/models", "/v1/completions", "/v1/chat/completions")
+log = logging.getLogger(__name__)
+# Failures of what the server reads and writes in the run folder, not of the request: a 409 with the message
+KNOWN = (InputError, *FILE_ERRORS)
 CODES = {401: "invalid_api_key", 404: "model_not_found", 411: "length_required", 413: "request_too_large"}
 
 
@@ -63,9 +69,28 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """OpenAI's error shape on the OpenAI paths; FastAPI's own (`detail`) on the others."""
+    """The server's one error boundary: OpenAI's error shape on the OpenAI paths, FastAPI's (`detail`) on the
+    others. A 422 never echoes the input (NaN and lone surrogates are no JSON); a known failure of the run
+    folder (a corrupt recipe or pool, a read-only folder, a full disk, another process holding the run) is
+    a logged 409 naming the file; any other fault a logged 500; none is an unhandled exception."""
     def ours(request: Request) -> bool:
         return request.url.path in PATHS
+
+    def fault(request: Request, status: int, message: str) -> JSONResponse:
+        if ours(request):
+            return error_response(status, message, None, None, "server_error" if status >= 500 else "conflict")
+        return JSONResponse({"detail": message}, status)
+
+    @app.middleware("http")
+    async def faults(request: Request, call_next):
+        try:
+            return await call_next(request)
+        except KNOWN as e:
+            log.warning("%s %s: %s", request.method, request.url.path, describe(e))
+            return fault(request, 409, describe(e))
+        except Exception:
+            log.exception("%s %s failed", request.method, request.url.path)
+            return fault(request, 500, "internal server error (the server's log has the details)")
 
     @app.exception_handler(OpenAIError)
     async def openai_error(request: Request, e: OpenAIError):
@@ -80,7 +105,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
         if not ours(request):
-            return await request_validation_exception_handler(request, e)
+            return JSONResponse({"detail": [{k: err[k] for k in ("type", "loc", "msg") if k in err}
+                                            for err in e.errors()]}, 422)
         first = e.errors()[0]
         param = ".".join(str(p) for p in first["loc"][1:]) or None  # loc starts with "body"
         return error_response(400, f"{param}: {first['msg']}" if param else first["msg"], param, "invalid_value")
@@ -117,6 +143,15 @@ def request_models(s) -> tuple[type[BaseModel], type[BaseModel]]:
         seed: int | None = None
         stream: bool = False
         stream_options: StreamOptions | None = None
+
+        @model_validator(mode="after")
+        def _text(self):
+            """No lone surrogate anywhere (it is not text: the tokenizer would fail on it, not the request)."""
+            try:
+                json.dumps(self.model_dump(), ensure_ascii=False).encode()
+            except UnicodeEncodeError:
+                raise ValueError("the request holds a lone surrogate, which is not text") from None
+            return self
 
         def stops(self) -> list[str]:
             stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -14,7 +14,7 @@ from functools import cached_property, partial
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -22,6 +22,7 @@ from perpcs.assembly import activation_means, assemble_history, assemble_users
 from perpcs.calibration import calibrate
 from perpcs.data import Item, data_sha256
 from perpcs.dp import counted_examples, key_generator, key_privacy, noisy_keys
+from perpcs.errors import InputError
 from perpcs.export import export_base, export_user
 from perpcs.gates import train_gates
 from perpcs.lora import load_or_train, lora_layers, lora_state
@@ -44,9 +45,14 @@ def save_pieces(path: Path, pieces: dict[str, tuple[torch.Tensor, torch.Tensor, 
 
 
 def load_pieces(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    with safe_open(path, "pt") as f:
-        return {pos: tuple(f.get_tensor(f"{pos}:{part}") for part in "ABk")
-                for pos in json.loads(f.metadata()["positions"])}
+    """What `save_pieces` wrote (the pool checks the tensors as they enter it)."""
+    try:
+        with safe_open(path, "pt") as f:
+            return {pos: tuple(f.get_tensor(f"{pos}:{part}") for part in "ABk")
+                    for pos in json.loads(f.metadata()["positions"])}
+    except (SafetensorError, KeyError, TypeError, ValueError) as e:
+        raise InputError(f"{path}: not a readable file of a sharer's pieces ({e}); delete the sharer's folder "
+                         "to train it again") from None
 
 
 def sharer_task(folder: str, user_id: str) -> dict:
@@ -310,7 +316,8 @@ class Run(RunFolder):
 
     def export_base(self, out: str | Path) -> Path:
         """The merged, task-adapted base as a plain HF folder (step 0 done first; `export.export_base`)."""
-        return export_base(self.task_adapt(), out)
+        self.task_adapt()
+        return export_base(self, out)
 
     def pipeline(self, executor=None) -> dict[str, Recipe]:
         self.task_adapt()

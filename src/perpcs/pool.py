@@ -40,6 +40,7 @@ FORMAT_VERSION = 1
 KEYS = get_args(KeyKind)
 MANIFEST = "pool.sqlite"
 SHARER_DIR = "sharers"
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what a piece may be stored as
 _MAX_OPEN = 8192  # cached safe_open handles: one memory map each, no open file descriptor
 
 _SCHEMA = """
@@ -83,28 +84,43 @@ class Pool:
 
     def __init__(self, path: Path, db: sqlite3.Connection):
         self.path, self._db = path, db
-        manifest = path / MANIFEST
-        try:
-            meta = dict(db.execute("SELECT key, value FROM meta"))
-        except sqlite3.DatabaseError as e:
-            raise ValueError(f"{manifest}: not a perpcs pool manifest ({e})") from e
+        self.manifest = manifest = path / MANIFEST
+        meta = dict(self._sql("SELECT key, value FROM meta"))
         if meta.get("format_version") != str(FORMAT_VERSION):
-            raise ValueError(f"{manifest}: pool format version {meta.get('format_version')!r}, "
+            raise InputError(f"{manifest}: pool format version {meta.get('format_version')!r}, "
                              f"this perpcs reads version {FORMAT_VERSION}")
-        self.base_fingerprint: str = meta["base_fingerprint"]
-        self.lora_config: dict = json.loads(meta["lora_config"])
-        self.sharing_ratio = float(meta["sharing_ratio"])
-        self.seed = int(meta["seed"])
-        self.key: KeyKind = meta.get("key", "gate")  # pools written before activation keys have gates
-        self.key_privacy: dict | None = json.loads(meta["key_privacy"]) if "key_privacy" in meta else None
+        try:
+            self.base_fingerprint: str = meta["base_fingerprint"]
+            self.lora_config: dict = json.loads(meta["lora_config"])
+            self.sharing_ratio = float(meta["sharing_ratio"])
+            self.seed = int(meta["seed"])
+            self.key: KeyKind = meta.get("key", "gate")  # pools written before activation keys have gates
+            self.key_privacy: dict | None = json.loads(meta["key_privacy"]) if "key_privacy" in meta else None
+            self._salt = meta["salt"]
+        except KeyError as e:
+            raise InputError(f"{manifest}: not a perpcs pool manifest (table meta has no row {e})") from None
+        except ValueError as e:
+            raise InputError(f"{manifest}: table meta holds an unreadable value ({e})") from None
         if self.key not in KEYS:
-            raise ValueError(f"{manifest}: unknown piece key {self.key!r} (known: {', '.join(KEYS)})")
-        self._salt = meta["salt"]
-        rows = db.execute("SELECT idx, name, d_in, d_out FROM positions ORDER BY idx").fetchall()
+            raise InputError(f"{manifest}: unknown piece key {self.key!r} (known: {', '.join(KEYS)})")
+        r = self.lora_config.get("r") if isinstance(self.lora_config, dict) else None
+        if not isinstance(r, int) or isinstance(r, bool) or r <= 0 or not 0 < self.sharing_ratio <= 1:
+            raise InputError(f"{manifest}: table meta: lora_config needs a positive int 'r' and sharing_ratio is in "
+                             f"(0, 1]; got lora_config {self.lora_config!r}, sharing_ratio {self.sharing_ratio}")
+        rows = self._sql("SELECT idx, name, d_in, d_out FROM positions ORDER BY idx").fetchall()
+        if not rows or not all(isinstance(d, int) and d > 0 for *_, d_in, d_out in rows for d in (d_in, d_out)):
+            raise InputError(f"{manifest}: table positions: expected one row or more of positive d_in and d_out")
         self.shapes: dict[str, tuple[int, int]] = {name: (d_in, d_out) for _, name, d_in, d_out in rows}
         self.positions: list[str] = list(self.shapes)
         self._pos_idx = {name: idx for idx, name, _, _ in rows}
         self._handles: OrderedDict[str, Any] = OrderedDict()
+
+    def _sql(self, query: str, params: tuple = ()) -> sqlite3.Cursor:
+        """A manifest query; a manifest without its tables or columns (or no database at all) is an InputError."""
+        try:
+            return self._db.execute(query, params)
+        except sqlite3.DatabaseError as e:
+            raise InputError(f"{self.path / MANIFEST}: not a readable perpcs pool manifest ({e})") from None
 
     # --- create / open ---
 
@@ -185,7 +201,7 @@ class Pool:
                                  + "; ".join(f"{k}: pool {self.lora_config.get(k)!r}, given {given[k]!r}" for k in diff)
                                  + ")")
         inside = self.path.resolve()
-        for sid, file, digest in self._db.execute("SELECT id, file, sha256 FROM sharers ORDER BY idx"):
+        for sid, file, digest in self._sql("SELECT id, file, sha256 FROM sharers ORDER BY idx").fetchall():
             # Pools travel between parties: a manifest naming `../x` or `/x` must not make perpcs read
             # (or, removing the sharer, delete) a file outside the pool folder.
             f = self.path / file
@@ -227,7 +243,7 @@ class Pool:
         stored. Re-adding a user replaces its pieces and keeps its place in the sharer order.
         """
         sid = self.pseudonym(user_id)
-        self._check_pieces(pieces)
+        self._check_pieces(pieces, f"sharer {user_id!r} ({sid})")
         if share is None:
             share = share_mask([p for p in self.positions if p in pieces], self.sharing_ratio, self.seed, user_id)
         missing = sorted(set(share) - pieces.keys())
@@ -246,38 +262,67 @@ class Pool:
         file = f"{SHARER_DIR}/{sid}-{digest[:12]}.safetensors"
         with atomic_path(self.path / file) as tmp:
             tmp.write_bytes(data)
-        old = self._db.execute("SELECT idx, file FROM sharers WHERE id = ?", (sid,)).fetchone()
+        old = self._sql("SELECT idx, file FROM sharers WHERE id = ?", (sid,)).fetchone()
         with self._db:
             if old:
-                self._db.execute("UPDATE sharers SET file = ?, sha256 = ?, nbytes = ? WHERE idx = ?",
-                                 (file, digest, len(data), old[0]))
-                self._db.execute("DELETE FROM shares WHERE sharer = ?", (old[0],))
+                self._sql("UPDATE sharers SET file = ?, sha256 = ?, nbytes = ? WHERE idx = ?",
+                          (file, digest, len(data), old[0]))
+                self._sql("DELETE FROM shares WHERE sharer = ?", (old[0],))
                 idx = old[0]
             else:
-                idx = self._db.execute("INSERT INTO sharers (id, file, sha256, nbytes) VALUES (?, ?, ?, ?)",
-                                       (sid, file, digest, len(data))).lastrowid
+                idx = self._sql("INSERT INTO sharers (id, file, sha256, nbytes) VALUES (?, ?, ?, ?)",
+                                (sid, file, digest, len(data))).lastrowid
             self._db.executemany("INSERT INTO shares VALUES (?, ?)", [(self._pos_idx[p], idx) for p in shared])
         if old and old[1] != file:
             self._drop(old[1])
         return sid
 
-    def _check_pieces(self, pieces: dict) -> None:
-        r = self.lora_config["r"]
+    def _check_pieces(self, pieces: dict, who: str) -> None:
+        """What enters the pool: at each of its positions A [r, d_in], B [d_out, r] and key [d_in], floating
+        point and finite (a sharer whose training diverged is refused here, not found in an adapter later)."""
         for p, triple in pieces.items():
             if p not in self.shapes:
-                raise ValueError(f"position {p!r} is not one of this pool's {len(self.positions)} positions "
+                raise InputError(f"{who}: position {p!r} is not one of this pool's {len(self.positions)} positions "
                                  f"(they look like {self.positions[0]!r})")
-            d_in, d_out = self.shapes[p]
-            want = [[r, d_in], [d_out, r], [d_in]]
-            got = [list(getattr(t, "shape", [])) for t in triple]
-            if len(triple) != 3 or got != want or not all(isinstance(t, torch.Tensor) for t in triple):
-                raise ValueError(f"position {p}: expected tensors (A, B, {self.key}) of shapes {want}, got {got}")
+            if not isinstance(triple, (tuple, list)) or len(triple) != 3:
+                raise InputError(f"{who}: position {p}: expected tensors (A, B, {self.key})")
+            for name, t in zip(("lora_A", "lora_B", self.key), triple):
+                problem = self.tensor_problem(p, name, t)
+                if problem:
+                    raise InputError(f"{who}: position {p}: {problem}; refused from the pool")
+
+    def tensor_problem(self, position: str, name: str, t: Any) -> str | None:
+        """What is wrong with tensor `name` (lora_A, lora_B or the key) of a piece at `position`, or None."""
+        r, (d_in, d_out) = self.lora_config["r"], self.shapes[position]
+        want = {"lora_A": [r, d_in], "lora_B": [d_out, r]}.get(name, [d_in])
+        if not isinstance(t, torch.Tensor):
+            return f"{name} is a {type(t).__name__}, not a tensor"
+        if list(t.shape) != want:
+            return f"{name} has shape {list(t.shape)}, the pool's pieces {want} (LoRA r={r})"
+        if t.dtype not in DTYPES:
+            return f"{name} is {str(t.dtype).removeprefix('torch.')}, not a float32, float16 or bfloat16 tensor"
+        if not bool(torch.isfinite(t).all()):
+            return (f"{name} holds NaN or infinite values (did the sharer's training diverge? lower "
+                    "sharer_train.lr)")
+        return None
+
+    def _read(self, h: Any, file: str, position: str, name: str) -> torch.Tensor:
+        """One tensor of a sharer file, checked as when it entered the pool: a file whose hash was recomputed
+        after tampering still cannot give a wrong piece."""
+        try:
+            t = h.get_tensor(f"{position}.{name}")
+        except SafetensorError as e:
+            raise InputError(f"{self.path / file}: tensor {position}.{name} is missing or unreadable ({e})") from None
+        problem = self.tensor_problem(position, name, t)
+        if problem:
+            raise InputError(f"{self.path / file}: tensor {position}.{name}: {problem}")
+        return t
 
     def remove_sharer(self, sharer_id: str) -> None:
         idx, file = self._sharer(sharer_id)
         with self._db:
-            self._db.execute("DELETE FROM shares WHERE sharer = ?", (idx,))
-            self._db.execute("DELETE FROM sharers WHERE idx = ?", (idx,))
+            self._sql("DELETE FROM shares WHERE sharer = ?", (idx,))
+            self._sql("DELETE FROM sharers WHERE idx = ?", (idx,))
         self._drop(file)
 
     def _drop(self, file: str) -> None:
@@ -286,13 +331,13 @@ class Pool:
 
     def sharers(self) -> list[str]:
         """Sharer ids in the order they were first added."""
-        return [sid for (sid,) in self._db.execute("SELECT id FROM sharers ORDER BY idx")]
+        return [sid for (sid,) in self._sql("SELECT id FROM sharers ORDER BY idx").fetchall()]
 
     def __len__(self) -> int:
-        return self._db.execute("SELECT COUNT(*) FROM sharers").fetchone()[0]
+        return self._sql("SELECT COUNT(*) FROM sharers").fetchone()[0]
 
     def _sharer(self, sharer_id: str) -> tuple[int, str]:
-        row = self._db.execute("SELECT idx, file FROM sharers WHERE id = ?", (sharer_id,)).fetchone()
+        row = self._sql("SELECT idx, file FROM sharers WHERE id = ?", (sharer_id,)).fetchone()
         if row is None:
             raise ValueError(f"{self.path}: no sharer {sharer_id!r} in this pool")
         return row
@@ -305,7 +350,7 @@ class Pool:
     # --- reading pieces ---
 
     def _candidates(self, position: str) -> list[tuple[str, str]]:
-        return self._db.execute(
+        return self._sql(
             "SELECT s.id, s.file FROM shares JOIN sharers s ON s.idx = shares.sharer "
             "WHERE shares.position = ? ORDER BY shares.sharer", (self._position(position),)).fetchall()
 
@@ -318,27 +363,33 @@ class Pool:
         rows = self._candidates(position)
         if not rows:
             return [], torch.empty(0, self.shapes[position][0])
-        keys = [self._open(f).get_tensor(f"{position}.{self.key}") for _, f in rows]
+        keys = [self._read(self._open(f), f, position, self.key) for _, f in rows]
         return [sid for sid, _ in rows], torch.stack(keys)
 
     def piece(self, sharer_id: str, position: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of one shared piece; reads only those two tensors."""
         idx, file = self._sharer(sharer_id)
-        shared = self._db.execute("SELECT 1 FROM shares WHERE position = ? AND sharer = ?",
-                                  (self._position(position), idx)).fetchone()
+        shared = self._sql("SELECT 1 FROM shares WHERE position = ? AND sharer = ?",
+                           (self._position(position), idx)).fetchone()
         if shared is None:
             raise ValueError(f"{self.path}: sharer {sharer_id} does not share position {position}")
         h = self._open(file)
-        return h.get_tensor(f"{position}.lora_A"), h.get_tensor(f"{position}.lora_B")
+        return self._read(h, file, position, "lora_A"), self._read(h, file, position, "lora_B")
 
     def sharer_keys(self, sharer_id: str) -> dict[str, torch.Tensor]:
         """{position: key} of one sharer's shared pieces, through a handle closed afterwards: building the
         key index (keyindex.py) over thousands of sharers then does not keep their files mapped."""
-        _, file = self._sharer(sharer_id)
-        suffix = f".{self.key}"
-        with safe_open(self.path / file, framework="pt", device="cpu") as h:
+        idx, file = self._sharer(sharer_id)
+        name = {i: pos for pos, i in self._pos_idx.items()}
+        shared = [name[i] for (i,) in self._sql("SELECT position FROM shares WHERE sharer = ? ORDER BY position",
+                                                (idx,)).fetchall()]
+        try:
+            h = safe_open(self.path / file, framework="pt", device="cpu")
+        except SafetensorError as e:
+            raise InputError(f"{self.path / file}: not a readable safetensors file ({e})") from None
+        with h:
             # cloned: a tensor read from a memory map may keep the whole file mapped while it lives
-            return {name[: -len(suffix)]: h.get_tensor(name).clone() for name in h.keys() if name.endswith(suffix)}
+            return {pos: self._read(h, file, pos, self.key).clone() for pos in shared}
 
     def _open(self, file: str) -> Any:
         """A cached safe_open handle (LRU): opening thousands of files per position is slow.
@@ -364,4 +415,4 @@ class Pool:
                 - sum(dir_bytes(f) for f in self.path.glob(f"{ANN_PREFIX}*") if f.is_dir()))
 
     def sharer_nbytes(self, sharer_id: str) -> int:
-        return self._db.execute("SELECT nbytes FROM sharers WHERE idx = ?", (self._sharer(sharer_id)[0],)).fetchone()[0]
+        return self._sql("SELECT nbytes FROM sharers WHERE idx = ?", (self._sharer(sharer_id)[0],)).fetchone()[0]

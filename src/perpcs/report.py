@@ -31,7 +31,7 @@ from perpcs.results import BenchResults
 from perpcs.runfolder import RunFolder
 from perpcs.stats import LEVEL, method_statistics
 from perpcs.tables import report_table
-from perpcs.utils import atomic_path, write_json, write_text
+from perpcs.utils import atomic_path, check_output_dir, write_json, write_text
 
 
 def folder_scores(folder: Path, dataset: str | Path, methods) -> dict[str, dict[str, float]]:
@@ -148,6 +148,7 @@ def selection_plot(run: RunFolder, path: str | Path, groups: dict[str, int] | No
 def report(folders: list[str | Path], out: str | Path) -> dict:
     """Bench outputs of several seeds read together; writes OUT/report.json, report.md, report.png."""
     folders, out = [Path(f) for f in folders], Path(out)
+    check_output_dir(out, {"report.json", "report.md", "report.png", "seed-*"})  # `bench --seeds` writes seed-N
     runs = []
     for f in folders:
         if not (f / "results.json").exists():

@@ -29,8 +29,9 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock, Timeout
+from pydantic import ValidationError
 
-from perpcs.data import Dataset, User, data_sha256, load_dataset
+from perpcs.data import Dataset, User, data_sha256, format_validation_error, load_dataset, text_problem
 from perpcs.errors import InputError
 from perpcs.models import load_base
 from perpcs.pool import Pool
@@ -38,7 +39,11 @@ from perpcs.recipe_format import EXTENSION as RECIPE_EXTENSION
 from perpcs.selection import Selection, load_selection
 from perpcs.settings import RunConfig
 from perpcs.training import history_examples
-from perpcs.utils import read_json, remove_temp, write_json
+from perpcs.utils import check_output_dir, read_json, remove_temp, write_json
+
+# What a run folder holds (see above): a new run goes only into a folder that holds nothing else
+LAYOUT = {"run.json", "split.json", "task", "selection.json", "sharers", "pool", "calibration.json", "keys",
+          "recipes", "stats.json", "run.lock", "oppu"}
 
 
 def split_users(users: list[User], n_targets: int, base_fraction: float, seed: int) -> dict[str, list[str]]:
@@ -59,8 +64,28 @@ def split_users(users: list[User], n_targets: int, base_fraction: float, seed: i
     return {"base": sorted(rest[:n_base]), "candidates": sorted(rest[n_base:]), "targets": targets}
 
 
+def check_split(split, known: set[str], path: Path) -> dict[str, list[str]]:
+    """A split.json as read: three lists of distinct users of the run's data set, none in two of them."""
+    if not isinstance(split, dict) or sorted(split) != ["base", "candidates", "targets"]:
+        raise InputError(f"{path}: expected an object with the lists 'base', 'candidates' and 'targets'")
+    seen: set[str] = set()
+    for part, ids in split.items():
+        if not isinstance(ids, list) or not all(isinstance(u, str) for u in ids):
+            raise InputError(f"{path}: field '{part}': expected a list of user ids")
+        for i, u in enumerate(ids):
+            if u not in known:
+                raise InputError(f"{path}: field '{part}.{i}': no user {u!r} in the run's data set")
+            if u in seen:
+                raise InputError(f"{path}: field '{part}.{i}': user {u!r} is listed twice")
+            seen.add(u)
+    return split
+
+
 def safe_name(user_id: str) -> str:
     """A file name for a user id (ids may hold slashes); a hash suffix keeps distinct ids distinct."""
+    problem = text_problem(user_id)
+    if problem:
+        raise InputError(f"user id {user_id!r}: {problem}")
     clean = re.sub(r"[^A-Za-z0-9_.-]", "_", user_id)[:48]
     return f"{clean}-{hashlib.sha256(user_id.encode()).hexdigest()[:8]}"
 
@@ -87,8 +112,13 @@ class RunFolder:
             raise FileNotFoundError(f"{self.folder}: not a perpcs run folder (no run.json); "
                                     "start one with `perpcs pipeline`")
         saved = read_json(self.folder / "run.json")
+        if not isinstance(saved, dict):
+            raise InputError(f"{self.folder / 'run.json'}: expected a JSON object of RunConfig fields")
         saved.setdefault("calibration", {"enabled": False})  # a run made before calibration keeps its fixed rule
-        self.config = RunConfig.model_validate(saved)
+        try:
+            self.config = RunConfig.model_validate(saved)
+        except ValidationError as e:
+            raise InputError(format_validation_error(str(self.folder / "run.json"), e)) from None
         self.device = resolve_device(self.config.device)
         self.lock = FileLock(self.folder / "run.lock", timeout=0)
 
@@ -106,6 +136,7 @@ class RunFolder:
                 raise ValueError(f"{path}: this run folder was made with other settings ({', '.join(diff)}); "
                                  "use a new --run folder")
         else:
+            check_output_dir(folder, LAYOUT, (Path(config.data),))
             write_json(path, config.model_dump())
         return cls(folder)
 
@@ -118,6 +149,9 @@ class RunFolder:
         except Timeout:
             raise InputError(f"{self.folder}: another perpcs process is working on this run folder (it holds "
                              f"{self.lock.lock_file}); wait for it to finish, or use another --run") from None
+        except OSError as e:  # e.g. a read-only run folder
+            raise InputError(f"{self.lock.lock_file}: cannot take the run's lock ({e.strerror or e}); "
+                             "a run folder perpcs writes into must be writable") from None
         try:
             if self.lock.lock_counter == 1:
                 remove_temp(self.folder)
@@ -148,7 +182,7 @@ class RunFolder:
         if not path.exists():
             c = self.config
             write_json(path, split_users(self.data.users, c.n_targets, c.base_fraction, c.seed))
-        return read_json(path)
+        return check_split(read_json(path), {u.user_id for u in self.data.users}, path)
 
     def examples(self, user: User, tokenizer) -> list:
         """A user's history as training examples, in the run's format."""

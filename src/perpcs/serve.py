@@ -22,17 +22,18 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Annotated, Callable
 
 import torch
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from perpcs.assembly import assemble_history
-from perpcs.data import Item
+from perpcs.data import Item, check_text, text_problem
+from perpcs.errors import InputError
 from perpcs.generation import generate
 from perpcs.lora import AdapterCache, peft_state_dict
 from perpcs.models import load_base
@@ -42,6 +43,8 @@ from perpcs.recipe import Recipe, materialize
 from perpcs.runfolder import RunFolder
 
 USER_ID = Field(min_length=1, max_length=200)
+# A request's text as the data contract has it: not blank, no lone surrogate (a 422, not a failure later)
+Text = Annotated[str, AfterValidator(check_text)]
 
 
 class ServeSettings(BaseModel):
@@ -50,7 +53,8 @@ class ServeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     cache_size: int = Field(8, ge=1, description="materialised adapters kept in memory")
     max_batch: int = Field(8, ge=1, description="generate requests answered together (1: one at a time)")
-    batch_window_ms: float = Field(10.0, ge=0, description="how long a batch waits for more requests")
+    batch_window_ms: float = Field(10.0, ge=0, le=60_000, allow_inf_nan=False,
+                                   description="how long a batch waits for more requests")
     max_body_bytes: int = Field(1_000_000, ge=1)
     max_history: int = Field(500, ge=1, description="history items per assemble request")
     max_chars: int = Field(4000, ge=1, description="characters per input or output text")
@@ -65,8 +69,8 @@ def request_models(s: ServeSettings) -> tuple[type[BaseModel], type[BaseModel]]:
 
     class HistoryItem(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        input: str = text
-        output: str = text
+        input: Text = text
+        output: Text = text
 
     class AssembleRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -74,8 +78,8 @@ def request_models(s: ServeSettings) -> tuple[type[BaseModel], type[BaseModel]]:
 
     class GenerateRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        user: str = USER_ID
-        input: str = text
+        user: Text = USER_ID
+        input: Text = text
         max_new_tokens: int = Field(min(s.default_new_tokens, s.max_new_tokens), ge=1, le=s.max_new_tokens)
 
     return AssembleRequest, GenerateRequest
@@ -166,11 +170,15 @@ class Service:
         return recipe
 
     def delete(self, user: str) -> bool:
-        self.cache.drop(user)
+        """Remove an assembled user's recipe; a data-set user's is the run's own (the pipeline's), and stays."""
         path = self.run.recipe_path(user)
-        if not path.exists():
-            return False
-        path.unlink()
+        if any(u.user_id == user for u in self.run.data.users):
+            raise InputError(f"user {user!r} is in the run's data set: its recipe {path} is the run's own")
+        with self.run.writing():
+            self.cache.drop(user)
+            if not path.exists():
+                return False
+            path.unlink()
         return True
 
 
@@ -287,8 +295,8 @@ def create_app(run: RunFolder | str | Path, settings: ServeSettings | None = Non
 
     @app.post("/v1/users/{user}/assemble", dependencies=[Depends(authorized)])
     async def assemble(user: str, body: AssembleRequest) -> dict:  # type: ignore[valid-type]
-        if not 1 <= len(user) <= 200:
-            raise field_error(("path", "user"), "a user id has 1 to 200 characters")
+        if not 1 <= len(user) <= 200 or text_problem(user):
+            raise field_error(("path", "user"), text_problem(user) or "a user id has 1 to 200 characters")
         for i, item in enumerate(body.history):
             problem = service.task.output_problem(item.output)
             if problem:
@@ -296,6 +304,8 @@ def create_app(run: RunFolder | str | Path, settings: ServeSettings | None = Non
         history = [Item(input=it.input, output=it.output) for it in body.history]
         try:
             recipe = await on_thread(service.assemble, user, history)
+        except InputError:  # the run folder's, not the request's: the error boundary answers (409)
+            raise
         except ValueError as e:  # e.g. every output truncated away: nothing to score pieces on
             raise field_error(("body", "history"), str(e)) from None
         return recipe.model_dump(exclude_none=True)

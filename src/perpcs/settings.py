@@ -1,36 +1,73 @@
-"""Every setting of perpcs, once: a run's (steps 0-5), the bench's, the presets, and `--set` parsing.
+"""Every setting of perpcs, once: a run's (steps 0-5), the bench's and the presets.
 
-The CLI and the benchmark scripts build their settings here. A run's settings are `RunConfig`,
-saved as RUN/run.json; `build_config` layers defaults < a JSON file < flags < `--set` overrides.
+A run's settings are `RunConfig`, saved as RUN/run.json; `overrides.build_config` layers defaults <
+a JSON file < flags < `--set` overrides. Every number carries its constraint here (finite, a range,
+an enum), so a bad value is refused before any step runs (docs/validation.md).
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from perpcs.utils import deep_merge, derived_seed, read_json
+from perpcs.utils import deep_merge, derived_seed
 
 # What a piece's key is: its gate trained with the sharer's LoRA frozen (the paper), or the
 # sharer's mean activation at the piece's position over its own history.
 KeyKind = Literal["gate", "activation"]
+# Upper bounds of the counts and budgets: far above any use, low enough that a typo (1e9 steps) is refused.
+MANY = 1_000_000
+MAX_STRENGTH = 10.0  # the largest alpha an assembled update may be scaled by (settings and recipes)
+SEEDS = 2**32  # seeds are 32-bit: numpy's limit
+# "auto", "cpu", "cuda" or "cuda:N", "mps"
+DEVICE = r"^(auto|cpu|mps|cuda(:\d+)?)$"
 
 
-class LoraSettings(BaseModel):
-    """The LoRA shape. Pieces are only exchangeable between PEFTs of the same settings."""
+class Settings(BaseModel):
+    """Settings refuse unknown fields, and true/false where a number is expected (pydantic reads True as 1)."""
 
     model_config = ConfigDict(extra="forbid")
-    r: int = Field(8, description="LoRA rank of every sharer, OPPU and the task LoRA")
-    alpha: float = Field(16.0, description="LoRA alpha: the update is scaled by alpha / r")
-    dropout: float = Field(0.05, description="dropout on the LoRA branch while training")
-    target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj"],
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        kind = cls.model_fields[info.field_name].annotation
+        items = value if isinstance(value, list) and get_origin(kind) is list else [value]
+        if kind is not bool and any(isinstance(v, bool) for v in items):
+            raise ValueError(f"expected a number, got {json.dumps(value)}")
+        return value
+
+
+def _positive(default: float, description: str, most: float = MANY, **more) -> Any:
+    """A finite float > 0 and <= `most`."""
+    return Field(default, gt=0, le=most, allow_inf_nan=False, description=description, **more)
+
+
+def _count(default: int | None, description: str, least: int = 1, most: int = MANY) -> Any:
+    """An int in [least, most]."""
+    return Field(default, ge=least, le=most, description=description)
+
+
+class LoraSettings(Settings):
+    """The LoRA shape. Pieces are only exchangeable between PEFTs of the same settings."""
+
+    r: int = _count(8, "LoRA rank of every sharer, OPPU and the task LoRA", most=1024)
+    alpha: float = _positive(16.0, "LoRA alpha: the update is scaled by alpha / r")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA branch while training")
+    target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1,
                                       description="module names LoRA wraps in every layer (one piece each)")
 
+    @field_validator("target_modules")
+    @classmethod
+    def _distinct_names(cls, names: list[str]) -> list[str]:
+        if len(set(names)) < len(names) or not all(n.strip() for n in names):
+            raise ValueError(f"expected distinct, non-empty module names, got {names}")
+        return names
 
-class TrainSettings(BaseModel):
+
+class TrainSettings(Settings):
     """One training run: optimiser and budget. `steps` wins over `epochs` when both are given.
 
     A per-user budget (sharers, OPPU) is `epochs` capped at `max_steps`, so a 3-item history is not
@@ -40,18 +77,18 @@ class TrainSettings(BaseModel):
     best epoch's weights are kept.
     """
 
-    model_config = ConfigDict(extra="forbid")
-    lr: float = Field(1e-3, description="AdamW learning rate")
-    steps: int | None = Field(None, description="optimiser steps; None: `epochs` (capped at `max_steps`)")
-    epochs: float = Field(1.0, description="passes over the examples when `steps` is None")
-    max_steps: int | None = Field(None, description="cap on the steps `epochs` gives")
-    val_fraction: float = Field(0.0, description="share of the newest items held out to stop on")
-    val_items: int = Field(8, description="at most this many held-out items")
-    patience: int = Field(1, description="epochs without a better held-out loss before stopping")
-    batch_size: int = Field(4, description="examples per step")
-    grad_clip: float = Field(1.0, description="gradient norm clip (0: none)")
-    weight_decay: float = Field(0.0, description="AdamW weight decay")
-    seed: int = Field(0, description="initialisation, batch order and dropout (set per user by `RunConfig.training`)")
+    lr: float = _positive(1e-3, "AdamW learning rate", most=10)
+    steps: int | None = _count(None, "optimiser steps; None: `epochs` (capped at `max_steps`)")
+    epochs: float = _positive(1.0, "passes over the examples when `steps` is None", most=1000)
+    max_steps: int | None = _count(None, "cap on the steps `epochs` gives")
+    val_fraction: float = Field(0.0, ge=0, lt=1, description="share of the newest items held out to stop on")
+    val_items: int = _count(8, "at most this many held-out items")
+    patience: int = _count(1, "epochs without a better held-out loss before stopping")
+    batch_size: int = _count(4, "examples per step", most=65536)
+    grad_clip: float = Field(1.0, ge=0, le=MANY, allow_inf_nan=False, description="gradient norm clip (0: none)")
+    weight_decay: float = Field(0.0, ge=0, le=10, allow_inf_nan=False, description="AdamW weight decay")
+    seed: int = Field(0, ge=0, lt=SEEDS, description="initialisation, batch order and dropout (set per user by "
+                      "`RunConfig.training`)")
 
     @model_validator(mode="before")
     @classmethod
@@ -62,38 +99,47 @@ class TrainSettings(BaseModel):
         return data
 
 
-class AssemblySettings(BaseModel):
+class AssemblySettings(Settings):
     """Step 5. Reference defaults: top-k 3, tau 1, batches of 16; the history budget is
     `recent_k` items (the reference reads up to 2000; why fewer: benchmarks/README.md). History
     examples are formatted with the run's `max_len` and `retrieval_copies`, as in training."""
 
-    model_config = ConfigDict(extra="forbid")
-    top_k: int = Field(3, description="pieces mixed at each position")
-    temperature: float = Field(1.0, description="tau of the softmax(s / tau) mixing weights")
-    recent_k: int = Field(16, description="history budget in items, newest first")
-    budget_tokens: int | None = Field(None, description="and in tokens: the newest items whose examples fit "
-                                      "(at least one item)")
-    batch_size: int = Field(16, description="history examples per forward")
+    top_k: int = _count(3, "pieces mixed at each position", most=10_000)
+    temperature: float = _positive(1.0, "tau of the softmax(s / tau) mixing weights")
+    recent_k: int = _count(16, "history budget in items, newest first")
+    budget_tokens: int | None = _count(None, "and in tokens: the newest items whose examples fit (at least one item)",
+                                       most=10**9)
+    batch_size: int = _count(16, "history examples per forward", most=65536)
     select: Literal["topk", "sample", "topp", "all", "none"] = Field(
         "topk", description="top-k, sampled top-k, or nucleus; all: every candidate, equal weights (the same for "
         "every target); none: no piece (the task model); neither of the last two reads the history")
-    sample_topk: int = Field(10, description="select=sample: draw from this many best pieces")
-    sample_temperature: float = Field(1.0, description="select=sample: temperature of the draw")
-    top_p: float = Field(0.9, description="select=topp: softmax mass of the pieces kept")
+    sample_topk: int = _count(10, "select=sample: draw from this many best pieces", most=10_000)
+    sample_temperature: float = _positive(1.0, "select=sample: temperature of the draw")
+    top_p: float = _positive(0.9, "select=topp: softmax mass of the pieces kept", most=1)
     mix: Literal["linear", "cat"] = Field("linear", description="linear: A and B mixed separately (the paper); "
                                           "cat: the exact sum of w_j B_j A_j")
-    strength: float | Literal["auto"] = Field(1.0, description="alpha scaling the assembled update, or auto: "
-                                              "chosen per target among `strengths` on its `holdout_items` newest "
-                                              "history items, which assembly then does not read (see `strength`)")
-    strengths: list[float] = Field([0.0, 0.5, 1.0], description="strength=auto: the candidates")
-    holdout_items: int = Field(4, description="strength=auto: at most this many items held out")
+    strength: float | Literal["auto"] = Field(1.0, description="alpha scaling the assembled update (0 to "
+                                              "MAX_STRENGTH), or auto: chosen per target among `strengths` on its "
+                                              "`holdout_items` newest history items, which assembly then does not "
+                                              "read (see `strength`)")
+    strengths: list[float] = Field([0.0, 0.5, 1.0], min_length=1, description="strength=auto: the candidates")
+    holdout_items: int = _count(4, "strength=auto: at most this many items held out", most=10_000)
     strength_by: Literal["kind", "metric", "loss"] = Field(
         "kind", description="how auto scores a candidate: the task's metric on greedy outputs, or the outputs' "
         "loss; kind: metric for generation, loss for classification and rating")
     key_index: Literal["auto", "exact", "approximate"] = Field(
         "auto", description="how pieces are found: every candidate scored (exact), or an IVF index (annindex.py) "
         "that finds the top-k with some loss of recall; auto: the index from annindex.LARGE_POOL sharers on")
-    nprobe: int = Field(64, ge=1, description="IVF lists the approximate index searches per position")
+    nprobe: int = _count(64, "IVF lists the approximate index searches per position")
+
+    @field_validator("strength", "strengths")
+    @classmethod
+    def _strength_range(cls, value: Any) -> Any:
+        """An alpha outside [0, MAX_STRENGTH] (or NaN) would export an adapter of garbage."""
+        for a in value if isinstance(value, list) else [value]:
+            if a != "auto" and not 0 <= a <= MAX_STRENGTH:  # NaN fails both comparisons
+                raise ValueError(f"a strength is a number from 0 to {MAX_STRENGTH:g}, got {a}")
+        return value
 
 
 def _act(**assembly) -> dict:
@@ -121,18 +167,17 @@ RULE_FIELDS = {"key": None, "assembly": ("select", "top_k", "temperature", "mix"
                                          "sample_temperature", "top_p")}
 
 
-class CalibrationSettings(BaseModel):
+class CalibrationSettings(Settings):
     """After step 4: the pool chooses its selection rule on validation users (`calibration`)."""
 
-    model_config = ConfigDict(extra="forbid")
     enabled: bool = Field(True, description="choose the selection rule on validation users once the pool is built; "
                                             "off when the rule is fixed by setting any rule field (key, "
                                             "assembly.mix, ...)")
     rules: list[str] = Field(list(GRID), description="the candidate rules, names of settings.GRID; 'none' is "
                                                      "always a candidate; rules with gate keys train gates")
-    max_users: int = Field(16, ge=1, description="validation users at most: the most active sharer candidates "
+    max_users: int = Field(16, ge=1, le=MANY, description="validation users at most: the most active sharer candidates "
                                                  "that are not sharers")
-    items: int = Field(8, ge=1, description="newest history items scored per validation user (at most half of "
+    items: int = Field(8, ge=1, le=MANY, description="newest history items scored per validation user (at most half of "
                                             "its history); assembly reads the items before them")
     alpha: float = Field(0.05, gt=0, lt=1, description="a rule replaces the non-personalized model only if better "
                                                        "on the validation queries at this level (paired, Holm)")
@@ -148,14 +193,15 @@ class CalibrationSettings(BaseModel):
 
 def fixes_rule(overrides: dict) -> bool:
     """Whether settings given explicitly (a --set, a --config file, a bench variant) fix the selection rule."""
-    assembly = overrides.get("assembly") or {}
-    return "key" in overrides or any(f in assembly for f in RULE_FIELDS["assembly"])
+    assembly = overrides.get("assembly")
+    return "key" in overrides or (isinstance(assembly, dict) and any(f in assembly for f in RULE_FIELDS["assembly"]))
 
 
 def with_rule_fixed(overrides: dict) -> dict:
     """`overrides`, with calibration off if they fix the rule and do not say otherwise."""
-    if fixes_rule(overrides) and "enabled" not in (overrides.get("calibration") or {}):
-        return {**overrides, "calibration": {**(overrides.get("calibration") or {}), "enabled": False}}
+    calibration = overrides.get("calibration", {})  # not a dict: left for the schema to refuse
+    if fixes_rule(overrides) and isinstance(calibration, dict) and "enabled" not in calibration:
+        return {**overrides, "calibration": {**calibration, "enabled": False}}
     return overrides
 
 
@@ -169,33 +215,34 @@ SELECTION_STEP = ("n_sharers", "selection", "min_sharer_items")
 _FROM_RUN = ("retrieval_copies", "max_len", "seed")
 
 
-class RunConfig(BaseModel):
+class RunConfig(Settings):
     """Everything a run depends on. Defaults are sized for SmolLM2-135M on 2 CPU cores (docs/hyperparameters.md)."""
 
-    model_config = ConfigDict(extra="forbid")
     data: str = Field(description="data folder (task.json + users.jsonl)")
     data_sha256: str | None = Field(None, description="set by Run.create (`perpcs.data.data_sha256`): "
                                     "a changed data folder is refused")
     base: str | None = Field(None, description="base model: HF id, local folder or .gguf (None: SmolLM2-135M)")
-    seed: int = Field(0, description="seeds the split, selection, every training run and assembly's sampling")
-    device: str = Field("auto", description="auto (cuda if present), cpu or cuda")
-    n_targets: int = Field(8, description="target users: the most active")
-    base_fraction: float = Field(0.3, description="share of the other users that train the task LoRA")
-    n_sharers: int = Field(6, description="sharers S chosen among the remaining candidates")
-    selection: str = Field("cluster", description="sharer selection: random, active or cluster")
-    min_sharer_items: int = Field(10, description="cluster: skip a cluster whose best user has fewer items")
-    share_ratio: float = Field(1.0, description="sharing ratio rho: share of its positions each sharer shares")
+    seed: int = Field(0, ge=0, lt=SEEDS, description="seeds the split, selection, every training run and "
+                      "assembly's sampling")
+    device: str = Field("auto", pattern=DEVICE, description="auto (cuda if present), cpu, cuda, cuda:N or mps")
+    n_targets: int = _count(8, "target users: the most active")
+    base_fraction: float = Field(0.3, ge=0, lt=1, description="share of the other users that train the task LoRA")
+    n_sharers: int = _count(6, "sharers S chosen among the remaining candidates")
+    selection: Literal["random", "active", "cluster"] = Field("cluster", description="sharer selection: random, "
+                                                              "active or cluster")
+    min_sharer_items: int = _count(10, "cluster: skip a cluster whose best user has fewer items", least=0)
+    share_ratio: float = _positive(1.0, "sharing ratio rho: share of its positions each sharer shares", most=1)
     key: KeyKind = Field("activation", description="piece keys (with calibration on, what it starts from; the "
                          "paper's: PAPER_RULE)")
-    key_noise: float = Field(0.0, ge=0, allow_inf_nan=False, description="activation keys as (epsilon, key_delta)-DP "
-                             "means (perpcs.dp, docs/privacy.md): Gaussian noise of std key_noise times the "
-                             "sensitivity; 0: no noise, no clipping")
-    key_clip: float = Field(1.0, gt=0, allow_inf_nan=False, description="key_noise: each example's vector is "
-                            "clipped to L2 norm key_clip * sqrt(d) first")
+    key_noise: float = Field(0.0, ge=0, le=MANY, allow_inf_nan=False, description="activation keys as "
+                             "(epsilon, key_delta)-DP means (perpcs.dp, docs/privacy.md): Gaussian noise of std "
+                             "key_noise times the sensitivity; 0: no noise, no clipping")
+    key_clip: float = _positive(1.0, "key_noise: each example's vector is clipped to L2 norm key_clip * sqrt(d) "
+                                "first")
     key_delta: float = Field(1e-5, gt=0, lt=1, description="key_noise: the delta of the (epsilon, delta) guarantee")
     retrieval_copies: bool = Field(False, description="train and assemble also on each item with its most "
                                    "similar earlier item in the prompt")
-    max_len: int = Field(256, description="tokens per example (long prompts lose their start)")
+    max_len: int = _count(256, "tokens per example (long prompts lose their start)", least=16)
     lora: LoraSettings = Field(default_factory=LoraSettings)
     task_train: TrainSettings = Field(default_factory=lambda: TrainSettings(lr=2e-3, steps=30, batch_size=8),
                                       description="step 0: the task LoRA on the base users")
@@ -265,15 +312,14 @@ def check_later_steps(config: RunConfig, new: RunConfig, also: tuple[str, ...] =
     return new
 
 
-class PrimeSettings(BaseModel):
+class PrimeSettings(Settings):
     """The bench's `prime` (see `perpcs.prime`)."""
 
-    model_config = ConfigDict(extra="forbid")
-    m: int = Field(3, ge=1, description="sharers mixed")
-    items: int = Field(8, ge=1, description="the target's newest history items the loss is measured on")
-    budget: int = Field(10, ge=1, description="loss evaluations in all")
-    popsize: int = Field(5, ge=2, description="CMA-ES population: budget // popsize generations")
-    sigma0: float = Field(1.0, gt=0, description="initial step size on the softmax logits")
+    m: int = _count(3, "sharers mixed")
+    items: int = _count(8, "the target's newest history items the loss is measured on")
+    budget: int = _count(10, "loss evaluations in all")
+    popsize: int = _count(5, "CMA-ES population: budget // popsize generations", least=2)
+    sigma0: float = _positive(1.0, "initial step size on the softmax logits")
 
     @model_validator(mode="after")
     def _one_generation_at_least(self) -> "PrimeSettings":
@@ -288,26 +334,25 @@ def _method_rows() -> list[str]:
     return rows()
 
 
-class BenchSettings(BaseModel):
+class BenchSettings(Settings):
     """What `perpcs bench` runs beside the pipeline (the run's own settings are its `RunConfig`)."""
 
-    model_config = ConfigDict(extra="forbid")
     methods: list[str] = Field(default_factory=_method_rows, description="rows to run (`perpcs.methods`)")
-    rag_k: int = Field(1, description="history items BM25 puts in the prompt of a +rag row")
-    retrieval_m: int = Field(1, description="peft_retrieval: sharers whose whole LoRAs are averaged")
-    gen_batch_size: int = Field(16, description="prompts per generate call")
+    rag_k: int = _count(1, "history items BM25 puts in the prompt of a +rag row", most=1000)
+    retrieval_m: int = _count(1, "peft_retrieval: sharers whose whole LoRAs are averaged")
+    gen_batch_size: int = _count(16, "prompts per generate call", most=65536)
     variants: dict[str, dict] = Field({}, description="name -> settings of steps 3-5 (e.g. {'key': 'activation'}): "
                                       "each reuses the run's task model and sharer LoRAs (`Run.derive`) and is "
                                       "reported as rows `name` and `name+rag`")
-    oppu_targets: int | None = Field(None, ge=1, description="OPPU (and oppu+rag) on the first M targets only, "
-                                     "every other method on all: OPPU is the only method that trains per target; "
-                                     "comparisons with it use the queries they share")
+    oppu_targets: int | None = Field(None, ge=1, le=MANY, description="OPPU (and oppu+rag) on the first M "
+                                     "targets only, every other method on all: OPPU is the only method that trains "
+                                     "per target; comparisons with it use the queries they share")
     prime: PrimeSettings = PrimeSettings()
-    history_k: int | None = Field(None, ge=1, description="each target keeps only its newest K history items "
+    history_k: int | None = Field(None, ge=1, le=MANY, description="each target keeps only its newest K history items "
                                   "(OPPU trains on them, retrieval reads them; Per-Pcs reads its run's "
                                   "`assembly.recent_k`): the history curve (`perpcs curve`)")
-    cost_targets: int = Field(2, description="targets whose OPPU training and assembly are also timed alternately "
-                              "in one process (perpcs.costs)")
+    cost_targets: int = Field(2, ge=0, le=MANY, description="targets whose OPPU training and assembly are also "
+                              "timed alternately in one process (perpcs.costs)")
 
     @field_validator("methods")
     @classmethod
@@ -339,9 +384,6 @@ PAPER_RULE = GRID["paper"]
 # `--preset NAME`: named settings (under --config and --set); "private" is what docs/privacy.md advises a
 # privacy-sensitive pool, from the attacks measured there
 PRESETS = {"paper": PAPER_RULE, "private": {"key_noise": 0.5}}
-# `--quick`: tiny budgets that check the harness; the numbers mean nothing.
-QUICK = ["task_train.steps=4", "sharer_train.steps=3", "gate_train.steps=2", "n_targets=2", "n_sharers=3",
-         "min_sharer_items=1"]
 # The demo's data size and budgets: chosen so that `perpcs demo` runs in about 15 minutes on 2 CPU cores.
 # Per-Pcs with the calibrated rule (on 8 validation users), and the paper's rule beside it as a variant
 # (see README); no retrieval rows and no prime, OPPU on 4 of the 5 targets (the full bench and the evidence
@@ -351,54 +393,3 @@ DEMO_CONFIG = {"users": 48, "queries": 12,
                "methods": ["non_personalized", "peft_retrieval", "oppu", "perpcs"], "oppu_targets": 4,
                "variants": {"perpcs-paper": PAPER_RULE}}
 
-
-# --- parsing ---
-
-def parse_overrides(pairs: list[str]) -> dict:
-    """`--set a.b=value` pairs into a nested dict (values parsed as JSON when they parse, else text)."""
-    out: dict = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set {pair!r}: expected KEY=VALUE, e.g. sharer_train.lr=5e-4")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
-
-
-def parse_variants(specs: list[str]) -> dict[str, dict]:
-    """'NAME:KEY=VALUE,KEY=VALUE' -> {NAME: nested settings}, e.g. 'act:key=activation,assembly.mix=cat'."""
-    out = {}
-    for spec in specs:
-        name, sep, pairs = spec.partition(":")
-        if not sep or not name or not pairs:
-            raise ValueError(f"--variant {spec!r}: expected NAME:KEY=VALUE[,KEY=VALUE...]")
-        out[name] = parse_overrides(pairs.split(","))
-    return out
-
-
-def build_config(data: str | Path, base: str | None = None, seed: int = 0, targets: int | None = None,
-                 sharers: int | None = None, config: str | Path | None = None, overrides: list[str] = (),
-                 quick: bool = False, preset: str | None = None) -> RunConfig:
-    """A RunConfig from defaults < --preset < --config file < flags < (`QUICK` with `quick`) < --set overrides
-    (nested sections merge key by key). A preset, file or --set that fixes the selection rule (key,
-    assembly.mix, ...) turns calibration off, unless it sets calibration.enabled itself."""
-    if preset is not None and preset not in PRESETS:
-        raise ValueError(f"--preset {preset!r}: known presets are {', '.join(PRESETS)}")
-    flags = {"data": str(data), "seed": seed, "base": base, "n_targets": targets, "n_sharers": sharers}
-    cfg = RunConfig(data=str(data)).model_dump()
-    given: dict = {}
-    for layer in (PRESETS.get(preset, {}), read_json(config) if config else {},
-                  {k: v for k, v in flags.items() if v is not None},
-                  parse_overrides((QUICK if quick else []) + list(overrides))):
-        deep_merge(cfg, layer)
-        deep_merge(given, layer)
-    deep_merge(cfg, with_rule_fixed(given))
-    return RunConfig.model_validate(cfg)

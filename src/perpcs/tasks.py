@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 Kind = Literal["classification", "rating", "generation"]
 log = logging.getLogger(__name__)
 CUT_SHORT_WARN = 0.05  # share of generated answers at the token budget above which a run warns
+MAX_NEW_TOKENS = 4096  # the largest generation budget a task may ask for
 
 
 class Shown(Protocol):
@@ -36,14 +37,19 @@ class Task(BaseModel):
     output_name: str = "Output"
     labels: list[str] | None = None
     scale: tuple[float, float] | None = None
-    max_new_tokens: int | None = Field(None, ge=1)
+    max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
 
     @model_validator(mode="after")
     def _kind_fields(self) -> "Task":
         if self.kind == "classification" and not self.labels:
             raise ValueError("a classification task needs 'labels'")
-        if self.labels is not None and not all(label.strip() for label in self.labels):
-            raise ValueError(f"'labels' must not be empty, got {self.labels}")
+        for label in self.labels or []:  # a generated answer is read as its stripped first line (parse_output)
+            if not label.strip() or label != label.strip() or "\n" in label or "\r" in label:
+                raise ValueError(f"label {label!r}: a label is one line of text without leading or trailing spaces "
+                                 f"(a generated answer can never be anything else), got labels {self.labels}")
+        if self.labels is not None and len(set(self.labels)) < len(self.labels):
+            twice = sorted({label for label in self.labels if self.labels.count(label) > 1})
+            raise ValueError(f"labels {twice} are listed twice; each label once")
         if self.kind == "rating":
             if self.scale is None:
                 raise ValueError("a rating task needs 'scale' [min, max]")
@@ -62,7 +68,7 @@ class Task(BaseModel):
         if self.kind == "classification" and output.strip() not in self.labels:
             return f"{output!r} is not one of the task's labels {self.labels}"
         if self.kind == "rating":
-            value = parse_number(output)
+            value = float(output) if _NUMBER.fullmatch(output.strip()) else None  # not the first number of "5/10"
             if value is None or not (self.scale[0] <= value <= self.scale[1]):
                 return f"{output!r} is not a number in the scale {list(self.scale)}"
         return None

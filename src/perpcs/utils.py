@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import gzip
 import hashlib
 import json
@@ -17,13 +18,24 @@ from typing import IO, Any, Iterator
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
-from perpcs.errors import InputError
+from perpcs.errors import InputError, describe
 
 # Temporary files and folders of atomic_path/atomic_dir are named `.<target>.perpcs-tmp.<8 random>[.tmp]`,
 # so that leftovers of an interrupted write can be told from anything else (`remove_temp`).
 _TEMP_MARK = ".perpcs-tmp."
 _TEMP_NAME = re.compile(r"\..+\.perpcs-tmp\.[a-z0-9_]{8}(\.tmp)?")
+
+
+@contextmanager
+def writing_to(path: Path) -> Iterator[None]:
+    """Turn a failed write (a full disk, a read-only folder, safetensors' own IO error) into an InputError
+    naming the file or folder written."""
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        raise InputError(f"{path}: could not be written: {describe(e)}") from None
 
 
 @contextmanager
@@ -33,6 +45,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     So a crash or bad input never leaves a half-written file where a good one was.
     """
     path = Path(path)
+    with writing_to(path), _atomic_path(path) as tmp:
+        yield tmp
+
+
+@contextmanager
+def _atomic_path(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{_TEMP_MARK}", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -58,6 +76,12 @@ def atomic_dir(path: str | os.PathLike, replace: bool = False) -> Iterator[Path]
         raise InputError(f"{path}: exists and is not a folder; refusing to replace it")
     if path.exists() and not replace and any(path.iterdir()):
         raise InputError(f"{path}: folder exists and is not empty; refusing to replace it")
+    with writing_to(path), _atomic_dir(path) as tmp:
+        yield tmp
+
+
+@contextmanager
+def _atomic_dir(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{_TEMP_MARK}", dir=path.parent))
     tmp.chmod(0o755)  # mkdtemp makes it owner-only; the result is an ordinary shared folder
@@ -78,9 +102,10 @@ def atomic_dir(path: str | os.PathLike, replace: bool = False) -> Iterator[Path]
 
 def check_output_dir(out: str | os.PathLike, own: set[str], protected: tuple[Path, ...] = (),
                      force: bool = False) -> None:
-    """Refuse a folder to write over where that destroys what perpcs did not write: a folder holding
-    files not named in `own` (unless `force`), and always the current folder, its parents, and the
-    `protected` folders with what they hold and what holds them."""
+    """The one rule of every command that writes: refuse a folder to write over where that destroys what
+    perpcs did not write: a folder holding files not named in `own` (names or glob patterns; leftovers of
+    perpcs's own temp files aside) unless `force`, and always the current folder, its parents, and the
+    `protected` files and folders (a run, its data, a command's sources) with what they hold and what holds them."""
     where = Path(out).resolve()
     if Path.cwd().resolve().is_relative_to(where):
         raise InputError(f"{out}: is the current folder or one of its parents; refusing to write over it")
@@ -89,11 +114,12 @@ def check_output_dir(out: str | os.PathLike, own: set[str], protected: tuple[Pat
             raise InputError(f"{out}: is, holds or is inside {keep}; refusing to write over it")
     if where.exists() and not where.is_dir():
         raise InputError(f"{out}: exists and is not a folder; refusing to replace it")
-    foreign = sorted(p.name for p in where.iterdir() if p.name not in own) if where.exists() else []
+    foreign = sorted(p.name for p in where.iterdir() if not _TEMP_NAME.fullmatch(p.name)
+                     and not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in own)) if where.exists() else []
     if foreign and not force:
-        raise InputError(f"{out}: folder holds files perpcs did not write there ({', '.join(foreign[:5])}"
-                         f"{', ...' if len(foreign) > 5 else ''}); give a new or empty folder, "
-                         "or --force to replace it")
+        raise InputError(f"{out}: folder already holds files this command does not replace "
+                         f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); give a new or empty "
+                         "folder, or --force to replace it")
 
 
 def remove_temp(folder: str | os.PathLike) -> list[Path]:

@@ -3,9 +3,14 @@ the error path and the options several verbs take."""
 
 from __future__ import annotations
 
+import functools
+
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.text import Text
+
+from perpcs.errors import FILE_ERRORS, describe
 
 # No markup, no highlighting: messages carry paths and user data, where `[...]` is text, not style.
 console = Console(stderr=True, markup=False, highlight=False)
@@ -15,6 +20,30 @@ def fail(msg: str) -> None:
     """Every CLI error ends here: the message printed as plain text (never read as markup), exit 2."""
     console.print(Text.assemble(("error: ", "red"), str(msg)))
     raise typer.Exit(2)
+
+
+# What a command may fail with on bad input or a bad environment (a full disk, a read-only folder): each ends
+# in a message, never a traceback. Anything else is a bug in perpcs and keeps its traceback.
+KNOWN = (ValueError, *FILE_ERRORS)
+
+
+def message(e: BaseException) -> str:
+    """The text of a known failure; an option model's field is named as its flag (`--cache-size 0: ...`)."""
+    if isinstance(e, ValidationError):
+        return "; ".join(f"--{'.'.join(map(str, err['loc'])).replace('_', '-')} {err.get('input')!r}: "
+                         f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())
+    return describe(e)
+
+
+def guarded(command):
+    """The CLI's one error boundary: a command whose known failures (`KNOWN`) end in `fail`."""
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except KNOWN as e:
+            fail(message(e))
+    return run
 
 
 EXECUTOR = typer.Option("local", "--executor", help="where sharers and bulk assembly run: local (this process) "

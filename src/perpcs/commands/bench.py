@@ -8,15 +8,17 @@ from typing import Optional
 
 import typer
 
-from perpcs.commands import BASE, CONFIG, DATA, PRESET, QUICK, SEED, SHARERS, TARGETS, console, fail
+from perpcs.commands import BASE, CONFIG, DATA, PRESET, QUICK, SEED, SHARERS, TARGETS, console
 
 
 def _bench(data: Path, out: Path, config, methods: list[str], variants: dict[str, dict],
            oppu_targets: Optional[int] = None) -> None:
     from perpcs.bench import bench
+    from perpcs.overrides import check_variants
     from perpcs.settings import BenchSettings
 
     settings = BenchSettings(**({"methods": methods} if methods else {}), variants=variants, oppu_targets=oppu_targets)
+    check_variants(config, variants)
     bench(data, out, config, settings)
     console.print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}, "
                   f"{out / 'selection.png'} and predictions in {out / 'preds'}")
@@ -54,22 +56,18 @@ def bench_command(
                                         "OUT/seed-N, then `perpcs report` of them all into OUT"),
 ) -> None:
     """Per-Pcs vs non-personalized, RAG, PEFT retrieval, OPPU and PriME on one data set, with costs and CIs."""
-    from pydantic import ValidationError
 
+    from perpcs.overrides import build_config, parse_variants
     from perpcs.report import report
-    from perpcs.settings import build_config, parse_variants
 
-    try:
-        runs = [(out / f"seed-{s}" if seeds else out, build_config(data, base, s, targets, sharers, config,
-                                                                   overrides, quick, preset))
-                for s in (parse_seeds(seeds) if seeds else [seed])]
-        for folder, cfg in runs:
-            _bench(data, folder, cfg, methods, parse_variants(variants), oppu_targets)
-        if seeds:
-            report([folder for folder, _ in runs], out)
-            console.print(f"wrote {out / 'report.json'}, {out / 'report.md'} and {out / 'report.png'}")
-    except (ValueError, OSError, ValidationError) as e:
-        fail(str(e))
+    runs = [(out / f"seed-{s}" if seeds else out, build_config(data, base, s, targets, sharers, config,
+                                                               overrides, quick, preset))
+            for s in (parse_seeds(seeds) if seeds else [seed])]
+    for folder, cfg in runs:
+        _bench(data, folder, cfg, methods, parse_variants(variants), oppu_targets)
+    if seeds:
+        report([folder for folder, _ in runs], out)
+        console.print(f"wrote {out / 'report.json'}, {out / 'report.md'} and {out / 'report.png'}")
 
 
 def curve_command(
@@ -87,17 +85,13 @@ def curve_command(
     overrides: list[str] = typer.Option([], "--set", help="override a setting, e.g. --set key=activation"),
 ) -> None:
     """Per-Pcs and OPPU when each target keeps only its newest 1, 2, 4, ... or all history items, with CIs."""
-    from pydantic import ValidationError
 
     from perpcs.curve import POINTS, curve, parse_points
-    from perpcs.settings import build_config
+    from perpcs.overrides import build_config
 
-    try:
-        cfg = build_config(data, base, seed, targets, sharers, config, overrides, quick)
-        chosen = parse_points([p for spec in points for p in spec.split(",")] or list(POINTS))
-        curve(data, out, cfg, chosen, oppu_targets)
-    except (ValueError, OSError, ValidationError) as e:
-        fail(str(e))
+    cfg = build_config(data, base, seed, targets, sharers, config, overrides, quick)
+    chosen = parse_points([p for spec in points for p in spec.split(",")] or list(POINTS))
+    curve(data, out, cfg, chosen, oppu_targets)
     console.print(f"wrote {out / 'curve.json'}, {out / 'curve.md'} and {out / 'curve.png'}")
     print((out / "curve.md").read_text())
 
@@ -109,20 +103,22 @@ def report_command(
     """Several bench runs (seeds) read together: every query pooled, paired by (seed, query id), with CIs and tests."""
     from perpcs.report import report
 
-    try:
-        report(folders, out)
-    except (ValueError, OSError) as e:
-        fail(str(e))
+    report(folders, out)
     console.print(f"wrote {out / 'report.json'}, {out / 'report.md'} and {out / 'report.png'}")
     print((out / "report.md").read_text())
 
 
 def demo(out: Path = typer.Option(Path("runs/demo"), "--out"), seed: int = SEED) -> None:
     """Synthesise the built-in collaborative data set and run the full bench on it (about 15 minutes on 2 CPU cores)."""
-    from perpcs.settings import DEMO_CONFIG, build_config
+    from perpcs.bench import OUTPUTS
+    from perpcs.overrides import build_config
+    from perpcs.settings import DEMO_CONFIG
     from perpcs.synth import save_synthetic, synthesize
+    from perpcs.utils import check_output_dir
 
     data = out / "data"
+    check_output_dir(out, OUTPUTS)  # before the data is written: a demo resumes only in its own folder
+    check_output_dir(data, {"task.json", "users.jsonl", "groups.json"})  # the same seed writes the same data
     ds = synthesize("classification", n_users=DEMO_CONFIG["users"], n_queries=DEMO_CONFIG["queries"], seed=seed)
     save_synthetic(ds, data)
     console.print(f"wrote synthetic data to {data}")

@@ -8,17 +8,17 @@ from typing import Optional
 
 import typer
 
-from perpcs.commands import console, fail
+from perpcs.commands import console
+from perpcs.utils import check_output_dir
+
+FORCE = typer.Option(False, "--force", help="write into a folder that holds other files (a data set among them)")
 
 
 def data_check(folder: Path = typer.Argument(..., help="data folder with task.json and users.jsonl")) -> None:
     """Validate a data folder and print a summary."""
     from perpcs.data import load_dataset
 
-    try:
-        ds = load_dataset(folder)
-    except (ValueError, OSError) as e:
-        fail(str(e))
+    ds = load_dataset(folder)
     hist = [len(u.history) for u in ds.users]
     print(json.dumps({"task": ds.task.name, "kind": ds.task.kind, "users": len(ds.users),
                       "history_items": sum(hist), "min_history": min(hist), "max_history": max(hist),
@@ -33,10 +33,7 @@ def score_cmd(
     """Score predictions against golds exactly as LaMP does; print the JSON report."""
     from perpcs.evaluation import score_files
 
-    try:
-        report = score_files(task, golds, preds)
-    except (ValueError, OSError) as e:
-        fail(str(e))
+    report = score_files(task, golds, preds)
     print(json.dumps(report, indent=2))
 
 
@@ -45,7 +42,7 @@ def data_import(
                               help="amazon-reviews, annotator-csv, lastfm-tags, papers-jsonl, lamp, perpcs"),
     sources: list[Path] = typer.Argument(..., metavar="SRC...",
                                          help="the data set's original files (or folder, for lastfm-tags)"),
-    out: Path = typer.Option(..., "--out", help="data folder to write (task.json, users.jsonl)"),
+    out: Path = typer.Option(..., "--out", help="data folder to write (task.json, users.jsonl): new or empty"),
     target: str = typer.Option("rating", "--target", help="amazon-reviews: rating (stars) or title (summary)"),
     label: str = typer.Option("valence", "--label", help="annotator-csv: the label column"),
     kind: str = typer.Option("rating", "--kind", help="annotator-csv: rating or classification"),
@@ -56,25 +53,19 @@ def data_import(
     max_users: Optional[int] = typer.Option(None, "--max-users", help="keep the N most active users"),
     task: Optional[str] = typer.Option(None, "--task", help="lamp/perpcs: the LaMP task, e.g. LaMP-3"),
     seed: int = typer.Option(0, "--seed", help="orders items without timestamps (annotator-csv)"),
+    force: bool = FORCE,
 ) -> None:
     """Import a public per-user data set into the data contract and report what was kept and dropped."""
-    from pydantic import ValidationError
 
-    from perpcs.data import format_validation_error, save_dataset
+    from perpcs.data import save_dataset
     from perpcs.importers import import_dataset
     from perpcs.records import ImportOptions
 
-    try:
-        opts = ImportOptions(target=target, label=label, kind=kind, top_tags=top_tags, min_history=min_history,
-                             n_queries=queries, max_tokens=max_tokens or None, max_users=max_users, task=task,
-                             seed=seed)
-    except ValidationError as e:
-        fail(format_validation_error("options", e))
-    try:
-        ds, report = import_dataset(fmt, sources, opts)
-        save_dataset(ds, out)
-    except (ValueError, OSError) as e:
-        fail(str(e))
+    opts = ImportOptions(target=target, label=label, kind=kind, top_tags=top_tags, min_history=min_history,
+                         n_queries=queries, max_tokens=max_tokens or None, max_users=max_users, task=task, seed=seed)
+    check_output_dir(out, set(), tuple(sources), force)  # never over a data set, nor over its own sources
+    ds, report = import_dataset(fmt, sources, opts)
+    save_dataset(ds, out)
     print(json.dumps(report.model_dump(), indent=2))
     console.print(f"kept {report.users_kept} of {report.users_found} users ({report.history_items} history items, "
                   f"{report.queries} queries); wrote {out}")
@@ -82,25 +73,23 @@ def data_import(
 
 def data_synth(
     kind: str = typer.Option(..., help="classification (movie tags), rating (review scores) or generation (headlines)"),
-    out: Path = typer.Option(..., help="folder to write task.json, users.jsonl and groups.json to"),
+    out: Path = typer.Option(..., help="folder to write task.json, users.jsonl and groups.json to: new or empty"),
     users: int = typer.Option(60, help="number of users"),
     seed: int = typer.Option(0, help="random seed: the same seed gives the same files"),
     history: tuple[int, int] = typer.Option((20, 60), help="min and max history items per user"),
     queries: int = typer.Option(4, help="held-out queries per user"),
     groups: int = typer.Option(4, help="number of hidden taste groups (at most 4)"),
     noise: float = typer.Option(0.1, help="chance that an answer departs from the user's group"),
+    force: bool = FORCE,
 ) -> None:
     """Synthesise users whose hidden taste group decides their answers (the group goes to groups.json only)."""
     from collections import Counter
 
     from perpcs.synth import save_synthetic, synthesize
 
-    try:
-        ds = synthesize(kind, n_users=users, seed=seed, history=history, n_queries=queries, groups=groups,
-                        noise=noise)
-        save_synthetic(ds, out)
-    except ValueError as e:
-        fail(str(e))
+    check_output_dir(out, set(), force=force)
+    ds = synthesize(kind, n_users=users, seed=seed, history=history, n_queries=queries, groups=groups, noise=noise)
+    save_synthetic(ds, out)
     console.print(f"wrote task.json, users.jsonl and groups.json to {out}")
     print(json.dumps({"task": ds.task.name, "kind": ds.task.kind, "users": len(ds.users),
                       "history_items": sum(len(u.history) for u in ds.users),
@@ -114,8 +103,5 @@ def model_prepare(base: Optional[str] = typer.Option(None, "--base", help="HF id
 
     from perpcs.models import describe, prepare_base
 
-    try:
-        info = describe(prepare_base(base))
-    except (ValueError, OSError) as e:
-        fail(str(e))
+    info = describe(prepare_base(base))
     print(json.dumps(asdict(info), indent=2))

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from perpcs.commands import SEED, console, fail
+from perpcs.commands import SEED, console
 
 
 def privacy_cmd(
@@ -25,18 +25,14 @@ def privacy_cmd(
                                     "derived from --run (e.g. a bench variant: OUT/variants/NAME/run); repeat"),
 ) -> None:
     """Membership and attribute attacks on a run's pool, keys and recipes, each beside a never-saw reference."""
-    from pydantic import ValidationError
 
     from perpcs.privacy import PrivacySettings, privacy
 
-    try:
-        pairs = [v.partition("=") for v in views]
-        bad = [v for v, (name, sep, folder) in zip(views, pairs) if not (name and sep and folder)]
-        if bad:
-            raise ValueError(f"--view {bad[0]!r}: expected NAME=RUN_FOLDER")
-        settings = PrivacySettings(members=members, nonmembers=nonmembers, targets=targets, sharers=sharers, seed=seed)
-        privacy(run, out, settings, oppu, force, {name: folder for name, _, folder in pairs})
-    except (ValueError, OSError, ValidationError) as e:
-        fail(str(e))
+    pairs = [v.partition("=") for v in views]
+    bad = [v for v, (name, sep, folder) in zip(views, pairs) if not (name and sep and folder)]
+    if bad:
+        raise ValueError(f"--view {bad[0]!r}: expected NAME=RUN_FOLDER")
+    settings = PrivacySettings(members=members, nonmembers=nonmembers, targets=targets, sharers=sharers, seed=seed)
+    privacy(run, out, settings, oppu, force, {name: folder for name, _, folder in pairs})
     console.print(f"wrote {out / 'privacy.json'}, {out / 'privacy.md'} and {out / 'privacy.png'}")
     print((out / "privacy.md").read_text())

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from perpcs.commands import BASE, CONFIG, DATA, EXECUTOR, PRESET, RAY_ADDRESS, SEED, SHARERS, TARGETS, console, fail
+from perpcs.commands import BASE, CONFIG, DATA, EXECUTOR, PRESET, RAY_ADDRESS, SEED, SHARERS, TARGETS, console
 
 
 def run_command(all_steps: bool):
@@ -25,21 +25,17 @@ def run_command(all_steps: bool):
         executor: str = EXECUTOR,
         ray_address: Optional[str] = RAY_ADDRESS,
     ) -> None:
-        from pydantic import ValidationError
 
         from perpcs.executors import make_executor
+        from perpcs.overrides import build_config
         from perpcs.pipeline import Run
-        from perpcs.settings import build_config
 
-        try:
-            if not all_steps and (executor != "local" or ray_address):
-                raise ValueError("--executor and --ray-address are for perpcs pipeline: init runs no step")
-            r = Run.create(run, build_config(data, base, seed, targets, sharers, config, overrides, preset=preset))
-            if all_steps:
-                recipes = r.pipeline(make_executor(executor, ray_address))
-                console.print(f"wrote {len(recipes)} recipes to {r.folder / 'recipes'}, pool at {r.pool_path}")
-        except (ValueError, OSError, ValidationError) as e:
-            fail(str(e))
+        if not all_steps and (executor != "local" or ray_address):
+            raise ValueError("--executor and --ray-address are for perpcs pipeline: init runs no step")
+        r = Run.create(run, build_config(data, base, seed, targets, sharers, config, overrides, preset=preset))
+        if all_steps:
+            recipes = r.pipeline(make_executor(executor, ray_address))
+            console.print(f"wrote {len(recipes)} recipes to {r.folder / 'recipes'}, pool at {r.pool_path}")
         console.print(f"run folder: {r.folder} (settings in {r.folder / 'run.json'})")
     command.__doc__ = ("Steps 0-5 for a data folder into a run folder (resumable): task LoRA, sharers, pool, recipes."
                        if all_steps else "Create (or check) a run folder's settings without running any step.")
@@ -51,10 +47,7 @@ def step(name: str, doc: str):
                                          help="run folder made by `perpcs init` or `perpcs pipeline`")) -> None:
         from perpcs.pipeline import Run
 
-        try:
-            result = getattr(Run(run), name)()
-        except (ValueError, OSError) as e:
-            fail(str(e))
+        result = getattr(Run(run), name)()
         console.print(f"{name}: done ({type(result).__name__}) in {run}")
     command.__doc__ = doc
     return command
@@ -66,11 +59,8 @@ def calibrate_command(run: Path = typer.Option(..., "--run",
     from perpcs.pipeline import Run
     from perpcs.tables import calibration_lines
 
-    try:
-        r = Run(run)
-        result = r.calibrate()
-    except (ValueError, OSError) as e:
-        fail(str(e))
+    r = Run(run)
+    result = r.calibrate()
     if result is None:
         console.print(f"calibration is off in {r.folder / 'run.json'} (the rule is fixed); nothing to do")
         return
@@ -84,10 +74,7 @@ def share(run: Path = typer.Option(..., "--run"), executor: str = EXECUTOR,
     from perpcs.executors import make_executor
     from perpcs.pipeline import Run
 
-    try:
-        pool = Run(run).build_pool(make_executor(executor, ray_address))
-    except (ValueError, OSError) as e:
-        fail(str(e))
+    pool = Run(run).build_pool(make_executor(executor, ray_address))
     console.print(f"pool of {len(pool)} sharers at {pool.path}")
 
 
@@ -106,18 +93,15 @@ def assemble(
     from perpcs.executors import make_executor
     from perpcs.pipeline import Run
 
-    try:
-        r = Run(run)
-        if (user is None) != (history is None):
-            raise ValueError("--user and --history go together")
-        if user is not None:
-            r.assemble_history(user, load_history(history, r.data.task))
-            console.print(f"wrote the recipe of {user!r} to {r.recipe_path(user)}")
-            return
-        ids = None if users is None else bulk_users(users, {u.user_id for u in r.data.users})
-        recipes = r.assemble(ids, executor=make_executor(executor, ray_address))
-    except (ValueError, OSError, KeyError) as e:
-        fail(str(e))
+    r = Run(run)
+    if (user is None) != (history is None):
+        raise ValueError("--user and --history go together")
+    if user is not None:
+        r.assemble_history(user, load_history(history, r.data.task))
+        console.print(f"wrote the recipe of {user!r} to {r.recipe_path(user)}")
+        return
+    ids = None if users is None else bulk_users(users, {u.user_id for u in r.data.users})
+    recipes = r.assemble(ids, executor=make_executor(executor, ray_address))
     rate = r.stats().get("assemble", {}).get("users_per_hour")
     console.print(f"wrote {len(recipes)} recipes to {r.folder / 'recipes'}"
                   + (f" ({rate:.0f} users per hour, in {r.folder / 'stats.json'})" if rate else " (all there already)"))
@@ -150,10 +134,7 @@ def export(run: Path = typer.Option(..., "--run"), user: str = typer.Option(...,
     """Write one target user's assembled PEFT as a standard peft adapter folder."""
     from perpcs.pipeline import Run
 
-    try:
-        path = Run(run).export(user, out, force)
-    except (ValueError, OSError) as e:
-        fail(str(e))
+    path = Run(run).export(user, out, force)
     console.print(f"wrote PEFT adapter to {path} (load with peft.PeftModel.from_pretrained(merged_base, '{path}'))")
 
 
@@ -162,8 +143,5 @@ def export_base(run: Path = typer.Option(..., "--run"),
     """Write the run's merged, task-adapted base as a plain Hugging Face folder, the base of exported adapters."""
     from perpcs.pipeline import Run
 
-    try:
-        path = Run(run).export_base(out)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        fail(str(e))
+    path = Run(run).export_base(out)
     console.print(f"wrote the merged base to {path} (serve it, e.g. vllm serve {path} --enable-lora)")

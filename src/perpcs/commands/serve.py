@@ -7,13 +7,13 @@ from typing import Optional
 
 import typer
 
-from perpcs.commands import console, fail
+from perpcs.commands import console
 
 
 def serve_cmd(
     run: Path = typer.Option(..., "--run", help="run folder with a pool (recipes are written to RUN/recipes)"),
     host: str = typer.Option("127.0.0.1", "--host", help="address to bind; beyond loopback an API key is required"),
-    port: int = typer.Option(8000, "--port"),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port (0: any free one)"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="PERPCS_API_KEY",
                                           help="required in the X-API-Key header of every /v1 request"),
     cache_size: int = typer.Option(8, "--cache-size", help="materialised adapters kept in memory (LRU)"),
@@ -22,15 +22,11 @@ def serve_cmd(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="largest max_new_tokens a request may ask"),
 ) -> None:
     """Serve assembly and personalized generation over HTTP (FastAPI + uvicorn)."""
-    from pydantic import ValidationError
 
     from perpcs.serve import ServeSettings, check_host, serve
 
-    try:
-        settings = ServeSettings(api_key=api_key, cache_size=cache_size, max_batch=max_batch,
-                                 batch_window_ms=batch_window_ms, max_new_tokens=max_new_tokens)
-        check_host(host, api_key)
-        console.print(f"serving {run} on http://{host}:{port} (docs at /docs)", markup=False)
-        serve(run, host, port, settings)
-    except (ValueError, FileNotFoundError, ValidationError) as e:
-        fail(str(e))
+    settings = ServeSettings(api_key=api_key, cache_size=cache_size, max_batch=max_batch,
+                             batch_window_ms=batch_window_ms, max_new_tokens=max_new_tokens)
+    check_host(host, api_key)
+    console.print(f"serving {run} on http://{host}:{port} (docs at /docs)", markup=False)
+    serve(run, host, port, settings)
