@@ -99,7 +99,7 @@ def keep(name: str, seed: int, folder: Path, results: Path) -> Path:
     dst = results / f"{name}-seed{seed}"
     dst.mkdir(parents=True, exist_ok=True)
     results = read_json(folder / "results.json")
-    write_json(dst / "scores.json", folder_scores(folder, results))
+    write_json(dst / "scores.json", folder_scores(folder, results["dataset"], results["methods"]))
     for f in ("results.json", "results.md", "results.png", "selection.png", "selection-paper.png"):
         if (folder / f).exists():
             with atomic_path(dst / f) as tmp:
