@@ -192,6 +192,13 @@ def summarize_set(name: str, cells: list[Path]) -> dict:
     }
 
 
+def _ratio(s: dict) -> str:
+    """OPPU's time over assembly's; a pool that declined assembles nothing, so there is no ratio to give."""
+    if all(c == "none" for c in s["chosen"]):
+        return "- (declined: no assembly)"
+    return f"{statistics.median(s['time_ratio']):.1f}x" if s["time_ratio"] else "-"
+
+
 def _yes(v) -> str:
     return "-" if v is None else ("yes" if v else "**no**")
 
@@ -230,7 +237,7 @@ def write_summary(out: Path = RESULTS) -> dict:
         lines.append(f"| {n} | {s['metric']['name']} | {s['queries']} | {', '.join(map(str, s['chosen']))} | "
                      f"{cell('perpcs')} | {cell('non_personalized')} | {cell('peft_retrieval')} | {cell('oppu')} | "
                      f"{s['best_fixed']}: {cell(s['best_fixed'])} | "
-                     + (f"{statistics.median(s['time_ratio']):.1f}x" if s["time_ratio"] else "-") + " |")
+                     + _ratio(s) + " |")
     lines += ["", "Differences are to non_personalized, in the metric's units (for MAE, negative is better).", "",
               "| set | any method significantly above NP | calibrated too | calibrated not worse than NP | "
               "not worse than best fixed | >= peft_retrieval | share of OPPU's gain |", "|" + "---|" * 7]
@@ -283,7 +290,7 @@ def forest_plot(sets: dict, path: Path) -> None:
                         color=colour, capsize=3, alpha=1.0 if c["p"] < 0.05 else 0.45)
         ax.axvline(0, color="grey", lw=0.8)
         ax.set_yticks(range(len(rows)), [k + (" (calibrated)" if k == "perpcs" else "") for k, _ in rows], fontsize=7)
-        ratio = f", OPPU/assembly {statistics.median(s['time_ratio']):.0f}x" if s["time_ratio"] else ""
+        ratio = f", OPPU/assembly {_ratio(s)}" if s["time_ratio"] else ""
         ax.set_title(f"{n}: {s['metric']['name']}, {s['queries']} queries{ratio}\n"
                      f"chosen: {', '.join(map(str, s['chosen']))}", fontsize=8)
         ax.set_xlabel("difference to non_personalized (right is better); faded: p >= 0.05", fontsize=7)
