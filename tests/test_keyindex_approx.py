@@ -1,5 +1,6 @@
 """The approximate key index (annindex.py): the scores it gives are assembly's, its top-k is the exhaustive
-top-k when every list is probed, and assembly through it makes the exhaustive recipe."""
+top-k when every list is probed, an index of another format is rebuilt, and assembly through it makes the
+exhaustive recipe."""
 
 import math
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from perpcs.annindex import ApproximateIndex, build, index_path, lists_for
+from perpcs.annindex import FORMAT, ApproximateIndex, build, index_path, lists_for
 from perpcs.keyindex import KeyIndex
 from test_core import HISTORY, POSITIONS, assemble, make_pool, random_pieces
 
@@ -33,10 +34,12 @@ def hand_scores(kind: str, mean: torch.Tensor, keys: torch.Tensor) -> torch.Tens
     return torch.stack([math.sqrt(d) * torch.dot(mean - c, k - c) / ((mean - c).norm() * (k - c).norm()) for k in keys])
 
 
-@pytest.mark.parametrize("kind", ["activation", "gate"])
-def test_search_probing_every_list_gives_the_exhaustive_top_k_and_scores(tmp_path, kind):
+@pytest.mark.parametrize("kind,rerank", [("activation", 48), ("gate", 48), ("activation", 400)])
+def test_search_probing_every_list_gives_the_exhaustive_top_k_and_scores(tmp_path, kind, rerank):
     pool = make_pool(tmp_path / "pool", clustered_pieces(400, 0), key=kind)
-    index = ApproximateIndex.of(pool, nprobe=1000)  # every list: only fp16 rounding is left
+    ApproximateIndex.of(pool, nprobe=1000)
+    # every list, the codes' best 48 re-scored (or all 400 scored): only fp16 rounding is left
+    index = ApproximateIndex(index_path(pool), nprobe=1000, rerank=rerank)
     exact = KeyIndex.of(pool)
     g = torch.Generator().manual_seed(1)
     assert lists_for(400) > 1
@@ -51,7 +54,22 @@ def test_search_probing_every_list_gives_the_exhaustive_top_k_and_scores(tmp_pat
             assert len(set(found)) == 5  # the exhaustive top-5, in order, up to ties within fp16 rounding:
             assert all(score_of[f] >= top.values[r] - tol for r, f in enumerate(found))
             assert torch.allclose(scores, torch.tensor([score_of[f] for f in found]), atol=tol)
-    assert index_path(pool).is_dir() and index.nbytes() > 0
+    assert index_path(pool).is_dir() and index.nbytes() > index.code_bytes() > 0
+
+
+def test_an_index_of_another_format_is_not_read_but_rebuilt(tmp_path):
+    pool = make_pool(tmp_path / "pool", clustered_pieces(30, 5), key="activation")
+    old = pool.path / "ann-0123456789abcdef"  # the first format's folder: no format recorded
+    old.mkdir()
+    (old / "index.json").write_text('{"kind": "activation", "sharers": [], "positions": {}}')
+    with pytest.raises(ValueError, match=f"format 1, not {FORMAT}"):
+        ApproximateIndex(old, nprobe=8)
+    index = ApproximateIndex.of(pool, nprobe=8)
+    assert index.folder == index_path(pool) != old and not old.exists()
+    assert index.code_bytes() == 0  # 30 candidates, too few to train codes on: scored in full
+    ids, keys = KeyIndex.of(pool).keys(list(POSITIONS)[0])
+    mean = keys[3] + 0.01
+    assert index.search(list(POSITIONS)[0], mean, 1)[0] == [ids[torch.argmax(hand_scores("activation", mean, keys))]]
 
 
 def test_few_probes_find_most_of_the_top_3_and_build_resumes(tmp_path):
