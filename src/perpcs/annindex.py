@@ -40,7 +40,7 @@ from perpcs.utils import atomic_path, sha256_file
 PREFIX = "ann"  # every format's folder: ann-<hash> (the first), ann<FORMAT>-<hash>
 FORMAT = 2  # folders of other formats are rebuilt
 LARGE_POOL = 5_000  # sharers from which key_index="auto" uses this index (measured: benchmarks/README.md)
-RERANK = 48  # candidates the codes propose per search, re-scored on their vectors
+RERANK = 192  # candidates the codes propose per search, re-scored on their vectors (measured: benchmarks/README.md)
 CODE_BITS = 8  # bits per sub-vector code: 256 centroids each, so codes need at least 256 training vectors
 
 
