@@ -8,6 +8,8 @@ fp16 vectors of the re-ranked rows. Search time is measured warm, one thread, al
 same keys in one process.
 
     python benchmarks/ann_options.py --sharers 10000 --positions 6 --out benchmarks/results/ann-options-10000.json
+    python benchmarks/ann_options.py --sharers 100000 --positions 4 --queries 100 --codes PQ144x4fs PQ96x4fs \
+        --out benchmarks/results/ann-options-100000-fastscan.json
 """
 
 import argparse
@@ -34,6 +36,8 @@ def variants(n: int) -> list[dict]:
     out += [dict(codes="SQfp16", nlist=many, hnsw=True, nprobe=p, rerank=0) for p in (64, 128)]
     out += [dict(codes="PQ64", nlist=few, hnsw=False, nprobe=p, rerank=r) for p in (32, 64) for r in (48, 96, 192)]
     out += [dict(codes="PQ64", nlist=many, hnsw=True, nprobe=p, rerank=r) for p in (64, 128) for r in (48, 96, 192)]
+    out += [dict(codes=c, nlist=few, hnsw=False, nprobe=p, rerank=r) for c in ("PQ144x4fs", "PQ96x4fs")
+            for p in (32, 64) for r in (48, 96, 192)]
     return out
 
 
@@ -44,6 +48,8 @@ def make(v: dict, x: np.ndarray, seed: int):
     if v["codes"] == "SQfp16":
         index = faiss.IndexIVFScalarQuantizer(quantizer, D, v["nlist"], faiss.ScalarQuantizer.QT_fp16,
                                               faiss.METRIC_INNER_PRODUCT)
+    elif v["codes"].endswith("x4fs"):  # 4-bit codes scanned by SIMD lookups (faiss fast-scan)
+        index = faiss.IndexIVFPQFastScan(quantizer, D, v["nlist"], int(v["codes"][2:-4]), 4, faiss.METRIC_INNER_PRODUCT)
     else:
         index = faiss.IndexIVFPQ(quantizer, D, v["nlist"], 64, 8, faiss.METRIC_INNER_PRODUCT)
     index.cp.seed, index.cp.niter, index.cp.min_points_per_centroid = seed, 10, 1
@@ -69,7 +75,7 @@ def main(a: argparse.Namespace) -> None:
         want = torch.topk(torch.from_numpy(q @ x.T), 3, dim=1).indices.numpy()
         x16 = x.astype(np.float16)
         built: dict = {}
-        for v in variants(a.sharers):
+        for v in [v for v in variants(a.sharers) if not a.codes or v["codes"] in a.codes]:
             shape = (v["codes"], v["nlist"], v["hnsw"])
             if shape not in built:
                 built[shape] = make(v, x, a.seed)
@@ -85,7 +91,8 @@ def main(a: argparse.Namespace) -> None:
                 exact[found < 0] = -np.inf
                 found = np.take_along_axis(found, np.argsort(-exact, axis=1)[:, :3], axis=1)
             seconds = time.perf_counter() - t0
-            scanned = faiss.cvar.indexIVF_stats.ndis / len(q)
+            # fast-scan does not count its distances: the probed share of the lists, for balanced lists
+            scanned = faiss.cvar.indexIVF_stats.ndis / len(q) or len(x) * v["nprobe"] / v["nlist"]
             name = f"IVF{v['nlist']}{'_HNSW' if v['hnsw'] else ''},{v['codes']} nprobe {v['nprobe']}" + (
                 f", re-rank {v['rerank']}" if v["rerank"] else "")
             r = rows.setdefault(name, {**v, "hits": 0, "total": 0, "ms": 0.0, "bytes": 0.0, "build_s": 0.0,
@@ -115,6 +122,7 @@ if __name__ == "__main__":
     ap.add_argument("--positions", type=int, default=6)
     ap.add_argument("--queries", type=int, default=50, help="new users' keys per position")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--codes", nargs="+", help="only these codes (SQfp16, PQ64, PQ144x4fs, PQ96x4fs)")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     torch.set_num_threads(1)

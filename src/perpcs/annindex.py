@@ -1,6 +1,5 @@
 """An approximate key index for large pools: per position compact codes that propose candidates (faiss
-IVF-PQ) and the fp16 vectors that score them exactly, both memory-mapped from disk, and only the
-rows asked for are read.
+IVF-PQ) and the fp16 vectors that score them exactly, of which only the rows proposed are read.
 
 Exhaustive scoring (keyindex.py) reads every candidate's key at every position: at 100,000 sharers
 of a 576-wide model that is 27 GB of fp32 keys per assembly pass. Both scores are inner products
@@ -9,12 +8,12 @@ top-k (see `assembly.piece_scores`):
 - activation keys, s_j = sqrt(d) cos(m - c, k_j - c) with c the candidates' mean key (fixed for a
   fixed pool): index the unit vectors (k_j - c) / |k_j - c|, query (m - c) / |m - c|;
 - gate keys, s_j = LN(g_j) . m / sqrt(d): index LN(g_j), query m / sqrt(d).
-A search scans the product-quantized codes (64 bytes a key) of `nprobe` of the IVF lists, takes the
-best `rerank` by those approximate scores, and re-scores them on their fp16 vectors (`rerank` rows
-read by position in the file). A pass over the codes reads a few percent of what scanning fp16
-vectors would, so the codes of a whole pool stay in the page cache; the scores of the pieces found are
+A search scans the product-quantized codes (4 bits per 4 dimensions: 72 bytes a 576-wide key) of
+`nprobe` of the IVF lists, takes the best `rerank` by those approximate scores, and re-scores them on
+their fp16 vectors (`rerank` rows read by position in the file). The codes are a sixteenth of the
+fp16 vectors, so those of a whole pool stay in the page cache; the scores of the pieces found are
 exact to fp16, and what is lost is recall: pieces in lists not probed, or ranked below `rerank` by their
-codes. Positions with fewer than `rerank` candidates (or too few to train codes on) are scored in full.
+codes. Positions with at most `rerank` candidates (or fewer than MIN_CODED) are scored in full.
 
 Like the exhaustive index this is derived data named by the pool manifest's hash, and by the format,
 `pool/ann2-<sha256[:16]>/` (an index of another format is not read, but rebuilt): index.json (format,
@@ -40,8 +39,8 @@ from perpcs.utils import atomic_path, sha256_file
 PREFIX = "ann"  # every format's folder: ann-<hash> (the first), ann<FORMAT>-<hash>
 FORMAT = 2  # folders of other formats are rebuilt
 LARGE_POOL = 5_000  # sharers from which key_index="auto" uses this index (measured: benchmarks/README.md)
-RERANK = 192  # candidates the codes propose per search, re-scored on their vectors (measured: benchmarks/README.md)
-CODE_BITS = 8  # bits per sub-vector code: 256 centroids each, so codes need at least 256 training vectors
+RERANK = 96  # candidates the codes propose per search, re-scored on their vectors (measured: benchmarks/README.md)
+MIN_CODED = 256  # positions with fewer candidates are scored in full: cheaper than training codes
 
 
 def index_path(pool) -> Path:
@@ -54,20 +53,23 @@ def lists_for(n: int) -> int:
 
 
 def subvectors(d: int) -> int:
-    """Sub-vectors of a PQ code (its bytes): the most, up to 64, that divide d."""
-    return max(m for m in range(1, min(64, d) + 1) if d % m == 0)
+    """Sub-vectors of a code: d / 4 where 4 divides d (4 bits for 4 dimensions: half a byte), else the most
+    below that which divide d."""
+    return max(m for m in range(1, max(1, d // 4) + 1) if d % m == 0)
 
 
 def codes(x: np.ndarray, seed: int):
-    """The IVF-PQ index of the vectors x [n, d] (n >= 2**CODE_BITS), ids 0..n-1."""
+    """The IVF index of the vectors x [n, d] (n >= MIN_CODED) with 4-bit PQ codes scanned by SIMD lookups
+    (faiss fast-scan: 16 centroids a sub-vector train and encode in a second where 8-bit codes take
+    minutes), ids 0..n-1."""
     import faiss
 
     n, d = x.shape
     nlist = lists_for(n)
-    index = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nlist, subvectors(d), CODE_BITS, faiss.METRIC_INNER_PRODUCT)
+    index = faiss.IndexIVFPQFastScan(faiss.IndexFlatIP(d), d, nlist, subvectors(d), 4, faiss.METRIC_INNER_PRODUCT)
     for cp in (index.cp, index.pq.cp):  # min 1 point a centroid: small positions train without warnings
         cp.seed, cp.niter, cp.min_points_per_centroid = seed, 10, 1
-    sample = np.random.default_rng(seed).permutation(n)[: max(32 * nlist, 16 << CODE_BITS)]
+    sample = np.random.default_rng(seed).permutation(n)[: 32 * nlist]
     index.train(x[np.sort(sample)])
     index.add(x)
     return index
@@ -105,7 +107,7 @@ def build(folder: Path, sharers: list[str], kind: str, positions: list[str],
                              centre=np.zeros(0, np.float32) if c is None else c.numpy())
                 with atomic_path(part / f"{i}.f16") as tmp:
                     x.astype(np.float16).tofile(tmp)
-                index = codes(x, seed) if len(x) >= 1 << CODE_BITS else None
+                index = codes(x, seed) if len(x) >= MIN_CODED else None
             with atomic_path(file) as tmp:
                 if index is None:
                     tmp.write_bytes(b"")
