@@ -15,7 +15,8 @@ approximate one from 1,000 on, with the seconds spent finding pieces (scoring ke
 and reading the chosen pieces; the rest is the forward pass.
 
 Each size's peak RSS is measured in a fresh process: load the base, one plain forward over the
-history (the "model" memory), open the pool, assemble `--repeats` times. Time is measured
+history (the "model" memory), open the pool, assemble `--repeats` times, the first time with the
+approximate index's files dropped from the page cache (a cold start). Time is measured
 alternately in one process (every pool opened, one model, pool sizes in turn; the machine drifts
 between processes). Pools go to `--work` (outside the repository) and are deleted at the end unless
 `--keep`; every step's result is saved in OUT.partial.json, so a stopped run resumes where it stopped.
