@@ -71,7 +71,7 @@ def test_an_index_of_another_format_is_not_read_but_rebuilt(tmp_path):
         ApproximateIndex(old, nprobe=8)
     index = ApproximateIndex.of(pool, nprobe=8)
     assert index.folder == index_path(pool) != old and not old.exists()
-    assert index.code_bytes() == 0  # 30 candidates, too few to train codes on: scored in full
+    assert index.code_bytes() == 0  # 30 candidates, under MIN_CODED: no codes, every row scored
     ids, keys = KeyIndex.of(pool).keys(list(POSITIONS)[0])
     mean = keys[3] + 0.01
     assert index.search(list(POSITIONS)[0], mean, 1)[0] == [ids[torch.argmax(hand_scores("activation", mean, keys))]]
