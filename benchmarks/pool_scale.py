@@ -9,11 +9,14 @@ sharers have their own random fp32 pieces, and sharer i's manifest row points at
 file (a pool of 100,000 distinct 4.7 MB sharer files would take 470 GB). The key indexes are
 written from the synthetic keys: the exhaustive one up to 10,000 sharers (at 100,000 it would be a
 27 GB file), the approximate one at every size, with its top-3 recall against exhaustive scoring of
-the same keys, measured on new users' keys drawn like the sharers'. Assembly is timed with the
-exhaustive index up to 10,000 sharers and with the approximate one from 1,000 on.
+the same keys, measured on new users' keys drawn like the sharers' (by nprobe, and by how many of the
+codes' best are re-scored). Assembly is timed with the exhaustive index up to 10,000 sharers and with the
+approximate one from 1,000 on, with the seconds spent finding pieces (scoring keys or searching the index)
+and reading the chosen pieces; the rest is the forward pass.
 
 Each size's peak RSS is measured in a fresh process: load the base, one plain forward over the
-history (the "model" memory), open the pool, assemble `--repeats` times. Time is measured
+history (the "model" memory), open the pool, assemble `--repeats` times, the first time with the
+approximate index's files dropped from the page cache (a cold start). Time is measured
 alternately in one process (every pool opened, one model, pool sizes in turn; the machine drifts
 between processes). Pools go to `--work` (outside the repository) and are deleted at the end unless
 `--keep`; every step's result is saved in OUT.partial.json, so a stopped run resumes where it stopped.
@@ -24,6 +27,7 @@ between processes). Pools go to `--work` (outside the repository) and are delete
 import argparse
 import json
 import math
+import os
 import random
 import resource
 import shutil
@@ -38,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from perpcs.annindex import LARGE_POOL, ApproximateIndex, build, index_path
+from perpcs.annindex import LARGE_POOL, RERANK, ApproximateIndex, build, index_path
 from perpcs.assembly import Assembler
 from perpcs.data import Item
 from perpcs.keyindex import KeyIndex
@@ -114,14 +118,18 @@ def build_indexes(folder: Path, seed: int) -> dict:
 
     t0 = time.perf_counter()
     folder_ann = build(index_path(pool), sharers, "activation", pool.positions, keys_at, seed)
-    out["approximate_index"] = {"seconds": time.perf_counter() - t0, "bytes": dir_bytes(folder_ann)}
-    recalls = {}
-    for nprobe in sorted({AssemblySettings().nprobe, 16, 32}):
-        index, hits = ApproximateIndex(folder_ann, nprobe), 0
+    nprobe = AssemblySettings().nprobe
+    out["approximate_index"] = {"seconds": time.perf_counter() - t0, "bytes": dir_bytes(folder_ann),
+                                "code_bytes": ApproximateIndex(folder_ann, nprobe).code_bytes()}
+
+    def recall(nprobe: int, rerank: int) -> float:
+        index, hits = ApproximateIndex(folder_ann, nprobe, rerank), 0
         for pos, rows in exact_top.items():
             hits += sum(len(set(index.search(pos, q, 3)[0]) & want) for q, want in zip(queries[pos], rows))
-        recalls[nprobe] = hits / sum(len(w) for rows in exact_top.values() for w in rows)
-    out["approximate_index"]["recall_at_3"] = recalls
+        return hits / sum(len(w) for rows in exact_top.values() for w in rows)
+
+    out["approximate_index"]["recall_at_3"] = {p: recall(p, RERANK) for p in sorted({nprobe, 16, 32})}
+    out["approximate_index"]["recall_at_3_by_rerank"] = {r: recall(nprobe, r) for r in (RERANK // 2, 2 * RERANK)}
     out["approximate_index"]["queries"] = QUERIES * len(exact_top)  # resumed builds check the positions they built
     pool.close()
     return out
@@ -138,8 +146,34 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
 
 
+def timed(obj, name: str, into: list[float]) -> None:
+    """Wrap the method `name` of `obj` so that the seconds of its calls add up in into[-1]."""
+    method = getattr(obj, name)
+
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            into[-1] += time.perf_counter() - t0
+    setattr(obj, name, wrapper)
+
+
+def evict(folder: Path) -> None:
+    """Drop the files under `folder` from the page cache (written back first), as if read for the first time."""
+    for f in folder.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def measure(pool_dir: Path, items: int, repeats: int, seed: int, key_index: str) -> dict:
-    """In this (fresh) process: load the base, open the pool, assemble one synthetic target `repeats` times."""
+    """In this (fresh) process: load the base, open the pool, assemble one synthetic target `repeats` times,
+    the first with the approximate index's files out of the page cache (a cold start)."""
     model, tok = load_base(prepare_base())
     with torch.no_grad():  # the model's own footprint: weights paged in (memory-mapped) and one plain forward
         batch = collate(history_examples(TASK, tok, history(items, seed)), tok.pad_token_id)
@@ -151,29 +185,43 @@ def measure(pool_dir: Path, items: int, repeats: int, seed: int, key_index: str)
     t0 = time.perf_counter()
     assembler = Assembler(model, pool, AssemblySettings(key_index=key_index), seed=seed)
     index_seconds = time.perf_counter() - t0
-    seconds = []
+    if assembler.approximate:
+        evict(index_path(pool))
+    seconds, find, read = [], [], []
+    timed(assembler, "_scores", find)
+    timed(pool, "piece", read)
     for r in range(repeats):
+        find.append(0.0)
+        read.append(0.0)
         t0 = time.perf_counter()
         assembler.recipe(TASK, tok, history(items, seed + r))
         seconds.append(time.perf_counter() - t0)
     return {"sharers": len(pool), "approximate": assembler.approximate, "open_seconds": open_seconds,
-            "index_seconds": index_seconds, "assembly_seconds": seconds, "model_rss_mb": model_mb,
+            "index_seconds": index_seconds, "assembly_seconds": seconds, "find_seconds": find, "read_seconds": read,
+            "model_rss_mb": model_mb,
             "peak_rss_mb": rss_mb(), "rss_over_model_mb": rss_mb() - model_mb}
 
 
-def alternate(runs: list[tuple[Path, str]], items: int, repeats: int, seed: int) -> list[list[float]]:
-    """In one process, on one model: assembly seconds from each (pool, key_index) in turn, `repeats` rounds."""
+def alternate(runs: list[tuple[Path, str]], items: int, repeats: int, seed: int) -> list[dict[str, list[float]]]:
+    """In one process, on one model: assembly seconds from each (pool, key_index) in turn, `repeats` rounds,
+    with the seconds spent finding pieces (scoring keys, or searching the index) and reading the chosen
+    ones; the rest is the forward pass and mixing."""
     model, tok = load_base(prepare_base())
     pools = [(Pool.open(d, verify=False), key_index) for d, key_index in runs]
-    seconds: list[list[float]] = [[] for _ in pools]
+    out = [{"seconds": [], "find_seconds": [], "read_seconds": []} for _ in pools]
     for r in tqdm(range(repeats), desc="alternating rounds"):
-        for i, (pool, key_index) in enumerate(pools):
+        for (pool, key_index), o in zip(pools, out):
             assembler = Assembler(model, pool, AssemblySettings(key_index=key_index), seed=seed)
+            o["find_seconds"].append(0.0)
+            o["read_seconds"].append(0.0)
+            timed(assembler, "_scores", o["find_seconds"])
+            timed(pool, "piece", o["read_seconds"])
             t0 = time.perf_counter()
             assembler.recipe(TASK, tok, history(items, seed + r))
-            seconds[i].append(time.perf_counter() - t0)
+            o["seconds"].append(time.perf_counter() - t0)
+            del pool.piece  # the wrapper, an instance attribute
             model = assembler.unload()
-    return seconds
+    return out
 
 
 def step(state: dict, partial: Path, key: str, fn):
@@ -221,12 +269,17 @@ def main(a: argparse.Namespace) -> None:
         "--alternate", *[f"{pools[n]}={k}" for n, k in runs], "--repeats", str(2 * a.repeats), *common))
     result = {"positions": len(shapes), "lora_r": LoraSettings().r, "history_items": a.items, "repeats": a.repeats,
               "torch_threads": torch.get_num_threads(), "large_pool": LARGE_POOL, "nprobe": AssemblySettings().nprobe,
+              "rerank": RERANK,
               "indexes": {n: {"pool": state[f"{n}/pool"], **state[f"{n}/indexes"]} for n in a.sharers}, "runs": []}
-    for (n, key_index), seconds in zip(runs, alternating):
-        m = state[f"{n}/{key_index}/measure"]
+    for (n, key_index), times in zip(runs, alternating):
+        m, seconds = state[f"{n}/{key_index}/measure"], times["seconds"]
         result["runs"].append({"sharers": n, "key_index": key_index, "default": (n >= LARGE_POOL) == m["approximate"],
                                "alternating_seconds": seconds, "alternating_median_seconds": statistics.median(seconds),
-                               "own_process_seconds": min(m["assembly_seconds"]), "peak_rss_mb": m["peak_rss_mb"],
+                               "find_median_seconds": statistics.median(times["find_seconds"]),
+                               "read_median_seconds": statistics.median(times["read_seconds"]),
+                               "own_process_seconds": min(m["assembly_seconds"]),
+                               "own_process_first_seconds": m["assembly_seconds"][0],
+                               "own_process_first_find_seconds": m["find_seconds"][0], "peak_rss_mb": m["peak_rss_mb"],
                                "model_rss_mb": m["model_rss_mb"], "rss_over_model_mb": m["rss_over_model_mb"],
                                "assembler_open_seconds": m["index_seconds"]})
     default = {r["sharers"]: r for r in result["runs"] if r["default"]}
@@ -236,12 +289,14 @@ def main(a: argparse.Namespace) -> None:
     plot(result, a.out.with_suffix(".png"))
     for r in result["runs"]:
         print(f"{r['sharers']:>6} sharers, {r['key_index']} index{' (the default)' if r['default'] else ''}: assembly "
-              f"{r['alternating_median_seconds']:.2f} s (alternating), peak RSS +{r['rss_over_model_mb']:.0f} MB over "
-              f"the model")
+              f"{r['alternating_median_seconds']:.2f} s (alternating; finding pieces {r['find_median_seconds']:.2f} s, "
+              f"reading them {r['read_median_seconds']:.2f} s), peak RSS +{r['rss_over_model_mb']:.0f} MB over "
+              "the model")
     for n, ix in result["indexes"].items():
         ann = ix["approximate_index"]
-        print(f"{n:>6} sharers: approximate index {ann['seconds']:.0f} s to build, {ann['bytes'] / 1e6:.0f} MB, "
-              f"top-3 recall by nprobe {ann['recall_at_3']}")
+        print(f"{n:>6} sharers: approximate index {ann['seconds']:.0f} s to build, {ann['bytes'] / 1e6:.0f} MB "
+              f"({ann['code_bytes'] / 1e6:.0f} MB of codes), top-3 recall by nprobe {ann['recall_at_3']}, by rerank "
+              f"{ann['recall_at_3_by_rerank']}")
     print(f"time growth {min(default)} -> {max(default)} sharers, default index: {result['time_growth']:.2f}x "
           f"(alternating); wrote {a.out} and {a.out.with_suffix('.png')}")
     if not a.keep:
@@ -259,6 +314,8 @@ def plot(result: dict, path: Path) -> None:
         runs = [r for r in result["runs"] if r["key_index"] == key_index]
         label = f"{key_index} index"
         a.plot([r["sharers"] for r in runs], [r["alternating_median_seconds"] for r in runs], style, label=label)
+        a.plot([r["sharers"] for r in runs], [r["find_median_seconds"] for r in runs], style[0] + ":",
+               label=f"{label}: finding pieces", alpha=0.6)
         b.plot([r["sharers"] for r in runs], [r["rss_over_model_mb"] for r in runs], style, label=label)
     a.set(xscale="log", xlabel="sharers", ylabel="assembly seconds (one target, alternating)", ylim=(0, None))
     b.set(xscale="log", xlabel="sharers", ylabel="peak RSS over the model (MB)", ylim=(0, None))
@@ -267,7 +324,10 @@ def plot(result: dict, path: Path) -> None:
     sizes = [int(n) for n in result["indexes"]]
     for nprobe in next(iter(result["indexes"].values()))["approximate_index"]["recall_at_3"]:
         c.plot(sizes, [ix["approximate_index"]["recall_at_3"][nprobe] for ix in result["indexes"].values()], "o-",
-               label=f"nprobe {nprobe}")
+               label=f"nprobe {nprobe}, rerank {result['rerank']}")
+    for rerank in next(iter(result["indexes"].values()))["approximate_index"]["recall_at_3_by_rerank"]:
+        c.plot(sizes, [ix["approximate_index"]["recall_at_3_by_rerank"][rerank] for ix in result["indexes"].values()],
+               "x--", label=f"nprobe {result['nprobe']}, rerank {rerank}")
     c.axhline(0.99, color="grey", lw=0.8, ls=":")
     c.set(xscale="log", xlabel="sharers", ylabel="approximate top-3 recall vs exhaustive", ylim=(0.8, 1.005))
     c.legend(fontsize=8)

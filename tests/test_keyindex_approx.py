@@ -1,5 +1,6 @@
 """The approximate key index (annindex.py): the scores it gives are assembly's, its top-k is the exhaustive
-top-k when every list is probed, and assembly through it makes the exhaustive recipe."""
+top-k when every list is probed, an index of another format is rebuilt, and assembly through it makes the
+exhaustive recipe."""
 
 import math
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from perpcs.annindex import ApproximateIndex, build, index_path, lists_for
+from perpcs.annindex import FORMAT, ApproximateIndex, build, index_path, lists_for
 from perpcs.keyindex import KeyIndex
 from test_core import HISTORY, POSITIONS, assemble, make_pool, random_pieces
 
@@ -34,24 +35,46 @@ def hand_scores(kind: str, mean: torch.Tensor, keys: torch.Tensor) -> torch.Tens
 
 
 @pytest.mark.parametrize("kind", ["activation", "gate"])
-def test_search_probing_every_list_gives_the_exhaustive_top_k_and_scores(tmp_path, kind):
+def test_search_gives_assemblys_scores_and_rescoring_every_row_gives_the_exhaustive_top_k(tmp_path, kind):
     pool = make_pool(tmp_path / "pool", clustered_pieces(400, 0), key=kind)
-    index = ApproximateIndex.of(pool, nprobe=1000)  # every list: only fp16 rounding is left
+    ApproximateIndex.of(pool, nprobe=1000)
+    full = ApproximateIndex(index_path(pool), nprobe=1000, rerank=400)  # every row re-scored: only fp16 rounding
+    coded = ApproximateIndex(index_path(pool), nprobe=1000, rerank=100)  # the codes' best 100 re-scored
     exact = KeyIndex.of(pool)
     g = torch.Generator().manual_seed(1)
     assert lists_for(400) > 1
+    hits = 0
     for pos in POSITIONS:
         ids, keys = exact.keys(pos)
         for _ in range(5):
             mean = 3 + torch.randn(keys.shape[1], generator=g)
             want = hand_scores(kind, mean, keys)
             top = torch.topk(want, 5)
-            found, scores = index.search(pos, mean, 5)
             score_of, tol = dict(zip(ids, want.tolist())), 5e-3 * math.sqrt(keys.shape[1])  # fp16 vectors
-            assert len(set(found)) == 5  # the exhaustive top-5, in order, up to ties within fp16 rounding:
+            for index in (full, coded):
+                found, scores = index.search(pos, mean, 5)
+                assert len(set(found)) == 5 and scores.tolist() == sorted(scores.tolist(), reverse=True)
+                assert torch.allclose(scores, torch.tensor([score_of[f] for f in found]), atol=tol)
+            found = full.search(pos, mean, 5)[0]  # the exhaustive top-5, in order, up to ties within fp16 rounding:
             assert all(score_of[f] >= top.values[r] - tol for r, f in enumerate(found))
-            assert torch.allclose(scores, torch.tensor([score_of[f] for f in found]), atol=tol)
-    assert index_path(pool).is_dir() and index.nbytes() > 0
+            hits += len(set(coded.search(pos, mean, 5)[0]) & {ids[i] for i in top.indices.tolist()})
+    assert hits / (5 * 5 * len(POSITIONS)) > 0.5  # re-scoring 100 of 400 rows at random would find a quarter
+    assert index_path(pool).is_dir() and full.nbytes() > full.code_bytes() > 0
+
+
+def test_an_index_of_another_format_is_not_read_but_rebuilt(tmp_path):
+    pool = make_pool(tmp_path / "pool", clustered_pieces(30, 5), key="activation")
+    old = pool.path / "ann-0123456789abcdef"  # the first format's folder: no format recorded
+    old.mkdir()
+    (old / "index.json").write_text('{"kind": "activation", "sharers": [], "positions": {}}')
+    with pytest.raises(ValueError, match=f"format 1, not {FORMAT}"):
+        ApproximateIndex(old, nprobe=8)
+    index = ApproximateIndex.of(pool, nprobe=8)
+    assert index.folder == index_path(pool) != old and not old.exists()
+    assert index.code_bytes() == 0  # 30 candidates, under MIN_CODED: no codes, every row scored
+    ids, keys = KeyIndex.of(pool).keys(list(POSITIONS)[0])
+    mean = keys[3] + 0.01
+    assert index.search(list(POSITIONS)[0], mean, 1)[0] == [ids[torch.argmax(hand_scores("activation", mean, keys))]]
 
 
 def test_few_probes_find_most_of_the_top_3_and_build_resumes(tmp_path):

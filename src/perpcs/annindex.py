@@ -1,5 +1,5 @@
-"""An approximate key index for large pools: per position a faiss IVF index over the keys as assembly
-scores them, memory-mapped from disk while the forward pass is at that position.
+"""An approximate key index for large pools: per position compact codes that propose candidates (faiss
+IVF-PQ) and the fp16 vectors that score them exactly, of which only the rows proposed are read.
 
 Exhaustive scoring (keyindex.py) reads every candidate's key at every position: at 100,000 sharers
 of a 576-wide model that is 27 GB of fp32 keys per assembly pass. Both scores are inner products
@@ -8,19 +8,24 @@ top-k (see `assembly.piece_scores`):
 - activation keys, s_j = sqrt(d) cos(m - c, k_j - c) with c the candidates' mean key (fixed for a
   fixed pool): index the unit vectors (k_j - c) / |k_j - c|, query (m - c) / |m - c|;
 - gate keys, s_j = LN(g_j) . m / sqrt(d): index LN(g_j), query m / sqrt(d).
-Vectors are stored in fp16 (faiss's scalar quantizer), so the scores of the pieces found are exact to
-fp16; what is lost is recall, pieces in clusters the query does not probe (`nprobe` of `nlist`).
-Only the top-k candidates' pieces are then read from the sharer files.
+A search scans the product-quantized codes (4 bits per 4 dimensions: 72 bytes a 576-wide key) of
+`nprobe` of the IVF lists, takes the best `rerank` by those approximate scores, and re-scores them on
+their fp16 vectors (`rerank` rows read by position in the file). The codes are a sixteenth of the
+fp16 vectors, so those of a whole pool stay in the page cache; the scores of the pieces found are
+exact to fp16, and what is lost is recall: pieces in lists not probed, or ranked below `rerank` by their
+codes. Positions with at most `rerank` candidates (or fewer than MIN_CODED) are scored in full.
 
-Like the exhaustive index this is derived data named by the pool manifest's hash,
-`pool/ann-<sha256[:16]>/`: index.json (sharer table, per position its file, centre and count) and
-per position `<i>.faiss` (ids: rows of the position's candidate list) and `<i>.npz` (candidate
-rows into the sharer table, centre). A build writes positions one by one into a `.partial` folder
-and resumes there; the finished folder replaces earlier manifests' ones.
+Like the exhaustive index this is derived data named by the pool manifest's hash, and by the format,
+`pool/ann2-<sha256[:16]>/` (an index of another format is not read, but rebuilt): index.json (format,
+sharer table, per position its file) and per position `<i>.npz` (candidate rows into the sharer table,
+centre), `<i>.f16` (the fp16 vectors [n, d], row j = candidate j, raw) and `<i>.faiss` (the codes, ids: rows;
+empty where the position is scored in full), written last. A build writes positions one by one into a
+`.partial` folder and resumes there; the finished folder replaces earlier manifests' and formats' ones.
 """
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -31,17 +36,43 @@ import torch.nn.functional as F
 
 from perpcs.utils import atomic_path, sha256_file
 
-PREFIX = "ann-"
+PREFIX = "ann"  # every format's folder: ann-<hash> (the first), ann<FORMAT>-<hash>
+FORMAT = 2  # folders of other formats are rebuilt
 LARGE_POOL = 5_000  # sharers from which key_index="auto" uses this index (measured: benchmarks/README.md)
+RERANK = 96  # candidates the codes propose per search, re-scored on their vectors (measured: benchmarks/README.md)
+MIN_CODED = 256  # positions with fewer candidates are scored in full: cheaper than training codes
 
 
 def index_path(pool) -> Path:
-    return pool.path / f"{PREFIX}{sha256_file(pool.path / 'pool.sqlite')[:16]}"
+    return pool.path / f"{PREFIX}{FORMAT}-{sha256_file(pool.path / 'pool.sqlite')[:16]}"
 
 
 def lists_for(n: int) -> int:
     """IVF lists for n vectors: about 2 sqrt(n), at most 256, each with at least ~32 training points."""
     return max(1, min(256, round(2 * math.sqrt(n)), n // 32))
+
+
+def subvectors(d: int) -> int:
+    """Sub-vectors of a code: d / 4 where 4 divides d (4 bits for 4 dimensions: half a byte), else the most
+    below that which divide d."""
+    return max(m for m in range(1, max(1, d // 4) + 1) if d % m == 0)
+
+
+def codes(x: np.ndarray, seed: int):
+    """The IVF index of the vectors x [n, d] (n >= MIN_CODED) with 4-bit PQ codes scanned by SIMD lookups
+    (faiss fast-scan: 16 centroids a sub-vector train and encode in a second where 8-bit codes take
+    minutes), ids 0..n-1."""
+    import faiss
+
+    n, d = x.shape
+    nlist = lists_for(n)
+    index = faiss.IndexIVFPQFastScan(faiss.IndexFlatIP(d), d, nlist, subvectors(d), 4, faiss.METRIC_INNER_PRODUCT)
+    for cp in (index.cp, index.pq.cp):  # min 1 point a centroid: small positions train without warnings
+        cp.seed, cp.niter, cp.min_points_per_centroid = seed, 10, 1
+    sample = np.random.default_rng(seed).permutation(n)[: 32 * nlist]
+    index.train(x[np.sort(sample)])
+    index.add(x)
+    return index
 
 
 def indexed_vectors(keys: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -62,29 +93,26 @@ def build(folder: Path, sharers: list[str], kind: str, positions: list[str],
     faiss.omp_set_num_threads(torch.get_num_threads())
     part = folder.with_name(folder.name + ".partial")
     part.mkdir(parents=True, exist_ok=True)
-    meta = {"kind": kind, "sharers": sharers, "positions": {}}
+    meta = {"format": FORMAT, "kind": kind, "sharers": sharers, "positions": {}}
     for i, pos in enumerate(positions):
         file = part / f"{i}.faiss"
         if not file.exists():
             rows, keys = keys_at(pos)
+            index = None
             if rows:
                 vectors, c = indexed_vectors(keys, kind)
                 x = vectors.numpy().astype(np.float32)
-                nlist = lists_for(len(x))
-                index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(x.shape[1]), x.shape[1], nlist,
-                                                      faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
-                index.cp.seed, index.cp.niter, index.cp.min_points_per_centroid = seed, 10, 1  # 1: tiny pools
-                sample = np.random.default_rng(seed).permutation(len(x))[: 32 * nlist]
-                index.train(x[np.sort(sample)])
-                index.add(x)
                 with atomic_path(part / f"{i}.npz") as tmp, open(tmp, "wb") as f:
                     np.savez(f, rows=np.asarray(rows, dtype=np.int32),
                              centre=np.zeros(0, np.float32) if c is None else c.numpy())
-                with atomic_path(file) as tmp:
-                    faiss.write_index(index, str(tmp))
-            else:
-                with atomic_path(file) as tmp:
+                with atomic_path(part / f"{i}.f16") as tmp:
+                    x.astype(np.float16).tofile(tmp)
+                index = codes(x, seed) if len(x) >= MIN_CODED else None
+            with atomic_path(file) as tmp:
+                if index is None:
                     tmp.write_bytes(b"")
+                else:
+                    faiss.write_index(index, str(tmp))
         meta["positions"][pos] = i
     with atomic_path(part / "index.json") as tmp:
         tmp.write_text(json.dumps(meta))
@@ -94,12 +122,27 @@ def build(folder: Path, sharers: list[str], kind: str, positions: list[str],
     return folder
 
 
-class ApproximateIndex:
-    """The approximate index of one pool, opened; `search` reads one position's index at a time."""
+def read_rows(path: Path, rows: np.ndarray, d: int) -> np.ndarray:
+    """Rows of an [n, d] fp16 file, one read each with readahead off: a memory map would fault in the
+    pages around every row, tens of times the bytes asked for."""
+    size = 2 * d
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        data = b"".join(os.pread(fd, size, int(j) * size) for j in rows)
+    finally:
+        os.close(fd)
+    return np.frombuffer(data, np.float16).reshape(len(rows), d)
 
-    def __init__(self, folder: Path, nprobe: int):
-        self.folder, self.nprobe = folder, nprobe
+
+class ApproximateIndex:
+    """The approximate index of one pool, opened; `search` reads one position's files at a time."""
+
+    def __init__(self, folder: Path, nprobe: int, rerank: int = RERANK):
+        self.folder, self.nprobe, self.rerank = folder, nprobe, rerank
         meta = json.loads((folder / "index.json").read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{folder}: an approximate index of format {meta.get('format', 1)}, not {FORMAT}")
         self.kind, self.sharers = meta["kind"], meta["sharers"]
         self._file: dict[str, int] = meta["positions"]
 
@@ -129,18 +172,18 @@ class ApproximateIndex:
                   lambda pos: (rows[pos], torch.from_numpy(np.load(scratch / f"{pool.positions.index(pos)}.npy"))
                                if rows[pos] else torch.empty(0)), pool.seed)
             shutil.rmtree(scratch)
-            for old in pool.path.glob(f"{PREFIX}*"):
+            for old in pool.path.glob(f"{PREFIX}*-*"):
                 if old != folder and old.is_dir() and not old.name.endswith((".partial", ".keys")):
                     shutil.rmtree(old)
         return cls(folder, nprobe)
 
     def search(self, position: str, mean: torch.Tensor, k: int) -> tuple[list[str], torch.Tensor]:
         """(sharer ids, scores) of the best `k` candidates found at `position` for the target mean LN(h) `mean`,
-        best first; the scores are those `piece_scores` gives them."""
+        best first; the scores are those `piece_scores` gives them, to fp16."""
         import faiss
 
         i = self._file[position]
-        if (self.folder / f"{i}.faiss").stat().st_size == 0:
+        if not (self.folder / f"{i}.f16").exists():
             return [], torch.empty(0)
         with np.load(self.folder / f"{i}.npz") as z:
             rows, centre = z["rows"], torch.from_numpy(z["centre"])
@@ -150,12 +193,23 @@ class ApproximateIndex:
             q, scale = mean / math.sqrt(d), 1.0
         else:
             q, scale = F.normalize(mean - centre, dim=0, eps=1e-8), math.sqrt(d)
-        index = faiss.read_index(str(self.folder / f"{i}.faiss"), faiss.IO_FLAG_MMAP)  # unmapped when dropped
-        index.nprobe = min(self.nprobe, index.nlist)
-        scores, found = index.search(q.numpy()[None].astype(np.float32), min(k, len(rows)))
-        keep = found[0] >= 0
-        return ([self.sharers[rows[j]] for j in found[0][keep]],
-                torch.from_numpy(scale * scores[0][keep]).float())
+        file = self.folder / f"{i}.faiss"
+        if len(rows) <= self.rerank or file.stat().st_size == 0:
+            found = np.arange(len(rows))
+            vectors = np.fromfile(self.folder / f"{i}.f16", np.float16).reshape(len(rows), d)
+        else:
+            index = faiss.read_index(str(file), faiss.IO_FLAG_MMAP)  # unmapped when dropped
+            index.nprobe = min(self.nprobe, index.nlist)
+            found = index.search(q.numpy()[None].astype(np.float32), self.rerank)[1][0]
+            found = np.sort(found[found >= 0])
+            vectors = read_rows(self.folder / f"{i}.f16", found, d)
+        scores = torch.from_numpy(vectors.astype(np.float32)) @ q
+        top = torch.topk(scores, min(k, len(found)))
+        return [self.sharers[rows[j]] for j in found[top.indices.numpy()]], scale * top.values
 
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in self.folder.iterdir())
+
+    def code_bytes(self) -> int:
+        """Bytes of the codes, what a search scans (the rest, fp16 vectors, is read by row)."""
+        return sum(f.stat().st_size for f in self.folder.glob("*.faiss"))
