@@ -240,6 +240,19 @@ def test_key_noise_is_recorded_in_the_pool(finished, tiny_run_config, tmp_path):
     assert plain.open_pool().key_privacy is None
 
 
+def test_a_run_derived_with_key_noise_has_noisy_keys(finished, tmp_path):
+    """Not the pool of the run it derives from (same sharers and key kind, other noise): its own keys."""
+    base = Run(finished)
+    quiet = base.derive(tmp_path / "quiet", base.config.updated({"key_noise": 0}))
+    quiet.build_pool()
+    louder = quiet.derive(tmp_path / "louder", quiet.config.updated({"key_noise": 2.0}))
+    louder.build_pool()
+    assert quiet.open_pool().key_privacy is None and louder.open_pool().key_privacy["key_noise"] == 2.0
+    u = quiet.select()[0].user_id
+    keys = [r.open_pool().sharer_keys(r.open_pool().pseudonym(u)) for r in (quiet, louder)]
+    assert not any(torch.equal(keys[0][pos], keys[1][pos]) for pos in keys[0])
+
+
 def test_privacy_writes_its_three_files(finished, tmp_path):
     result = privacy(finished, tmp_path / "out", PrivacySettings(members=4, nonmembers=8, resamples=100))
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"privacy.json", "privacy.md", "privacy.png"}

@@ -100,7 +100,8 @@ class Run(RunFolder):
     def _lend_pool(self, new: "Run") -> None:
         """Copy into `new` a pool of this run's (its own, or one of `keys/`) built with the same piece settings,
         with the sharers' step-3 files: the same sharers with the same keys make the same pool."""
-        same = ("key", "share_ratio", "gate_train", "max_len", "retrieval_copies", "device")
+        same = ("key", "key_noise", "key_clip", "key_delta", "share_ratio", "gate_train", "max_len", "retrieval_copies",
+                "device")
         for donor in [self, *(Run(f.parent) for f in sorted((self.folder / "keys").glob("*/run.json")))]:
             if (all(getattr(donor.config, k) == getattr(new.config, k) for k in same)
                     and donor.config.assembly.batch_size == new.config.assembly.batch_size
