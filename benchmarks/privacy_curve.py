@@ -97,6 +97,8 @@ GROUPS = [("keys: activation, gates, key_noise", KEY_ATTACK, lambda label: label
 
 def plot(points: list[dict], name: str, path: Path) -> None:
     groups = [g for g in GROUPS if sum(g[2](p["label"]) for p in points) > 1]
+    if not groups:
+        return
     fig = Figure(figsize=(5 * len(groups), 4))
     for i, (title, attack, keep) in enumerate(groups):
         ax = fig.add_subplot(1, len(groups), i + 1)
@@ -178,7 +180,7 @@ def main() -> None:
     write_text(results / f"privacy-{args.name}.md", "\n".join(md))
     plot(points, args.name, results / f"privacy-{args.name}.png")
     print("\n".join(md))
-    print(f"wrote {results / f'privacy-{args.name}'}.{{json,md,png}}")
+    print(f"wrote {results / f'privacy-{args.name}'}.json, .md" + (", .png" if len(points) > 1 else ""))
 
 
 if __name__ == "__main__":
