@@ -5,7 +5,8 @@ From a bench output made with `--methods non_personalized --methods oppu --metho
 cell), every point assembles with the bench's own selection rule (the calibrated one, fixed), changing only:
 - the paper's gates as keys (a run derived with key=gate: the same sharers and LoRAs);
 - `key_noise` at each --noise z (a run derived with key_noise=z: the same sharer LoRAs, DP keys);
-- a minimum mix at each --top-k k (assembly.top_k=k: k sharers' pieces at every position);
+- a minimum mix at each --top-k k (assembly.top_k=k: k sharers' pieces at every position), and any other
+  --point NAME:KEY=VALUE,... (e.g. average:assembly.select=all: every sharer, equal weights);
 - DP-SGD sharer LoRAs at each --dp-noise z (sharer_train.dp_noise=z: every sharer trained again);
 each point with Per-Pcs's metric on the bench's queries (kept in OUT/privacy/<point>/, not redone); then one
 `perpcs privacy` pass over the bench's run with the gate, key_noise and top_k points as views (same sharers and
@@ -29,7 +30,7 @@ from perpcs.bench import Bench
 from perpcs.evaluation import per_query, primary_metric, read_lamp_outputs
 from perpcs.pipeline import Run
 from perpcs.privacy import PrivacySettings, privacy
-from perpcs.settings import RULE_FIELDS, BenchSettings
+from perpcs.settings import RULE_FIELDS, BenchSettings, parse_variants
 from perpcs.stats import bootstrap_ci
 from perpcs.utils import deep_merge, read_json, write_json, write_text
 
@@ -90,7 +91,8 @@ def row(p: dict) -> str:
 
 
 GROUPS = [("keys: activation, gates, key_noise", KEY_ATTACK, lambda label: label.startswith(("none", "gate", "key_"))),
-          ("minimum mix (assembly.top_k)", MIX_ATTACK, lambda label: label.startswith(("top_k", "none"))),
+          ("minimum mix (assembly.top_k, --point)", MIX_ATTACK,
+           lambda label: not label.startswith(("gate", "key_", "dp_noise"))),
           ("DP-SGD sharer LoRAs (sharer_train.dp_noise)", PIECE_ATTACK,
            lambda label: label.startswith(("dp_noise", "none")))]
 
@@ -133,6 +135,7 @@ def main() -> None:
     ap.add_argument("--noise", type=float, nargs="*", default=[0.03, 0.1, 0.5, 2.0])
     ap.add_argument("--top-k", type=int, nargs="*", default=[1, 8])
     ap.add_argument("--dp-noise", type=float, nargs="*", default=[], help="DP-SGD noise multipliers of sharer LoRAs")
+    ap.add_argument("--point", nargs="*", default=[], help="NAME:KEY=VALUE,... other assembly points")
     ap.add_argument("--gate", action=argparse.BooleanOptionalAction, default=True, help="the gate-key point")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where the result files go")
     ap.add_argument("--points-only", action="store_true", help="make these points and stop (to run them in parallel)")
@@ -141,7 +144,7 @@ def main() -> None:
     out, results = args.bench_out, args.results
     specs = {**({"gate keys": {"key": "gate"}} if args.gate else {}),
              **{f"key_noise={z:g}": {"key": "activation", "key_noise": z} for z in args.noise},
-             **{f"top_k={k}": {"assembly": {"top_k": k}} for k in args.top_k}}
+             **{f"top_k={k}": {"assembly": {"top_k": k}} for k in args.top_k}, **parse_variants(args.point)}
     dp_specs = {f"dp_noise={z:g}": {"sharer_train": {"dp_noise": z}} for z in args.dp_noise}
     folders = {name: point(out, name.replace(" ", "-"), spec) for name, spec in specs.items()}
     dp_folders = {name: point(out, name, spec) for name, spec in dp_specs.items()}
