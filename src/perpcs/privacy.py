@@ -194,7 +194,9 @@ class Attacks:
                 "settings": self.s.model_dump(), **({"views": results} if results else {})}
 
     def _roc(self, pos, neg) -> dict:
-        return roc(np.concatenate(pos), np.concatenate(neg), self.s.resamples, self.s.seed)
+        """(NaN where no target weighs an attacked sharer: nothing to attack.)"""
+        cat = [np.concatenate(x) if x else np.array([]) for x in (pos, neg)]
+        return roc(*cat, self.s.resamples, self.s.seed)
 
     def _pair(self, what: str, att: tuple, ref: tuple | None = None) -> dict:
         return {"what": what, "attack": self._roc(*att), **({"reference": self._roc(*ref)} if ref and ref[0] else {})}
