@@ -188,7 +188,8 @@ class Attacks:
                              "attribute": self.attribute(view, acts)}
         main = results.pop("")
         main["attacks"] = {**main["attacks"], **keys["pieces"], **self.oppu_attacks()}
-        return {**main, "lora_privacy": self.pool.lora_privacy, "n_sharers": len(self.sharers), "n_attacked_sharers": len(self.attacked),
+        return {**main, "lora_privacy": self.pool.lora_privacy, "n_sharers": len(self.sharers),
+                "n_attacked_sharers": len(self.attacked),
                 "n_targets": len(self.targets),
                 "n_nonmember_items": len(self.nonmember_items), "n_nonmember_users": self.n_nonmember_users,
                 "settings": self.s.model_dump(), **({"views": results} if results else {})}
