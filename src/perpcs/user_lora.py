@@ -23,11 +23,11 @@ def train_user_lora(run: RunFolder, user: User, desc: str):
     items, heldout = split_heldout(user.history, settings)
     examples = history_examples(run.data.task, tok, items, c.max_len, c.retrieval_copies, user.profile)
     val = history_examples(run.data.task, tok, heldout, c.max_len, False, user.profile)
-    peft_model, stats = train_lora(model, examples, c.lora, settings, tok.pad_token_id, desc=desc, val_examples=val)
+    trained = train_lora(model, examples, c.lora, settings, tok.pad_token_id, desc=desc, val_examples=val)
     if settings.dp_noise:  # the steps it took, this user's own epsilon (the pool records only the largest)
-        stats["dp_epsilon"] = sgd_epsilon(settings.dp_noise, settings.batch_size / len(examples), stats["steps"],
-                                          settings.dp_delta)
-    return peft_model, stats
+        trained[1]["dp_epsilon"] = sgd_epsilon(settings.dp_noise, settings.batch_size / len(examples),
+                                               trained[1]["steps"], settings.dp_delta)
+    return trained
 
 
 def oppu_dir(run: RunFolder, user_id: str, history_k: int | None = None) -> Path:
