@@ -1,17 +1,21 @@
 """Privacy against utility: `perpcs privacy` on a finished bench, and on runs derived from it with
 protection at several strengths, each with the bench's primary metric (95% bootstrap CI over queries).
 
-From a bench output made with `--methods non_personalized --methods oppu --methods perpcs`:
+From a bench output made with `--methods non_personalized --methods oppu --methods perpcs` (or an evidence
+cell), every point assembles with the bench's own selection rule (the calibrated one, fixed), changing only:
 - the paper's gates as keys (a run derived with key=gate: the same sharers and LoRAs);
 - `key_noise` at each --noise z (a run derived with key_noise=z: the same sharer LoRAs, DP keys);
-- a minimum mix at each --top-k k (assembly.top_k=k: k sharers' pieces at every position);
+- a minimum mix at each --top-k k (assembly.top_k=k: k sharers' pieces at every position), and any other
+  --point NAME:KEY=VALUE,... (e.g. average:assembly.select=all: every sharer, equal weights);
+- DP-SGD sharer LoRAs at each --dp-noise z (sharer_train.dp_noise=z: every sharer trained again);
 each point with Per-Pcs's metric on the bench's queries (kept in OUT/privacy/<point>/, not redone); then one
-`perpcs privacy` pass over the bench's run with the gate variant and every point as views (same sharers and
-LoRAs, so one forward pass per sharer scores every pool's keys), its OPPU adapters as references. Writes
-benchmarks/results/privacy-NAME.{json,md,png} (the curve) and privacy-NAME-attacks.{json,md,png}. Usage:
+`perpcs privacy` pass over the bench's run with the gate, key_noise and top_k points as views (same sharers and
+LoRAs, so one forward pass per sharer scores every pool's keys), and one pass per DP-SGD point (other LoRAs),
+the bench's OPPU adapters as references. Writes benchmarks/results/privacy-NAME.{json,md,png} (the curve) and
+privacy-NAME-attacks.{json,md,png}. Usage:
 
     OMP_NUM_THREADS=1 nice -n 15 python benchmarks/privacy_curve.py /tmp/priv/demo demo \\
-        --noise 0.03 0.1 0.5 2 --top-k 1 8
+        --noise 0.03 0.1 0.5 2 --top-k 1 8 --dp-noise 0.5 1 2
 """
 
 import argparse
@@ -26,15 +30,16 @@ from perpcs.bench import Bench
 from perpcs.evaluation import per_query, primary_metric, read_lamp_outputs
 from perpcs.pipeline import Run
 from perpcs.privacy import PrivacySettings, privacy
-from perpcs.settings import BenchSettings
+from perpcs.settings import RULE_FIELDS, BenchSettings, parse_variants
 from perpcs.stats import bootstrap_ci
-from perpcs.utils import read_json, write_json, write_text
+from perpcs.utils import deep_merge, read_json, write_json, write_text
 
 RESULTS = Path(__file__).parent / "results"
 # sized for 2 shared CPU cores: 3 sharers' pieces and keys attacked (every key scores), 1 target's recipe
 SETTINGS = PrivacySettings(members=8, nonmembers=32, targets=1, sharers=3)
 # the attack each protection is meant to stop, read off each point
-KEY_ATTACK, MIX_ATTACK = "key_membership_calibrated", "assembled_calibrated"
+KEY_ATTACK, MIX_ATTACK, PIECE_ATTACK = "key_membership_calibrated", "assembled_calibrated", "piece_loss"
+COLUMNS = (KEY_ATTACK, "key_membership", MIX_ATTACK, "assembled_loss", PIECE_ATTACK, "piece_calibrated")
 
 
 def utility(run: Run, out: Path) -> dict:
@@ -51,12 +56,20 @@ def utility(run: Run, out: Path) -> dict:
             "n": len(scores)}
 
 
+def fixed_rule(run: Run) -> dict:
+    """The run's selection rule (the one calibration chose, if on) as settings, calibration off: every point
+    assembles as the bench's Per-Pcs did, apart from what the point changes."""
+    rule = run.rule
+    return {"key": rule.key, "assembly": {f: getattr(rule.assembly, f) for f in RULE_FIELDS["assembly"]},
+            "calibration": {"enabled": False}}
+
+
 def point(bench_out: Path, label: str, overrides: dict) -> Path:
-    """A run derived from the bench's with `overrides`, finished, and its utility (kept: not redone)."""
+    """A run derived from the bench's with its rule and `overrides`, finished, and its utility (kept: not redone)."""
     folder = bench_out / "privacy" / label
     if not (folder / "utility.json").exists():
         base = Run(bench_out / "run")
-        run = base.derive(folder / "run", base.config.updated(overrides))
+        run = base.derive(folder / "run", base.config.updated(deep_merge(fixed_rule(base), overrides)))
         run.pipeline()
         write_json(folder / "utility.json", {"settings": overrides, "utility": utility(run, folder)})
         del run.merged  # one model in memory at a time
@@ -64,10 +77,11 @@ def point(bench_out: Path, label: str, overrides: dict) -> Path:
 
 
 def row(p: dict) -> str:
-    u, kp = p["utility"], p["privacy"].get("key_privacy")
+    u, kp, lp = p["utility"], p["privacy"].get("key_privacy"), p["privacy"].get("lora_privacy")
     eps = f"{kp['epsilon_per_key']:.3g} / {kp['epsilon_all_keys']:.3g}" if kp else "inf"
-    cells = [p["label"], eps, f"{u['mean']:.3f} [{u['ci'][0]:.3f}, {u['ci'][1]:.3f}]"]
-    for name in (KEY_ATTACK, "key_membership", MIX_ATTACK, "assembled_loss"):
+    cells = [p["label"], eps, f"{lp['epsilon']:.3g}" if lp else "inf",
+             f"{u['mean']:.3f} [{u['ci'][0]:.3f}, {u['ci'][1]:.3f}]"]
+    for name in COLUMNS:
         a = p["privacy"]["attacks"].get(name, {}).get("attack")
         cells.append("-" if not a else f"{a['auroc']:.3f} [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}] / "
                      f"{a['tpr_at_1pct_fpr']:.2f}")
@@ -76,13 +90,21 @@ def row(p: dict) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+GROUPS = [("keys: activation, gates, key_noise", KEY_ATTACK, lambda label: label.startswith(("none", "gate", "key_"))),
+          ("minimum mix (assembly.top_k, --point)", MIX_ATTACK,
+           lambda label: not label.startswith(("gate", "key_", "dp_noise"))),
+          ("DP-SGD sharer LoRAs (sharer_train.dp_noise)", PIECE_ATTACK,
+           lambda label: label.startswith(("dp_noise", "none")))]
+
+
 def plot(points: list[dict], name: str, path: Path) -> None:
-    fig = Figure(figsize=(10, 4))
-    groups = [("keys: activation, gates, key_noise", KEY_ATTACK, lambda p: "top_k" not in p["label"]),
-              ("minimum mix (assembly.top_k)", MIX_ATTACK, lambda p: p["label"].startswith(("top_k", "none")))]
+    groups = [g for g in GROUPS if sum(g[2](p["label"]) for p in points) > 1]
+    if not groups:
+        return
+    fig = Figure(figsize=(5 * len(groups), 4))
     for i, (title, attack, keep) in enumerate(groups):
-        ax = fig.add_subplot(1, 2, i + 1)
-        for p in filter(lambda p: keep(p) and attack in p["privacy"]["attacks"], points):
+        ax = fig.add_subplot(1, len(groups), i + 1)
+        for p in filter(lambda p: keep(p["label"]) and attack in p["privacy"]["attacks"], points):
             a, u = p["privacy"]["attacks"][attack]["attack"], p["utility"]
             ax.errorbar(a["auroc"], u["mean"], xerr=[[a["auroc"] - a["ci"][0]], [a["ci"][1] - a["auroc"]]],
                         yerr=[[u["mean"] - u["ci"][0]], [u["ci"][1] - u["mean"]]], fmt="o", capsize=3)
@@ -96,12 +118,24 @@ def plot(points: list[dict], name: str, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def attacked(run_dir: Path, out: Path, oppu: Path, views: dict[str, Path] | None = None) -> dict:
+    """`perpcs privacy` on a run (and views of it), kept: redone only if the views changed."""
+    if (out / "privacy.json").exists():
+        found = read_json(out / "privacy.json")
+        if set(found.get("views", {})) == set(views or {}):
+            return found
+    return privacy(run_dir, out, SETTINGS, oppu_dir=oppu, force=True, views=views,
+                   assembled_views={n for n in views or {} if not n.startswith("key_noise")})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("bench_out", type=Path)
     ap.add_argument("name")
     ap.add_argument("--noise", type=float, nargs="*", default=[0.03, 0.1, 0.5, 2.0])
     ap.add_argument("--top-k", type=int, nargs="*", default=[1, 8])
+    ap.add_argument("--dp-noise", type=float, nargs="*", default=[], help="DP-SGD noise multipliers of sharer LoRAs")
+    ap.add_argument("--point", nargs="*", default=[], help="NAME:KEY=VALUE,... other assembly points")
     ap.add_argument("--gate", action=argparse.BooleanOptionalAction, default=True, help="the gate-key point")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where the result files go")
     ap.add_argument("--points-only", action="store_true", help="make these points and stop (to run them in parallel)")
@@ -109,43 +143,47 @@ def main() -> None:
     torch.set_num_threads(1)
     out, results = args.bench_out, args.results
     specs = {**({"gate keys": {"key": "gate"}} if args.gate else {}),
-             **{f"key_noise={z:g}": {"key_noise": z} for z in args.noise},
-             **{f"top_k={k}": {"assembly": {"top_k": k}} for k in args.top_k}}
+             **{f"key_noise={z:g}": {"key": "activation", "key_noise": z} for z in args.noise},
+             **{f"top_k={k}": {"assembly": {"top_k": k}} for k in args.top_k}, **parse_variants(args.point)}
+    dp_specs = {f"dp_noise={z:g}": {"sharer_train": {"dp_noise": z}} for z in args.dp_noise}
     folders = {name: point(out, name.replace(" ", "-"), spec) for name, spec in specs.items()}
+    dp_folders = {name: point(out, name, spec) for name, spec in dp_specs.items()}
     if args.points_only:
         return
+    oppu = out / "run" / "oppu"
+    found = attacked(out / "run", out / "privacy" / "attacks", oppu, {name: f / "run" for name, f in folders.items()})
     attacks = out / "privacy" / "attacks"
-    if not (attacks / "privacy.json").exists():  # one pass: every pool's keys and recipes on the same sharers
-        privacy(out / "run", attacks, SETTINGS, oppu_dir=out / "run" / "oppu", force=True,
-                views={name: f / "run" for name, f in folders.items()},
-                assembled_views={n for n in folders if not n.startswith("key_noise")})
     for suffix in ("json", "png"):
         shutil.copy(attacks / f"privacy.{suffix}", results / f"privacy-{args.name}-attacks.{suffix}")
     write_text(results / f"privacy-{args.name}-attacks.md", (attacks / "privacy.md").read_text().replace(
         "(privacy.png)", f"(privacy-{args.name}-attacks.png)"))
-    found = read_json(attacks / "privacy.json")
     base = out / "privacy" / "none"
-    if not (base / "utility.json").exists():  # the bench's own run, scored here (the bench may still be running)
-        write_json(base / "utility.json", {"settings": {}, "utility": utility(Run(out / "run"), base)})
+    if not (base / "utility.json").exists():  # the bench's own Per-Pcs, scored (generated here if the bench has not)
+        scored = out if (out / "preds" / "perpcs.json").exists() and (out / "golds.json").exists() else base
+        write_json(base / "utility.json", {"settings": {}, "utility": utility(Run(out / "run"), scored)})
     points = [{"label": "none", "privacy": found, **read_json(base / "utility.json")}]
     points += [{"label": name, "privacy": found["views"][name], **read_json(f / "utility.json")}
                for name, f in folders.items()]
+    points += [{"label": name, "privacy": attacked(f / "run", f / "attacks", oppu), **read_json(f / "utility.json")}
+               for name, f in dp_folders.items()]
     metric = points[0]["utility"]["metric"]
-    head = ["protection", "epsilon per key / all keys (delta 1e-5)", f"Per-Pcs {metric} [95% CI]",
-            f"{KEY_ATTACK} AUROC [CI] / TPR@1%FPR", "key_membership", f"{MIX_ATTACK}", "assembled_loss",
+    head = ["protection", "key epsilon per key / all keys (delta 1e-5)", "LoRA epsilon (DP-SGD, delta 1e-5)",
+            f"Per-Pcs {metric} [95% CI]", *(f"{c} AUROC [CI] / TPR@1%FPR" for c in COLUMNS),
             "dominant label from keys"]
     run = Run(out / "run")
     md = [f"# privacy/utility on {args.name} ({run.data.task.name}, {len(run.split['targets'])} targets, "
           f"{len(run.select())} sharers)",
           "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *map(row, points), "",
           f"Attacks: `perpcs privacy` with {json.dumps(SETTINGS.model_dump())} (all attacks: "
-          f"privacy-{args.name}-attacks.md); utility: Per-Pcs's {metric} on the run's targets' queries.",
+          f"privacy-{args.name}-attacks.md); utility: Per-Pcs's {metric} on the run's targets' queries, with the "
+          f"bench's selection rule ({json.dumps(fixed_rule(run))}). Key and mix points share the bench's LoRAs "
+          "(their piece attacks are the bench's: '-'); DP-SGD points have their own.",
           "", f"![privacy/utility](privacy-{args.name}.png)", ""]
     write_json(results / f"privacy-{args.name}.json", {"bench": str(out), "points": points})
     write_text(results / f"privacy-{args.name}.md", "\n".join(md))
     plot(points, args.name, results / f"privacy-{args.name}.png")
     print("\n".join(md))
-    print(f"wrote {results / f'privacy-{args.name}'}.{{json,md,png}}")
+    print(f"wrote {results / f'privacy-{args.name}'}.json, .md" + (", .png" if len(points) > 1 else ""))
 
 
 if __name__ == "__main__":

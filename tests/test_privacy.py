@@ -1,4 +1,5 @@
-"""Privacy attacks and DP keys: a planted leak is found, a random LoRA is not; the DP accounting and noise."""
+"""Privacy attacks, DP keys and DP-SGD: a planted leak is found, a random or DP-trained LoRA hides it; the DP
+accounting and noise."""
 
 import json
 import math
@@ -11,13 +12,13 @@ from pydantic import ValidationError
 
 from conftest import ByteTokenizer, tiny_llama
 from perpcs.assembly import activation_means
-from perpcs.dp import classic_sigma, gaussian_delta, gaussian_epsilon, key_generator, noisy_keys
+from perpcs.dp import classic_sigma, gaussian_delta, gaussian_epsilon, key_generator, noisy_keys, sgd_epsilon
 from perpcs.lora import lora_layers
 from perpcs.pipeline import Run
 from perpcs.privacy import PrivacySettings, forward_items, key_scores, privacy
 from perpcs.privacy_report import roc, tpr_at
 from perpcs.settings import LoraSettings, RunConfig, TrainSettings
-from perpcs.training import add_lora, encode, train_lora
+from perpcs.training import add_lora, batch_indices, encode, train_lora
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,13 +33,20 @@ def random_examples(tokenizer, n: int, seed: int) -> list:
 LORA = LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
 
 
-@pytest.fixture(scope="module")
-def planted():
-    """A LoRA trained only on the members (many epochs: it memorises them), members, non-members."""
+PLANT = TrainSettings(lr=1e-2, steps=150, batch_size=8, seed=0)  # many epochs: a LoRA that memorises
+
+
+def plant(**dp):
+    """A LoRA trained only on the members (with `dp`: by DP-SGD), its stats, members, non-members."""
     tok = ByteTokenizer()
     members, nonmembers = random_examples(tok, 16, 0), random_examples(tok, 16, 1)
-    model = tiny_llama(seed=0)
-    peft, _ = train_lora(model, members, LORA, TrainSettings(lr=1e-2, steps=150, batch_size=8, seed=0), 0)
+    peft, stats = train_lora(tiny_llama(seed=0), members, LORA, PLANT.model_copy(update=dp), 0)
+    return peft, stats, members, nonmembers
+
+
+@pytest.fixture(scope="module")
+def planted():
+    peft, _, members, nonmembers = plant()
     return peft, members, nonmembers
 
 
@@ -75,6 +83,46 @@ def test_random_lora_gives_chance():
                 layer.lora_B["default"].weight.normal_(0, 0.05)
         aucs.append(roc(-forward_items(peft, members, 0, 8)[0], -forward_items(peft, nonmembers, 0, 8)[0])["auroc"])
     assert 0.35 < np.mean(aucs) < 0.65, aucs
+
+
+def test_dp_sgd_hides_the_planted_leak(planted):
+    """The same LoRA trained by DP-SGD (opacus): the attack that finds the plain LoRA's members (AUROC above
+    0.9) finds less with more noise, and about nothing at epsilon 1.3; opacus's hooks are gone after."""
+    plain, members, nonmembers = planted
+    auroc = {}
+    for z in (0, 4.0, 20.0):
+        peft, stats = (plain, None) if not z else plant(dp_noise=z, dp_clip=0.1)[:2]
+        with peft.disable_adapter():
+            base_m, base_n = (forward_items(peft, ex, 0, 8)[0] for ex in (members, nonmembers))
+        loss_m, loss_n = (forward_items(peft, ex, 0, 8)[0] for ex in (members, nonmembers))
+        auroc[z] = roc(base_m - loss_m, base_n - loss_n)["auroc"]
+        if z:
+            assert stats["steps"] == 150 and stats["final_loss"] < stats["first_loss"]  # it trains
+            assert all(not hasattr(p, "grad_sample") for p in peft.parameters())
+            assert not any(m._forward_hooks or m._backward_hooks for m in peft.modules())
+    assert sgd_epsilon(20.0, 8 / 16, 150, 1e-5) == pytest.approx(1.27, abs=0.01)
+    assert auroc[0] > 0.9 > auroc[4.0] > auroc[20.0] and 0.35 < auroc[20.0] < 0.7, auroc
+
+
+def test_dp_sgd_accounting_and_sampling():
+    """opacus's RDP epsilon: above the exact value where it is known (rate 1: T Gaussian steps are one Gaussian
+    of noise z / sqrt(T)) and not far from it; lower with more noise, a lower rate or fewer steps. DP-SGD's steps
+    are Poisson samples of expected size batch_size, seeded, and replayed as the LoRA's members."""
+    from perpcs.data import Item
+    from perpcs.privacy import trained_items
+
+    for z, steps in ((1.0, 10), (2.0, 40)):
+        exact = gaussian_epsilon(z / math.sqrt(steps), 1e-5)
+        assert exact <= sgd_epsilon(z, 1.0, steps, 1e-5) < 1.5 * exact
+    assert sgd_epsilon(2.0, 0.1, 20, 1e-5) < sgd_epsilon(1.0, 0.1, 20, 1e-5) < sgd_epsilon(1.0, 0.2, 20, 1e-5)
+    assert sgd_epsilon(1.0, 0.1, 10, 1e-5) < sgd_epsilon(1.0, 0.1, 20, 1e-5)
+    s = TrainSettings(batch_size=4, seed=3, dp_noise=1.0)
+    steps = list(batch_indices(40, s, 500))
+    assert steps == list(batch_indices(40, s, 500)) and len(steps) == 500
+    assert np.mean([len(b) for b in steps]) == pytest.approx(4, rel=0.1) and any(not b for b in steps)
+    items = [Item(input=f"x{i}", output="y") for i in range(40)]
+    seen = {j for b in batch_indices(40, s, 3) for j in b}
+    assert [it.input for it in trained_items(items, s, {"steps": 3})] == [f"x{j}" for j in sorted(seen)]
 
 
 def test_activation_key_membership_is_found(planted):
@@ -146,6 +194,33 @@ def test_key_noise_settings_are_checked(bad):
         RunConfig(data="d", **bad)
 
 
+@pytest.mark.parametrize("bad", [{"sharer_train": {"dp_noise": -1}}, {"sharer_train": {"dp_clip": 0}},
+                                 {"gate_train": {"dp_noise": 1}}, {"task_train": {"dp_noise": 1}},
+                                 {"sharer_train": {"dp_noise": 1}, "retrieval_copies": True}])
+def test_dp_sgd_settings_are_checked(bad):
+    with pytest.raises(ValidationError, match="dp_"):
+        RunConfig(data="d", **bad)
+
+
+def test_dp_sgd_pool_records_epsilon_and_derived_runs_retrain(finished, tmp_path):
+    """A run derived with DP-SGD sharers trains every sharer again (no LoRA linked); the pool records the
+    largest epsilon over its sharers, each sharer's own is in its lora.json."""
+    base = Run(finished)
+    dp = base.derive(tmp_path / "dp", base.config.updated({"sharer_train": {"dp_noise": 1.0, "dp_clip": 0.5}}))
+    dp.pipeline()
+    lp = dp.open_pool().lora_privacy
+    assert lp["dp_noise"] == 1.0 and lp["dp_clip"] == 0.5 and lp["delta"] == 1e-5 and lp["sharers"] == 3
+    own = []
+    for s in dp.select():
+        assert not (dp.sharer_dir(s.user_id) / "adapter").is_symlink()
+        stats = json.loads((dp.sharer_dir(s.user_id) / "lora.json").read_text())
+        n = dp.training_items(s.user_id)
+        assert stats["dp_epsilon"] == pytest.approx(sgd_epsilon(1.0, 4 / n, 2, 1e-5))
+        own.append(stats["dp_epsilon"])
+    assert lp["epsilon"] == pytest.approx(max(own))
+    assert base.open_pool().lora_privacy is None
+
+
 # --- perpcs privacy on a finished run ---
 
 @pytest.fixture(scope="module")
@@ -163,6 +238,19 @@ def test_key_noise_is_recorded_in_the_pool(finished, tiny_run_config, tmp_path):
     plain = Run.create(tmp_path / "plain", tiny_run_config())
     plain.build_pool()
     assert plain.open_pool().key_privacy is None
+
+
+def test_a_run_derived_with_key_noise_has_noisy_keys(finished, tmp_path):
+    """Not the pool of the run it derives from (same sharers and key kind, other noise): its own keys."""
+    base = Run(finished)
+    quiet = base.derive(tmp_path / "quiet", base.config.updated({"key_noise": 0}))
+    quiet.build_pool()
+    louder = quiet.derive(tmp_path / "louder", quiet.config.updated({"key_noise": 2.0}))
+    louder.build_pool()
+    assert quiet.open_pool().key_privacy is None and louder.open_pool().key_privacy["key_noise"] == 2.0
+    u = quiet.select()[0].user_id
+    keys = [r.open_pool().sharer_keys(r.open_pool().pseudonym(u)) for r in (quiet, louder)]
+    assert not any(torch.equal(keys[0][pos], keys[1][pos]) for pos in keys[0])
 
 
 def test_privacy_writes_its_three_files(finished, tmp_path):

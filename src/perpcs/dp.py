@@ -12,6 +12,11 @@ releases are P such mechanisms on the same data; their composition is one Gaussi
 sensitivity sqrt(P) * Delta (the keys concatenated), so all keys together are
 (epsilon(key_noise / sqrt(P)), delta)-DP. The unit protected is one example: one history item
 without `retrieval_copies` (with it an item is in several examples, which `RunConfig` refuses).
+
+DP-SGD for sharer LoRAs (`sharer_train.dp_noise`, trained in `training.train` with opacus) protects the
+pieces themselves, and so every model assembled from them: T Poisson-sampled steps at rate q = batch_size / n,
+each clipped per example and noised, are (epsilon, delta)-DP under **add/remove-one** by opacus's RDP
+accountant (`sgd_epsilon`). The pool records the largest epsilon over its sharers (`lora_privacy`).
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import torch
 from scipy.optimize import brentq
 from scipy.stats import norm
 
-from perpcs.training import IGNORE, Example
+from perpcs.settings import TrainSettings
+from perpcs.training import IGNORE, Example, n_steps
 
 
 def gaussian_delta(epsilon: float, z: float) -> float:
@@ -76,3 +82,22 @@ def key_privacy(z: float, clip: float, delta: float, positions: int) -> dict:
     return {"mechanism": "gaussian, per-example clipping, replace-one", "key_noise": z, "key_clip": clip,
             "delta": delta, "epsilon_per_key": gaussian_epsilon(z, delta),
             "epsilon_all_keys": gaussian_epsilon(z / math.sqrt(positions), delta), "positions": positions}
+
+
+def sgd_epsilon(z: float, sample_rate: float, steps: int, delta: float) -> float:
+    """The epsilon of `steps` DP-SGD steps at noise multiplier z and Poisson rate `sample_rate` (opacus, RDP)."""
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = [(z, min(1.0, sample_rate), steps)]
+    return float(accountant.get_epsilon(delta))
+
+
+def lora_privacy(settings: TrainSettings, n_examples: list[int]) -> dict:
+    """What the pool records about its pieces' DP-SGD: the settings and the largest epsilon over its sharers, each
+    trained on n examples for at most `n_steps` steps (early stopping only lowers it); no sharer's own n."""
+    eps = [sgd_epsilon(settings.dp_noise, settings.batch_size / n, n_steps(settings, n), settings.dp_delta)
+           for n in n_examples]
+    return {"mechanism": "DP-SGD (opacus): per-example clipping, Poisson sampling, add/remove-one, RDP accountant",
+            "dp_noise": settings.dp_noise, "dp_clip": settings.dp_clip, "delta": settings.dp_delta,
+            "batch_size": settings.batch_size, "epsilon": max(eps), "sharers": len(eps)}

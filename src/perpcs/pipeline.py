@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from perpcs.assembly import activation_means, assemble_history, assemble_users
 from perpcs.calibration import calibrate
 from perpcs.data import Item, data_sha256
-from perpcs.dp import counted_examples, key_generator, key_privacy, noisy_keys
+from perpcs.dp import counted_examples, key_generator, key_privacy, lora_privacy, noisy_keys
 from perpcs.errors import InputError
 from perpcs.export import export_base, export_user
 from perpcs.gates import train_gates
@@ -32,7 +32,7 @@ from perpcs.recipe import Recipe
 from perpcs.runfolder import RunFolder, safe_name, writes
 from perpcs.selection import Selection, save_selection, select_sharers
 from perpcs.settings import GRID, SELECTION_STEP, RunConfig, check_later_steps
-from perpcs.training import train_lora
+from perpcs.training import split_heldout, train_lora
 from perpcs.user_lora import train_user_lora
 from perpcs.utils import atomic_dir, atomic_path, link, read_json, seed_everything, write_json
 
@@ -70,11 +70,13 @@ class Run(RunFolder):
 
     def derive(self, folder: str | Path, config: RunConfig) -> "Run":
         """A run that reuses this run's task model and split and does the rest with `config`, which may
-        differ only in settings of step 1 and steps 3-5. With the same step-1 settings it keeps the very
-        same sharers, to compare piece keys, sharing ratios or assembly settings on them; with others it
-        selects again (e.g. more sharers), and every sharer both runs have keeps its LoRA. Reused files
-        are linked, not copied; their recorded seconds come along."""
-        check_later_steps(self.config, config, also=SELECTION_STEP)
+        differ only in settings of step 1, `sharer_train` and steps 3-5. With the same step-1 settings it keeps
+        the very same sharers, to compare piece keys, sharing ratios or assembly settings on them; with others
+        it selects again (e.g. more sharers), and every sharer both runs have keeps its LoRA, unless
+        `sharer_train` differs (e.g. DP-SGD): then every sharer trains again. Reused files are linked, not
+        copied; their recorded seconds come along."""
+        check_later_steps(self.config, config, also=SELECTION_STEP + ("sharer_train",))
+        retrain = config.sharer_train != self.config.sharer_train
         self.check_data(data_sha256(config.data))
         reselect = any(getattr(config, k) != getattr(self.config, k) for k in SELECTION_STEP)
         mine = {s.user_id for s in self.select()}
@@ -94,17 +96,18 @@ class Run(RunFolder):
             if step in stats:
                 new.record(step, stats[step])
         links = [("task", "task")] + [(f"sharers/{safe_name(s.user_id)}/{f}",) * 2 for s in new.select()
-                                      if s.user_id in mine for f in ("adapter", "lora.json")]
+                                      if s.user_id in mine and not retrain for f in ("adapter", "lora.json")]
         for src, dst in links:
             link(self.folder / src, new.folder / dst)
-        if not reselect:
+        if not reselect and not retrain:
             self._lend_pool(new)
         return new
 
     def _lend_pool(self, new: "Run") -> None:
         """Copy into `new` a pool of this run's (its own, or one of `keys/`) built with the same piece settings,
         with the sharers' step-3 files: the same sharers with the same keys make the same pool."""
-        same = ("key", "share_ratio", "gate_train", "max_len", "retrieval_copies", "device")
+        same = ("key", "key_noise", "key_clip", "key_delta", "share_ratio", "gate_train", "max_len", "retrieval_copies",
+                "device")
         for donor in [self, *(Run(f.parent) for f in sorted((self.folder / "keys").glob("*/run.json")))]:
             if (all(getattr(donor.config, k) == getattr(new.config, k) for k in same)
                     and donor.config.assembly.batch_size == new.config.assembly.batch_size
@@ -187,8 +190,11 @@ class Run(RunFolder):
             if pool is None:
                 shapes = {pos: (A.shape[1], B.shape[0]) for pos, (A, B, _) in pieces.items()}
                 noise = key_privacy(c.key_noise, c.key_clip, c.key_delta, len(shapes)) if c.key_noise else None
+                sgd = lora_privacy(c.sharer_train, [self.training_items(s.user_id) for s in selection]) \
+                    if c.sharer_train.dp_noise else None
                 pool = Pool.create(self.pool_path, self.merged_fingerprint, c.lora.model_dump(), shapes,
-                                   seed=c.seed, sharing_ratio=c.share_ratio, key=c.key, key_privacy=noise)
+                                   seed=c.seed, sharing_ratio=c.share_ratio, key=c.key, key_privacy=noise,
+                                   lora_privacy=sgd)
             sid = pool.add_sharer(user_id, pieces, share_mask(pool.positions, c.share_ratio, c.seed, user_id))
             write_json(self.sharer_dir(user_id) / "stats.json", {"sharer_id": sid, **stats})
         self.record("build_pool", self._pool_stats(pool))
@@ -210,6 +216,10 @@ class Run(RunFolder):
         stats = {"lora": lora_stats, "keys": key_stats, "examples": len(examples)}
         write_json(folder / "pieces.json", stats)
         return stats
+
+    def training_items(self, user_id: str) -> int:
+        """How many history items the sharer's LoRA trains on (the rest are held out to stop on)."""
+        return len(split_heldout(self.data.user(user_id).history, self.config.training("sharer_train", user_id))[0])
 
     def sharer_lora(self, user_id: str, model):
         """Step 2: the sharer's own LoRA, trained once and kept (a pool rebuilt with other keys reuses it)."""

@@ -96,6 +96,7 @@ class Pool:
             self.seed = int(meta["seed"])
             self.key: KeyKind = meta.get("key", "gate")  # pools written before activation keys have gates
             self.key_privacy: dict | None = json.loads(meta["key_privacy"]) if "key_privacy" in meta else None
+            self.lora_privacy: dict | None = json.loads(meta["lora_privacy"]) if "lora_privacy" in meta else None
             self._salt = meta["salt"]
         except KeyError as e:
             raise InputError(f"{manifest}: not a perpcs pool manifest (table meta has no row {e})") from None
@@ -127,11 +128,12 @@ class Pool:
     @classmethod
     def create(cls, path: str | os.PathLike, base_fingerprint: str, lora_config: dict,
                positions: dict[str, tuple[int, int]], seed: int = 0, sharing_ratio: float = 1.0,
-               key: KeyKind = "gate", key_privacy: dict | None = None) -> Pool:
+               key: KeyKind = "gate", key_privacy: dict | None = None, lora_privacy: dict | None = None) -> Pool:
         """A new, empty pool. `positions` (position -> (d_in, d_out)) in forward order, layer 0 first;
         `seed` and `sharing_ratio` choose the share mask of sharers added without an explicit one;
         `key` says what the pieces' keys are (a trained gate, or the sharer's mean activation);
-        `key_privacy`, the DP noise on them if any (`dp.key_privacy`: settings and epsilon, delta)."""
+        `key_privacy`, the DP noise on them if any (`dp.key_privacy`: settings and epsilon, delta); `lora_privacy`,
+        the pieces' DP-SGD if any (`dp.lora_privacy`)."""
         path = Path(path)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise FileExistsError(f"{path}: exists and is not an empty folder; refusing to create a pool there")
@@ -153,8 +155,9 @@ class Pool:
         meta = {"format_version": str(FORMAT_VERSION), "base_fingerprint": base_fingerprint,
                 "lora_config": json.dumps(lora_config, sort_keys=True), "sharing_ratio": repr(float(sharing_ratio)),
                 "seed": str(seed), "salt": secrets.token_hex(16), "key": key}
-        if key_privacy is not None:
-            meta["key_privacy"] = json.dumps(key_privacy, sort_keys=True)
+        for name, record in (("key_privacy", key_privacy), ("lora_privacy", lora_privacy)):
+            if record is not None:
+                meta[name] = json.dumps(record, sort_keys=True)
         path.mkdir(parents=True, exist_ok=True)
         with atomic_path(path / MANIFEST) as tmp:
             db = sqlite3.connect(tmp)

@@ -36,7 +36,7 @@ from perpcs.privacy_report import privacy_plot, privacy_table, roc
 from perpcs.recipe import Recipe, apply_recipe
 from perpcs.runfolder import safe_name
 from perpcs.settings import TrainSettings
-from perpcs.training import IGNORE, batches, collate, history_examples, split_heldout
+from perpcs.training import batch_indices, collate, example_losses, history_examples, split_heldout
 from perpcs.utils import check_output_dir, read_json, write_json, write_text
 
 OUTPUTS = {"privacy.json", "privacy.md", "privacy.png"}
@@ -53,16 +53,6 @@ class PrivacySettings(BaseModel):
     resamples: int = Field(1000, ge=100, description="bootstrap resamples of each AUROC")
     batch_size: int = Field(16, ge=1)
     seed: int = 0
-
-
-def example_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Each example's mean loss over its output tokens [B] (logits only where some row predicts one)."""
-    labels = batch["labels"]
-    keep = (labels[:, 1:] != IGNORE).any(0).nonzero().squeeze(1)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
-    target = labels[:, keep + 1]
-    loss = F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=IGNORE, reduction="none")
-    return loss.sum(1) / (target != IGNORE).sum(1).clamp(min=1)
 
 
 @torch.no_grad()
@@ -100,14 +90,13 @@ def key_scores(v: torch.Tensor, keys: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def trained_items(items: list[Item], settings: TrainSettings, stats: dict, copies: bool = False) -> list[Item]:
-    """The items a LoRA saw up to the epoch it kept: its seeded batch order (`training.batches`) replayed.
+    """The items a LoRA saw up to the epoch it kept: its seeded batch order (`training.batch_indices`) replayed.
     With a step cap below the history's size, most items are never seen; they are no members."""
     n = len(items) + (max(len(items) - 1, 0) if copies else 0)  # retrieval copies follow the items, from the 2nd
     steps = stats["steps"]
     if "best_epoch" in stats:
         steps = min(steps, stats["best_epoch"] * math.ceil(n / settings.batch_size))
-    seen = {j if j < len(items) else j - len(items) + 1
-            for batch in batches(list(range(n)), settings.batch_size, steps, settings.seed) for j in batch}
+    seen = {j if j < len(items) else j - len(items) + 1 for batch in batch_indices(n, settings, steps) for j in batch}
     return [items[i] for i in sorted(seen)]
 
 
@@ -199,13 +188,16 @@ class Attacks:
                              "attribute": self.attribute(view, acts)}
         main = results.pop("")
         main["attacks"] = {**main["attacks"], **keys["pieces"], **self.oppu_attacks()}
-        return {**main, "n_sharers": len(self.sharers), "n_attacked_sharers": len(self.attacked),
+        return {**main, "lora_privacy": self.pool.lora_privacy, "n_sharers": len(self.sharers),
+                "n_attacked_sharers": len(self.attacked),
                 "n_targets": len(self.targets),
                 "n_nonmember_items": len(self.nonmember_items), "n_nonmember_users": self.n_nonmember_users,
                 "settings": self.s.model_dump(), **({"views": results} if results else {})}
 
     def _roc(self, pos, neg) -> dict:
-        return roc(np.concatenate(pos), np.concatenate(neg), self.s.resamples, self.s.seed)
+        """(NaN where no target weighs an attacked sharer: nothing to attack.)"""
+        cat = [np.concatenate(x) if x else np.array([]) for x in (pos, neg)]
+        return roc(*cat, self.s.resamples, self.s.seed)
 
     def _pair(self, what: str, att: tuple, ref: tuple | None = None) -> dict:
         return {"what": what, "attack": self._roc(*att), **({"reference": self._roc(*ref)} if ref and ref[0] else {})}

@@ -62,11 +62,12 @@ def _attribute(at: dict) -> str:
 
 def privacy_table(result: dict) -> str:
     """The markdown a person reads: one row per attack, with its never-saw-the-data reference beside it."""
-    kp = result.get("key_privacy")
+    kp, lp = result.get("key_privacy"), result.get("lora_privacy")
     lines = [f"# perpcs privacy: {result['run']}", "",
              f"Pool keys: {result['key']}" + (f", DP noise: epsilon {kp['epsilon_per_key']:.3g} per key, "
                                               f"{kp['epsilon_all_keys']:.3g} for all {kp['positions']} keys, "
                                               f"delta {kp['delta']:g}" if kp else ", no DP noise")
+             + (f"; sharer LoRAs by DP-SGD, epsilon {lp['epsilon']:.3g} (delta {lp['delta']:g})" if lp else "")
              + f". {result.get('n_attacked_sharers', result['n_sharers'])} of {result['n_sharers']} sharers attacked, "
                f"{result['n_targets']} targets, "
                f"{result['n_nonmember_items']} non-member items from {result['n_nonmember_users']} held-out users.",

@@ -89,6 +89,12 @@ class TrainSettings(Settings):
     weight_decay: float = Field(0.0, ge=0, le=10, allow_inf_nan=False, description="AdamW weight decay")
     seed: int = Field(0, ge=0, lt=SEEDS, description="initialisation, batch order and dropout (set per user by "
                       "`RunConfig.training`)")
+    dp_noise: float = Field(0.0, ge=0, le=MANY, allow_inf_nan=False, description="DP-SGD (opacus, docs/privacy.md): "
+                            "noise std over dp_clip, Poisson-sampled steps of expected size batch_size (grad_clip "
+                            "unused); 0: plain AdamW. For sharer_train: each sharer's LoRA (epsilon, dp_delta)-DP")
+    dp_clip: float = Field(1.0, gt=0, le=MANY, allow_inf_nan=False,
+                           description="dp_noise: each example's gradient norm bound")
+    dp_delta: float = Field(1e-5, gt=0, lt=1, description="dp_noise: the delta of the (epsilon, delta) guarantee")
 
     @model_validator(mode="before")
     @classmethod
@@ -287,6 +293,18 @@ class RunConfig(Settings):
         if self.key_noise and (self.key != "activation" or self.retrieval_copies):
             raise ValueError(f"key_noise={self.key_noise} needs key=activation and retrieval_copies=false "
                              "(a gate is trained, not a mean; with retrieval copies one item is in several examples)")
+        return self
+
+    @model_validator(mode="after")
+    def _dp_sgd_on_sharers(self) -> "RunConfig":
+        """DP-SGD protects one example; with retrieval copies one item is in several (gates and the task LoRA
+        train on other parameters or users, and are not covered)."""
+        for name in ("task_train", "gate_train"):
+            if getattr(self, name).dp_noise:
+                raise ValueError(f"{name}.dp_noise: DP-SGD is a sharer_train setting (each sharer's LoRA)")
+        if self.sharer_train.dp_noise and self.retrieval_copies:
+            raise ValueError(f"sharer_train.dp_noise={self.sharer_train.dp_noise} needs retrieval_copies=false "
+                             "(with retrieval copies one item is in several examples)")
         return self
 
     def updated(self, overrides: dict) -> "RunConfig":

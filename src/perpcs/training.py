@@ -104,6 +104,27 @@ def batches(examples: Sequence[Example], batch_size: int, steps: int, seed: int)
             done += 1
 
 
+def batch_indices(n: int, settings: TrainSettings, steps: int) -> Iterable[list[int]]:
+    """The examples (indices) of each step: `batches`, or with `dp_noise` the Poisson sample DP-SGD's
+    accounting assumes (each example in each step with probability batch_size / n; a step may be empty)."""
+    if not settings.dp_noise:
+        return batches(list(range(n)), settings.batch_size, steps, settings.seed)
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    return UniformWithReplacementSampler(num_samples=n, sample_rate=min(1.0, settings.batch_size / n), steps=steps,
+                                         generator=torch.Generator().manual_seed(settings.seed))
+
+
+def example_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each example's mean loss over its output tokens [B] (logits only where some row predicts one)."""
+    labels = batch["labels"]
+    keep = (labels[:, 1:] != IGNORE).any(0).nonzero().squeeze(1)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    target = labels[:, keep + 1]
+    loss = F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=IGNORE, reduction="none")
+    return loss.sum(1) / (target != IGNORE).sum(1).clamp(min=1)
+
+
 def n_steps(settings: TrainSettings, n_examples: int) -> int:
     if settings.steps is not None:
         return settings.steps
@@ -129,7 +150,9 @@ def heldout_loss(model, examples: Sequence[Example], pad_id: int) -> float:
 def train(model, params: list[torch.nn.Parameter], examples: Sequence[Example], settings: TrainSettings,
           pad_id: int, desc: str = "train", val_examples: Sequence[Example] = ()) -> dict:
     """AdamW on `params` only (everything else must already be frozen); returns loss and time, and
-    with `val_examples` the held-out loss after each epoch, the epoch kept and whether it stopped early."""
+    with `val_examples` the held-out loss after each epoch, the epoch kept and whether it stopped early.
+    With `dp_noise`, DP-SGD (opacus): each example's gradient clipped to `dp_clip`, Gaussian noise of std
+    dp_noise * dp_clip on their sum, Poisson-sampled steps (`batch_indices`); `perpcs.dp.sgd_epsilon` accounts."""
     if not examples:
         raise ValueError(f"{desc}: no training examples")
     device = next(model.parameters()).device
@@ -137,35 +160,51 @@ def train(model, params: list[torch.nn.Parameter], examples: Sequence[Example], 
     per_epoch = math.ceil(len(examples) / settings.batch_size)
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     torch.manual_seed(settings.seed)  # dropout masks
+    forward, loss_of = model, lm_loss
+    if settings.dp_noise:
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
+        forward, loss_of = GradSampleModule(model), lambda m, b: example_losses(m, b).mean()  # per-example grads
+        opt = DPOptimizer(opt, noise_multiplier=settings.dp_noise, max_grad_norm=settings.dp_clip,
+                          expected_batch_size=settings.batch_size,
+                          generator=torch.Generator(device).manual_seed(settings.seed))
     model.train()
-    losses, val_losses, best, t0 = [], [], None, time.perf_counter()
-    bar = tqdm(batches(examples, settings.batch_size, steps, settings.seed), total=steps, desc=desc, leave=False)
+    losses, val_losses, best, done, t0 = [], [], None, 0, time.perf_counter()
+    bar = tqdm(batch_indices(len(examples), settings, steps), total=steps, desc=desc, leave=False)
     for batch in bar:
-        loss = lm_loss(model, collate(batch, pad_id, device))
-        loss.backward()
-        if settings.grad_clip:
+        if batch:
+            loss = loss_of(forward, collate([examples[j] for j in batch], pad_id, device))
+            loss.backward()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        else:  # an empty Poisson sample: the step adds noise only
+            for p in params:
+                p.grad_sample = torch.zeros((0, *p.shape), device=p.device)
+        if settings.grad_clip and not settings.dp_noise:
             torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if val_examples and (len(losses) % per_epoch == 0 or len(losses) == steps):
+        done += 1
+        if val_examples and (done % per_epoch == 0 or done == steps):
             val_losses.append(heldout_loss(model, val_examples, pad_id))
             model.train()
             if best is None or val_losses[-1] < val_losses[best]:
                 best, kept = len(val_losses) - 1, [p.detach().clone() for p in params]
             elif len(val_losses) - 1 - best >= settings.patience:
                 break
+    if forward is not model:
+        forward._close()  # opacus's hooks and per-example gradients off the model
     model.eval()
-    tail = losses[-max(1, len(losses) // 5):]
-    stats = {"steps": len(losses), "epochs": len(losses) / per_epoch, "first_loss": losses[0],
+    tail = losses[-max(1, len(losses) // 5):] or [math.nan]
+    stats = {"steps": done, "epochs": done / per_epoch, "first_loss": losses[0] if losses else math.nan,
              "final_loss": sum(tail) / len(tail)}
     if val_examples:
         with torch.no_grad():
             for p, k in zip(params, kept):
                 p.copy_(k)
         stats.update(val_items=len(val_examples), val_losses=val_losses, best_epoch=best + 1,
-                     stopped_early=len(losses) < steps)
+                     stopped_early=done < steps)
     return {**stats, "seconds": time.perf_counter() - t0}
 
 

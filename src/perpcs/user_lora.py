@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from perpcs.data import User
+from perpcs.dp import sgd_epsilon
 from perpcs.runfolder import RunFolder, safe_name
 from perpcs.training import history_examples, split_heldout, train_lora
 
@@ -22,7 +23,11 @@ def train_user_lora(run: RunFolder, user: User, desc: str):
     items, heldout = split_heldout(user.history, settings)
     examples = history_examples(run.data.task, tok, items, c.max_len, c.retrieval_copies, user.profile)
     val = history_examples(run.data.task, tok, heldout, c.max_len, False, user.profile)
-    return train_lora(model, examples, c.lora, settings, tok.pad_token_id, desc=desc, val_examples=val)
+    trained = train_lora(model, examples, c.lora, settings, tok.pad_token_id, desc=desc, val_examples=val)
+    if settings.dp_noise:  # the steps it took, this user's own epsilon (the pool records only the largest)
+        trained[1]["dp_epsilon"] = sgd_epsilon(settings.dp_noise, settings.batch_size / len(examples),
+                                               trained[1]["steps"], settings.dp_delta)
+    return trained
 
 
 def oppu_dir(run: RunFolder, user_id: str, history_k: int | None = None) -> Path:
