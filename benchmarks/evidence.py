@@ -199,6 +199,10 @@ def _ratio(s: dict) -> str:
     return f"{statistics.median(s['time_ratio']):.1f}x" if s["time_ratio"] else "-"
 
 
+def _header(*columns: str) -> list[str]:
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def _yes(v) -> str:
     return "-" if v is None else ("yes" if v else "**no**")
 
@@ -224,8 +228,8 @@ def write_summary(out: Path = RESULTS) -> dict:
              "Per set, all seeds' queries pooled and paired by (seed, query id); tests are the bench's two-sided "
              "sign test (p < 0.05). `perpcs` is the calibrated default (no --set); `paper` the paper's rule; "
              "the other fixed rules are calibration's grid, run on the targets too.", "",
-             "| set | metric | queries | calibrated choice per seed | perpcs | non_personalized | peft_retrieval | "
-             "oppu | best fixed rule | OPPU/assembly time |", "|" + "---|" * 10]
+             *_header("set", "metric", "queries", "calibrated choice per seed", "perpcs", "non_personalized",
+                      "peft_retrieval", "oppu", "best fixed rule", "OPPU/assembly time")]
     for n, s in sets.items():
         m = s["methods"]
 
@@ -239,8 +243,8 @@ def write_summary(out: Path = RESULTS) -> dict:
                      f"{s['best_fixed']}: {cell(s['best_fixed'])} | "
                      + _ratio(s) + " |")
     lines += ["", "Differences are to non_personalized, in the metric's units (for MAE, negative is better).", "",
-              "| set | any method significantly above NP | calibrated too | calibrated not worse than NP | "
-              "not worse than best fixed | >= peft_retrieval | share of OPPU's gain |", "|" + "---|" * 7]
+              *_header("set", "any method significantly above NP", "calibrated too", "calibrated not worse than NP",
+                       "not worse than best fixed", ">= peft_retrieval", "share of OPPU's gain")]
     for n, s in sets.items():
         c = s["checks"]
         lines.append(f"| {n} | {', '.join(c['significant_winners_vs_np']) or 'none'} | "
@@ -253,8 +257,8 @@ def write_summary(out: Path = RESULTS) -> dict:
               "selection metric on validation users and on the targets (none = non_personalized), the best rule on "
               "validation and on the targets, the chosen one, and the targets' regret (best rule's primary metric "
               "minus the chosen one's).", "",
-              "| set | seed | rules | rho | best on validation | chosen | best on targets | regret | history items "
-              "(validation / targets) |", "|" + "---|" * 9]
+              *_header("set", "seed", "rules", "rho", "best on validation", "chosen", "best on targets", "regret",
+                       "history items (validation / targets)")]
     for n, s in sets.items():
         for seed, t in zip(s["seeds"], s["transfer"]):
             if t:
