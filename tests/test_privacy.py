@@ -291,7 +291,7 @@ def test_privacy_refuses_unfinished_runs_and_foreign_folders(finished, tmp_path,
         privacy(tmp_path / "empty", tmp_path / "o1")
     (tmp_path / "o2").mkdir()
     (tmp_path / "o2" / "mine.txt").write_text("x")
-    with pytest.raises(ValueError, match="did not write"):
+    with pytest.raises(ValueError, match="already holds files this command does not replace"):
         privacy(finished, tmp_path / "o2")
 
 
