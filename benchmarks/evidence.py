@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.image import thumbnail
 
 from perpcs.bench import BenchSettings, bench
 from perpcs.report import folder_scores
@@ -36,6 +37,7 @@ from perpcs.utils import atomic_path, read_json, write_json, write_text
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "evidence"
 FIXED = [n for n in GRID if n != "none"]  # the grid's fixed rules, as bench variants
+PLOT_BYTES = 1 << 20  # a plot over 1 MiB is kept at half its resolution (the full one stays in the run folder)
 METHODS = ["non_personalized", "peft_retrieval", "prime", "oppu", "perpcs"]
 
 # name -> (seeds, `perpcs data ...` arguments given {src}, {out} and {seed}, RunConfig fields)
@@ -103,7 +105,11 @@ def keep(name: str, seed: int, folder: Path, results: Path) -> Path:
     for f in ("results.json", "results.md", "results.png", "selection.png", "selection-paper.png"):
         if (folder / f).exists():
             with atomic_path(dst / f) as tmp:
-                shutil.copy(folder / f, tmp)
+                if f.endswith(".png") and (folder / f).stat().st_size > PLOT_BYTES:  # many targets: a big grid
+                    with open(tmp, "wb") as out:
+                        thumbnail(str(folder / f), out, scale=0.5)
+                else:
+                    shutil.copy(folder / f, tmp)
     return dst
 
 
