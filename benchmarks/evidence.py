@@ -30,7 +30,8 @@ from matplotlib.image import thumbnail
 
 from perpcs.bench import BenchSettings, bench
 from perpcs.report import folder_scores
-from perpcs.settings import GRID, RunConfig
+from perpcs.rules import GRID
+from perpcs.settings import RunConfig
 from perpcs.stats import method_statistics
 from perpcs.utils import atomic_path, read_json, write_json, write_text
 

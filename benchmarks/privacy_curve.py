@@ -28,9 +28,11 @@ from matplotlib.figure import Figure
 
 from perpcs.bench import Bench
 from perpcs.evaluation import per_query, primary_metric, read_lamp_outputs
+from perpcs.overrides import parse_variants
 from perpcs.pipeline import Run
 from perpcs.privacy import PrivacySettings, privacy
-from perpcs.settings import RULE_FIELDS, BenchSettings, parse_variants
+from perpcs.rules import RULE_FIELDS
+from perpcs.settings import BenchSettings
 from perpcs.stats import bootstrap_ci
 from perpcs.utils import deep_merge, read_json, write_json, write_text
 

@@ -31,8 +31,9 @@ from perpcs.generation import generate
 from perpcs.overrides import parse_variants
 from perpcs.pipeline import Run
 from perpcs.retrieval import prompts
+from perpcs.rules import PAPER_RULE
 from perpcs.selection import history_embeddings
-from perpcs.settings import PAPER_RULE, BenchSettings
+from perpcs.settings import BenchSettings
 from perpcs.utils import write_json, write_text
 
 RULES = {  # in the order they run (results are written after each)

@@ -11,8 +11,9 @@ from perpcs.evaluation import read_lamp_outputs, score
 from perpcs.methods import rows
 from perpcs.pipeline import Run
 from perpcs.recipe import Recipe
+from perpcs.rules import GRID
 from perpcs.runfolder import safe_name
-from perpcs.settings import GRID, BenchSettings
+from perpcs.settings import BenchSettings
 from perpcs.tables import results_table
 from perpcs.utils import read_json
 

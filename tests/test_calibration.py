@@ -10,7 +10,8 @@ from perpcs.data import Item, User
 from perpcs.mixing import effective_sharers, spread, summarize
 from perpcs.pipeline import Run
 from perpcs.recipe import Recipe, apply_recipe
-from perpcs.settings import GRID, PAPER_RULE, CalibrationSettings, RunConfig, fixes_rule, with_rule_fixed
+from perpcs.rules import GRID, PAPER_RULE, fixes_rule, with_rule_fixed
+from perpcs.settings import CalibrationSettings, RunConfig
 from perpcs.tasks import Task
 
 TASK = Task(name="t", kind="classification", labels=["a", "b", "c"], instruction="Tag?")

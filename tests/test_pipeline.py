@@ -12,8 +12,9 @@ from perpcs.models import fingerprint, load_base
 from perpcs.pipeline import Run
 from perpcs.pool import Pool
 from perpcs.recipe import Recipe, apply_recipe
+from perpcs.rules import PAPER_RULE
 from perpcs.runfolder import safe_name, split_users
-from perpcs.settings import PAPER_RULE, RunConfig
+from perpcs.settings import RunConfig
 from perpcs.utils import read_json
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -33,8 +33,9 @@ from perpcs.recipe import Recipe
 from perpcs.report import bench_statistics, results_plot, selection_plot
 from perpcs.results import BenchResults
 from perpcs.retrieval import prompts
+from perpcs.rules import with_rule_fixed
 from perpcs.runfolder import RunFolder
-from perpcs.settings import BenchSettings, RunConfig, check_later_steps, with_rule_fixed
+from perpcs.settings import BenchSettings, RunConfig, check_later_steps
 from perpcs.tables import results_table
 from perpcs.tasks import answer_budget, cut_short
 from perpcs.user_lora import oppu_dir

@@ -36,7 +36,8 @@ from pydantic import BaseModel
 from perpcs.data import Item, User
 from perpcs.evaluation import per_query, primary_metric, score
 from perpcs.generation import generate
-from perpcs.settings import GRID, CalibrationSettings
+from perpcs.rules import GRID
+from perpcs.settings import CalibrationSettings
 from perpcs.stats import RESAMPLES, bootstrap_ci, paired
 from perpcs.tasks import Task, answer_budget
 

@@ -11,7 +11,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from perpcs.errors import InputError
-from perpcs.settings import PRESETS, RunConfig, with_rule_fixed
+from perpcs.rules import with_rule_fixed
+from perpcs.settings import PRESETS, RunConfig
 from perpcs.utils import deep_merge, read_json
 
 # `--quick`: tiny budgets that check the harness; the numbers mean nothing.

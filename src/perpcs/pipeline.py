@@ -29,9 +29,10 @@ from perpcs.lora import load_or_train, lora_layers, lora_state
 from perpcs.models import fingerprint, load_base, prepare_base
 from perpcs.pool import Pool, share_mask
 from perpcs.recipe import Recipe
+from perpcs.rules import GRID
 from perpcs.runfolder import RunFolder, safe_name, writes
 from perpcs.selection import Selection, save_selection, select_sharers
-from perpcs.settings import GRID, SELECTION_STEP, RunConfig, check_later_steps
+from perpcs.settings import SELECTION_STEP, RunConfig, check_later_steps
 from perpcs.training import split_heldout, train_lora
 from perpcs.user_lora import train_user_lora
 from perpcs.utils import atomic_dir, atomic_path, link, read_json, seed_everything, write_json

@@ -12,6 +12,7 @@ from typing import Any, Literal, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from perpcs.rules import GRID, PAPER_RULE, with_rule_fixed
 from perpcs.utils import deep_merge, derived_seed
 
 # What a piece's key is: its gate trained with the sharer's LoRA frozen (the paper), or the
@@ -148,38 +149,13 @@ class AssemblySettings(Settings):
         return value
 
 
-def _act(**assembly) -> dict:
-    return {"key": "activation",
-            "assembly": {"select": "topk", "top_k": 3, "temperature": 1.0, "mix": "cat", "strength": 1.0, **assembly}}
-
-
-# Calibration's candidate rules (`calibration`) as RunConfig overrides, simplest first: rules the validation
-# users cannot tell apart go to the earliest. After the two that need no forward pass, the rule that was the
-# default before calibration, then one change from it at a time, and last the paper's, which trains gates.
-GRID: dict[str, dict] = {
-    "none": {"assembly": {"select": "none"}},  # the non-personalized model
-    "average": {"assembly": {"select": "all", "mix": "cat", "strength": 1.0}},  # every sharer, equal weight
-    "act-cat": _act(),
-    "act-top1": _act(top_k=1),
-    "act-linear": _act(mix="linear"),
-    "act-cat-half": _act(strength=0.5),
-    "act-cat-tau4": _act(temperature=4.0),
-    "act-cat-tau16": _act(temperature=16.0),
-    "paper": {"key": "gate", "assembly": {"select": "topk", "top_k": 3, "temperature": 1.0, "mix": "linear",
-                                          "strength": 1.0}},
-}
-# Settings that make up a selection rule: a run that sets any of them explicitly has a fixed rule.
-RULE_FIELDS = {"key": None, "assembly": ("select", "top_k", "temperature", "mix", "strength", "sample_topk",
-                                         "sample_temperature", "top_p")}
-
-
 class CalibrationSettings(Settings):
     """After step 4: the pool chooses its selection rule on validation users (`calibration`)."""
 
     enabled: bool = Field(True, description="choose the selection rule on validation users once the pool is built; "
                                             "off when the rule is fixed by setting any rule field (key, "
                                             "assembly.mix, ...)")
-    rules: list[str] = Field(list(GRID), description="the candidate rules, names of settings.GRID; 'none' is "
+    rules: list[str] = Field(list(GRID), description="the candidate rules, names of rules.GRID; 'none' is "
                                                      "always a candidate; rules with gate keys train gates")
     max_users: int = Field(16, ge=1, le=MANY, description="validation users at most: the most active sharer candidates "
                                                  "that are not sharers")
@@ -195,20 +171,6 @@ class CalibrationSettings(Settings):
         if unknown:
             raise ValueError(f"unknown rules {unknown}; known: {', '.join(GRID)}")
         return [r for r in GRID if r in rules or r == "none"]  # grid order: ties go to the simpler
-
-
-def fixes_rule(overrides: dict) -> bool:
-    """Whether settings given explicitly (a --set, a --config file, a bench variant) fix the selection rule."""
-    assembly = overrides.get("assembly")
-    return "key" in overrides or (isinstance(assembly, dict) and any(f in assembly for f in RULE_FIELDS["assembly"]))
-
-
-def with_rule_fixed(overrides: dict) -> dict:
-    """`overrides`, with calibration off if they fix the rule and do not say otherwise."""
-    calibration = overrides.get("calibration", {})  # not a dict: left for the schema to refuse
-    if fixes_rule(overrides) and isinstance(calibration, dict) and "enabled" not in calibration:
-        return {**overrides, "calibration": {**calibration, "enabled": False}}
-    return overrides
 
 
 # Settings of steps 3-5 only: a derived run (`Run.derive`) may change these and reuse steps 0-2.
@@ -396,9 +358,6 @@ class BenchSettings(Settings):
 
 # --- presets ---
 
-# The paper's selection rule exactly (trained gates, top-3, tau 1, linear A/B mix, the assembled update as is):
-# `--set key=gate --set assembly.mix=linear --set assembly.strength=1`.
-PAPER_RULE = GRID["paper"]
 # `--preset NAME`: named settings (under --config and --set); "private" is what docs/privacy.md advises a
 # privacy-sensitive pool, from the attacks measured there
 PRESETS = {"paper": PAPER_RULE, "private": {"key_noise": 0.5}}

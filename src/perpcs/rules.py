@@ -1,0 +1,49 @@
+"""Selection rules: the settings that make up one, calibration's grid of candidates, and the paper's.
+
+A rule is a set of RunConfig overrides (`key` and the assembly fields of `RULE_FIELDS`). Setting any of
+them explicitly fixes the rule, and calibration (`calibration`, `settings.CalibrationSettings`) is then off.
+"""
+
+from __future__ import annotations
+
+
+def _act(**assembly) -> dict:
+    return {"key": "activation",
+            "assembly": {"select": "topk", "top_k": 3, "temperature": 1.0, "mix": "cat", "strength": 1.0, **assembly}}
+
+
+# Calibration's candidate rules (`calibration`) as RunConfig overrides, simplest first: rules the validation
+# users cannot tell apart go to the earliest. After the two that need no forward pass, the rule that was the
+# default before calibration, then one change from it at a time, and last the paper's, which trains gates.
+GRID: dict[str, dict] = {
+    "none": {"assembly": {"select": "none"}},  # the non-personalized model
+    "average": {"assembly": {"select": "all", "mix": "cat", "strength": 1.0}},  # every sharer, equal weight
+    "act-cat": _act(),
+    "act-top1": _act(top_k=1),
+    "act-linear": _act(mix="linear"),
+    "act-cat-half": _act(strength=0.5),
+    "act-cat-tau4": _act(temperature=4.0),
+    "act-cat-tau16": _act(temperature=16.0),
+    "paper": {"key": "gate", "assembly": {"select": "topk", "top_k": 3, "temperature": 1.0, "mix": "linear",
+                                          "strength": 1.0}},
+}
+# Settings that make up a selection rule: a run that sets any of them explicitly has a fixed rule.
+RULE_FIELDS = {"key": None, "assembly": ("select", "top_k", "temperature", "mix", "strength", "sample_topk",
+                                         "sample_temperature", "top_p")}
+# The paper's selection rule exactly (trained gates, top-3, tau 1, linear A/B mix, the assembled update as is):
+# `--set key=gate --set assembly.mix=linear --set assembly.strength=1`.
+PAPER_RULE = GRID["paper"]
+
+
+def fixes_rule(overrides: dict) -> bool:
+    """Whether settings given explicitly (a --set, a --config file, a bench variant) fix the selection rule."""
+    assembly = overrides.get("assembly")
+    return "key" in overrides or (isinstance(assembly, dict) and any(f in assembly for f in RULE_FIELDS["assembly"]))
+
+
+def with_rule_fixed(overrides: dict) -> dict:
+    """`overrides`, with calibration off if they fix the rule and do not say otherwise."""
+    calibration = overrides.get("calibration", {})  # not a dict: left for the schema to refuse
+    if fixes_rule(overrides) and isinstance(calibration, dict) and "enabled" not in calibration:
+        return {**overrides, "calibration": {**calibration, "enabled": False}}
+    return overrides
