@@ -23,7 +23,7 @@ validation users has no evidence, and declines too (its report says why and what
 
 Costs: rules that differ only in strength share one assembly; "none" and "average" need no forward.
 Rules with gate keys need a second pool whose gates are trained (`Run.key_run("gate")`). The grid
-and the settings are in `settings` (`GRID`, `CalibrationSettings`); the table in `tables`.
+and the settings are in `rules` (`GRID`) and `settings` (`CalibrationSettings`); the table in `tables`.
 """
 
 from __future__ import annotations
