@@ -7,12 +7,16 @@ StudEmo valence, Last.fm tags and ML Anthology titles at 2 seeds each, Amazon Be
 users have one query each), read from ../shared/data (or --data-root). Targets are the most active
 users, so on the real sets every seed scores the same queries with another split, pool and LoRAs.
 
-Resumable: a cell whose OUT/<set>/seed-<n>/results.json exists is skipped, so a later run goes on
-where the last stopped. Each finished cell is copied to benchmarks/results/evidence/<set>-seed<n>/
-(results.json, results.md, the plots, and per-query scores in scores.json; no raw data: no golds or
-predictions). The summary reads those copies: benchmarks/results/evidence/evidence.{md,json,png}.
+Resumable: a cell already copied to benchmarks/results/evidence (or whose OUT/<set>/seed-<n>/results.json
+exists) is skipped, so a later run goes on where the last stopped. Cells run seed by seed (every set's
+first seed before any second one), and a worker skips a cell another worker holds
+(OUT/<set>/seed-<n>.lock), so one worker per core shares the queue. Each finished cell is copied to
+benchmarks/results/evidence/<set>-seed<n>/ (results.json, results.md, the plots, and per-query scores in
+scores.json; no raw data: no golds or predictions). The summary reads those copies:
+benchmarks/results/evidence/evidence.{md,json,png}.
 
-    nice -n 5 python benchmarks/evidence.py [--sets demo studemo ...] [--out runs/evidence] [--summary-only]
+    OMP_NUM_THREADS=1 nice -n 5 python benchmarks/evidence.py [--sets demo studemo ...] [--out runs/evidence]
+    python benchmarks/evidence.py --summary-only
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock, Timeout
 from matplotlib.figure import Figure
 from matplotlib.image import thumbnail
 
@@ -80,11 +85,33 @@ def make_data(args: list[str], src: Path, out: Path, seed: int) -> None:
         raise SystemExit(f"perpcs data {' '.join(argv)} failed:\n{result.output}")
 
 
-def run_cell(name: str, seed: int, out: Path, src: Path, results: Path = RESULTS) -> Path:
+def cells(sets: list[str], seeds: list[int] | None) -> list[tuple[str, int]]:
+    """Seed by seed: every set's first seed before any set's second, so the suite widens before it deepens."""
+    return [(name, SETS[name][0][i]) for i in range(max(len(SETS[n][0]) for n in sets)) for name in sets
+            if i < len(SETS[name][0]) and (seeds is None or SETS[name][0][i] in seeds)]
+
+
+def run_cell(name: str, seed: int, out: Path, src: Path, results: Path = RESULTS) -> Path | None:
+    """Bench the cell (unless done) and copy it to `results`; None if it is already there (run folders do not
+    outlive the machine; the copies are committed) or another worker holds it."""
     folder = out / name / f"seed-{seed}"
+    if (results / f"{name}-seed{seed}" / "scores.json").exists():
+        print(f"skip {name} seed {seed}: kept in {results / f'{name}-seed{seed}'}", flush=True)
+        return None
     if (folder / "results.json").exists():
         print(f"skip {name} seed {seed}: {folder / 'results.json'} exists", flush=True)
-    else:
+        return keep(name, seed, folder, results)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(folder.parent / f"seed-{seed}.lock", timeout=0):
+            return _bench_cell(name, seed, folder, out, src, results)
+    except Timeout:
+        print(f"skip {name} seed {seed}: another worker holds {folder.parent / f'seed-{seed}.lock'}", flush=True)
+        return None
+
+
+def _bench_cell(name: str, seed: int, folder: Path, out: Path, src: Path, results: Path) -> Path:
+    if not (folder / "results.json").exists():  # a worker may have finished it while this one waited
         _, data_args, fields = SETS[name]
         data = out / name / f"data-{seed}"
         make_data(data_args, src, data, seed)
@@ -319,11 +346,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--summary-only", action="store_true", help="only rewrite the summary from the finished cells")
     a = p.parse_args(argv)
     if not a.summary_only:
-        for name in a.sets:
-            for seed in SETS[name][0]:
-                if a.seeds is None or seed in a.seeds:
-                    print(f"copied to {run_cell(name, seed, a.out, a.data_root, a.results)}", flush=True)
-                    write_summary(a.results)
+        for name, seed in cells(a.sets, a.seeds):
+            if (kept := run_cell(name, seed, a.out, a.data_root, a.results)) is not None:
+                print(f"copied to {kept}", flush=True)
+                write_summary(a.results)
     write_summary(a.results)
 
 

@@ -133,6 +133,12 @@ def test_validation_users_are_active_non_sharers_with_half_their_history_at_most
     assert [v.user_id for v in val] == ["u0", "u4", "u1"]  # u2 shares, u3 has 1 item
     assert [len(v.heldout) for v in val] == [4, 3, 1]
     assert val[0].context == users[0].history[:5] and val[0].heldout == users[0].history[5:]
+    # a budget of 5 queries is dealt one per user in turn: 1, 1, 1, then 1, 1 to the two with room
+    dealt = validation_users(users, {"u2"}, CalibrationSettings(max_users=3, items=4, queries=5))
+    assert [len(v.heldout) for v in dealt] == [2, 2, 1]
+    # fewer queries than users: the least active get none and are not validation users
+    assert [v.user_id for v in validation_users(users, {"u2"}, CalibrationSettings(max_users=3, queries=2))] == \
+        ["u0", "u4"]
 
 
 # --- mixing ---

@@ -52,14 +52,21 @@ class ValidationUser(BaseModel):
 
 
 def validation_users(candidates: list[User], sharers: set[str], settings: CalibrationSettings) -> list[ValidationUser]:
-    """The most active candidates that are not sharers (ties by id), each with at least 2 history items."""
+    """The most active candidates that are not sharers (ties by id), each with at least 2 history items; their
+    newest items are dealt out as queries one per user in turn until `settings.queries` are dealt or each user
+    is at its cap (`settings.items`, and half its history)."""
     users = sorted((u for u in candidates if u.user_id not in sharers and len(u.history) >= 2),
                    key=lambda u: (-len(u.history), u.user_id))[: settings.max_users]
-    out = []
-    for u in users:
-        n = min(settings.items, len(u.history) // 2)
-        out.append(ValidationUser(user_id=u.user_id, context=u.history[:-n], heldout=u.history[-n:], profile=u.profile))
-    return out
+    caps = [min(settings.items, len(u.history) // 2) for u in users]
+    held = [0] * len(users)
+    budget = settings.queries
+    while budget > 0 and any(h < c for h, c in zip(held, caps)):
+        for i, cap in enumerate(caps):
+            if budget > 0 and held[i] < cap:
+                held[i] += 1
+                budget -= 1
+    return [ValidationUser(user_id=u.user_id, context=u.history[:-n], heldout=u.history[-n:], profile=u.profile)
+            for u, n in zip(users, held) if n]
 
 
 def selection_metric(task: Task) -> tuple[str, bool]:

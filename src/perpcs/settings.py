@@ -159,8 +159,11 @@ class CalibrationSettings(Settings):
                                                      "always a candidate; rules with gate keys train gates")
     max_users: int = Field(16, ge=1, le=MANY, description="validation users at most: the most active sharer candidates "
                                                  "that are not sharers")
-    items: int = Field(8, ge=1, le=MANY, description="newest history items scored per validation user (at most half of "
-                                            "its history); assembly reads the items before them")
+    items: int = Field(32, ge=1, le=MANY, description="newest history items scored per validation user at most (and "
+                                             "at most half of its history); assembly reads the items before them")
+    queries: int = Field(128, ge=1, le=MANY, description="validation queries in all, dealt one per user in turn (most "
+                                                "active first) until each is at `items` or the budget is spent: few "
+                                                "long users give as much evidence as many short ones")
     alpha: float = Field(0.05, gt=0, lt=1, description="a rule replaces the non-personalized model only if better "
                                                        "on the validation queries at this level (paired, Holm)")
 
@@ -366,7 +369,8 @@ PRESETS = {"paper": PAPER_RULE, "private": {"key_noise": 0.5}}
 # (see README); no retrieval rows and no prime, OPPU on 4 of the 5 targets (the full bench and the evidence
 # suite have them all).
 DEMO_CONFIG = {"users": 48, "queries": 12,
-               "run": {"n_targets": 5, "n_sharers": 6, "task_train": {"steps": 25}, "calibration": {"max_users": 8}},
+               "run": {"n_targets": 5, "n_sharers": 6, "task_train": {"steps": 25},
+                       "calibration": {"max_users": 8, "queries": 64}},
                "methods": ["non_personalized", "peft_retrieval", "oppu", "perpcs"], "oppu_targets": 4,
                "variants": {"perpcs-paper": PAPER_RULE}}
 
