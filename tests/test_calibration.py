@@ -12,6 +12,7 @@ from perpcs.pipeline import Run
 from perpcs.recipe import Recipe, apply_recipe
 from perpcs.rules import GRID, PAPER_RULE, fixes_rule, with_rule_fixed
 from perpcs.settings import CalibrationSettings, RunConfig
+from perpcs.tables import calibration_lines
 from perpcs.tasks import Task
 
 TASK = Task(name="t", kind="classification", labels=["a", "b", "c"], instruction="Tag?")
@@ -228,6 +229,18 @@ def test_a_pool_of_noise_declines_and_targets_get_the_task_model(tmp_path, tiny_
         peft_model.unload()
 
 
+def test_a_pool_of_dp_keys_calibrates_without_gates(tmp_path, tiny_run_config):
+    """`key_noise` (as --preset private sets it) promises DP keys: calibration must not train gates, which are
+    not noised means, and must still run every activation rule (it once crashed on the paper's rule)."""
+    config = tiny_run_config(key_noise=0.5, calibration={"enabled": True, "rules": ["act-cat", "paper"]})
+    run = Run.create(tmp_path / "run", config)
+    run.pipeline()
+    cal = run.calibrate()
+    assert set(cal["candidates"]) == {"none", "act-cat"} and set(cal["left_out"]) == {"paper"}
+    assert not (run.folder / "keys" / "gate").exists() and cal["cost"]["other_key_pool_seconds"] == 0
+    assert "Not a candidate: paper" in " ".join(calibration_lines(cal))
+
+
 def test_grid_has_what_calibration_must_compare():
     assert GRID["paper"] == PAPER_RULE
     assert {GRID[n]["assembly"].get("temperature") for n in GRID if n.startswith("act")} >= {1.0, 4.0, 16.0}
@@ -238,8 +251,6 @@ def test_grid_has_what_calibration_must_compare():
 def test_with_no_validation_users_the_pool_declines_and_says_why(tmp_path, tiny_run_config):
     """Every sharer candidate a sharer: no evidence, so no rule is chosen over the task model; the pipeline
     still finishes, and results say why."""
-    from perpcs.tables import calibration_lines
-
     probe = Run.create(tmp_path / "probe", tiny_run_config())
     everyone = len(probe.split["candidates"])
     run = Run.create(tmp_path / "run", tiny_run_config(calibration={"enabled": True}, n_sharers=everyone))

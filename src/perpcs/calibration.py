@@ -147,6 +147,16 @@ def choose_rule(task: Task, golds: dict[str, str], preds: dict[str, dict[str, st
             "metric": metric, "higher_is_better": higher, "alpha": alpha, "candidates": table}
 
 
+def candidates(config) -> tuple[list[str], dict[str, str]]:
+    """The rules of `config.calibration.rules` to score, and those left out with why. With `key_noise` the pool
+    promises DP keys; a gate is trained, not a noised mean, so rules with gate keys would publish keys the
+    promise does not cover: they are not candidates."""
+    left_out = {n: "key_noise covers activation keys only; gates would not be DP"
+                for n in config.calibration.rules
+                if config.key_noise and GRID[n].get("key", config.key) != "activation" and n != "none"}
+    return [n for n in config.calibration.rules if n not in left_out], left_out
+
+
 def _prompts(task: Task, items: list[Item]) -> list[str]:
     return [task.format_prompt(it.input) for it in items]
 
@@ -159,6 +169,7 @@ def calibrate(run) -> dict:
     from perpcs.assembly import Assembler
 
     s = run.config.calibration
+    rules, left_out = candidates(run.config)
     task = run.data.task
     t0 = time.perf_counter()
     users = validation_users(run.users(run.split["candidates"]), {x.user_id for x in run.select()}, s)
@@ -168,7 +179,7 @@ def calibrate(run) -> dict:
         metric, higher = selection_metric(task)
         return {"chosen": "none", "declined": True, "reason": reason, "best": None, "tied_with_best": [],
                 "metric": metric, "higher_is_better": higher, "alpha": s.alpha, "candidates": {},
-                "rule": GRID["none"], "grid": {n: GRID[n] for n in s.rules},
+                "rule": GRID["none"], "grid": {n: GRID[n] for n in rules}, "left_out": left_out,
                 "validation": {"users": [], "queries": 0, "heldout_items": {}},
                 "cost": {"seconds": time.perf_counter() - t0, "assembly_forwards": 0, "generations": 0},
                 "predictions": {}, "golds": {}}
@@ -186,7 +197,7 @@ def calibrate(run) -> dict:
 
     store("none", answer(model))
     families: dict[tuple, list[str]] = {}  # rules that differ only in strength share one assembly
-    for name in s.rules:
+    for name in rules:
         if name != "none":
             rule = run.config.updated(GRID[name])
             family = (rule.key, rule.assembly.model_copy(update={"strength": 1.0}).model_dump_json())
@@ -207,8 +218,8 @@ def calibrate(run) -> dict:
             assembler.unload()
         for n in names:
             store(n, texts[n])
-    result = choose_rule(task, golds, {n: preds[n] for n in s.rules}, s.alpha, run.config.seed)
-    result.update(rule=GRID[result["chosen"]], grid={n: GRID[n] for n in s.rules},
+    result = choose_rule(task, golds, {n: preds[n] for n in rules}, s.alpha, run.config.seed)
+    result.update(rule=GRID[result["chosen"]], grid={n: GRID[n] for n in rules}, left_out=left_out,
                   validation={"users": [u.user_id for u in users], "queries": len(golds),
                               "heldout_items": {u.user_id: len(u.heldout) for u in users},
                               # how alike validation users and targets are, in what assembly reads
@@ -216,6 +227,6 @@ def calibrate(run) -> dict:
                               "target_history_items_mean": float(np.mean(
                                   [len(t.history) for t in run.users(run.split["targets"])]))},
                   cost={"seconds": time.perf_counter() - t0, "assembly_forwards": forwards,
-                        "generations": len(golds) * len(s.rules)},
+                        "generations": len(golds) * len(rules)},
                   predictions=preds, golds=golds)
     return result

@@ -276,7 +276,7 @@ class Run(RunFolder):
             with self.writing():
                 result = calibrate(self)
                 gate_seconds = sum(self.key_run(k).stats()["build_pool"]["gate_seconds"]
-                                   for k in {self.config.updated(GRID[n]).key for n in self.config.calibration.rules}
+                                   for k in {self.config.updated(GRID[n]).key for n in result["grid"]}
                                    if k != self.config.key)
                 result["cost"]["other_key_pool_seconds"] = gate_seconds
                 write_json(self.pool_path / "calibration.json",

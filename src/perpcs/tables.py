@@ -170,7 +170,8 @@ def calibration_lines(cal: dict, gate_seconds: float | None = None) -> list[str]
              f"({'higher' if cal['higher_is_better'] else 'lower'} is better); a rule must beat none, paired, "
              f"Holm-corrected p < {cal['alpha']}. Cost {cal['cost']['seconds']:.0f} s "
              f"({cal['cost']['assembly_forwards']} assembly forwards, {cal['cost']['generations']} answers)"
-             + (f", plus {gate_seconds:.0f} s of gate training for the rules with gate keys." if gate_seconds else "."),
+             + (f", plus {gate_seconds:.0f} s of gate training for the rules with gate keys." if gate_seconds else ".")
+             + "".join(f" Not a candidate: {n} ({why})." for n, why in cal.get("left_out", {}).items()),
              "", "| rule | " + " | ".join(names)
              + f" | 95% CI ({'per-query ' + metric if metric != 'f1' else 'accuracy'}) "
              "| distinct answers | vs none: diff [CI], p (Holm) | vs the best: p |", "|" + "---|" * (len(names) + 5)]
