@@ -32,6 +32,7 @@ import time
 
 import numpy as np
 from pydantic import BaseModel
+from tqdm.auto import tqdm
 
 from perpcs.data import Item, User
 from perpcs.evaluation import per_query, primary_metric, score
@@ -207,7 +208,7 @@ def calibrate(run) -> dict:
         assembler = Assembler.for_run(model, run.key_pool(rule.key), run.config, rule.assembly)
         texts: dict[str, dict[str, list[str]]] = {n: {} for n in names}
         try:
-            for u in users:
+            for u in tqdm(users, desc=f"calibrate: {', '.join(names)}"):
                 recipe = assembler.recipe(task, tok, u.context, u.profile, user=u.user_id)
                 forwards += rule.assembly.select not in ("all", "none")
                 weights = {pos: dict(chosen) for pos, chosen in recipe.pieces.items()}
