@@ -297,7 +297,7 @@ def write_summary(out: Path = RESULTS) -> dict:
         for seed, t in zip(s["seeds"], s["transfer"]):
             if t:
                 rho = "-" if t["spearman"] is None else f"{t['spearman']:+.2f}"
-                regret = "-" if t["regret"] is None else f"{t['regret']:.3f}"
+                regret = "-" if t["regret"] is None else f"{t['regret'] + 0.0:.3f}"  # + 0.0: no "-0.000"
                 h = t["history_items"]
                 items = "-" if h["validation"] is None else f"{h['validation']:.0f} / {h['targets']:.0f}"
                 lines.append(f"| {n} | {seed} | {t['rules']} | {rho} | {t['validation_best']} | {t['chosen']} | "
