@@ -4,7 +4,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from perpcs.pool import MANIFEST, Pool, share_mask
+from perpcs.pool import MANIFEST, Pool
+from perpcs.selection import share_mask
 from perpcs.utils import sha256_file
 
 R = 2

@@ -27,11 +27,11 @@ from perpcs.export import export_base, export_user
 from perpcs.gates import train_gates
 from perpcs.lora import load_or_train, lora_layers, lora_state
 from perpcs.models import fingerprint, load_base, prepare_base
-from perpcs.pool import Pool, share_mask
+from perpcs.pool import Pool
 from perpcs.recipe import Recipe
 from perpcs.rules import GRID
 from perpcs.runfolder import RunFolder, safe_name, writes
-from perpcs.selection import Selection, save_selection, select_sharers
+from perpcs.selection import Selection, save_selection, select_sharers, share_mask
 from perpcs.settings import SELECTION_STEP, RunConfig, check_later_steps
 from perpcs.training import split_heldout, train_lora
 from perpcs.user_lora import train_user_lora

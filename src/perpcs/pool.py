@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import random
 import secrets
 import sqlite3
 from collections import OrderedDict
@@ -33,8 +31,9 @@ from safetensors.torch import save as save_tensors
 from perpcs.annindex import PREFIX as ANN_PREFIX
 from perpcs.errors import InputError
 from perpcs.keyindex import PREFIX as KEY_INDEX_PREFIX
+from perpcs.selection import share_mask
 from perpcs.settings import KeyKind
-from perpcs.utils import atomic_path, dir_bytes, sha256_file
+from perpcs.utils import atomic_path, dir_bytes, plain_json, sha256_file
 
 FORMAT_VERSION = 1
 KEYS = get_args(KeyKind)
@@ -54,29 +53,6 @@ CREATE TABLE shares (position INTEGER NOT NULL REFERENCES positions(idx),
                      PRIMARY KEY (position, sharer)) WITHOUT ROWID;
 CREATE INDEX shares_by_sharer ON shares (sharer);
 """
-
-
-def share_mask(positions: list[str], rho: float, seed: int, sharer_index: int | str | None = None) -> set[str]:
-    """The positions one sharer shares at sharing ratio `rho`: a seeded random subset of
-    round(rho * n) of them (half rounds up), at least one when rho > 0.
-
-    The reference instead draws, per position, floor(S * rho) sharers; drawing per sharer lets each
-    sharer decide alone, before the pool's size is known. `sharer_index` is any stable key of the
-    sharer (its index or user id); the subset depends only on (seed, sharer_index, positions).
-    """
-    if not 0.0 <= rho <= 1.0:
-        raise ValueError(f"sharing ratio must be in [0, 1], got {rho}")
-    k = min(len(positions), max(int(rho > 0), math.floor(rho * len(positions) + 0.5)))
-    return set(random.Random(f"{seed}:{sharer_index}").sample(list(positions), k))
-
-
-def _jsonable(cfg: dict) -> dict:
-    """LoRA config as plain JSON (peft's to_dict holds sets and enums), so that it compares as stored."""
-    def default(o: Any) -> Any:
-        if isinstance(o, (set, frozenset)):
-            return sorted(o)
-        raise TypeError(f"lora_config: value {o!r} of type {type(o).__name__} is not JSON-serialisable")
-    return json.loads(json.dumps(cfg, sort_keys=True, default=default))
 
 
 class Pool:
@@ -137,7 +113,7 @@ class Pool:
         path = Path(path)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise FileExistsError(f"{path}: exists and is not an empty folder; refusing to create a pool there")
-        lora_config = _jsonable(lora_config)
+        lora_config = plain_json(lora_config)
         r = lora_config.get("r")
         if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
             raise ValueError(f"lora_config: 'r' must be a positive int, got {r!r}")
@@ -197,7 +173,7 @@ class Pool:
             raise ValueError(f"{manifest}: pool was built on base model {self.base_fingerprint!r}, "
                              f"not on the given {base_fingerprint!r}")
         if lora_config is not None:  # only the keys the caller gives are compared
-            given = _jsonable(lora_config)
+            given = plain_json(lora_config)
             diff = [k for k in sorted(given) if self.lora_config.get(k, ...) != given[k]]
             if diff:
                 raise ValueError(f"{manifest}: LoRA config differs from the pool's in {', '.join(diff)} ("

@@ -1,4 +1,5 @@
-"""Step 1: choose the sharers among the candidate users, and find users with similar histories.
+"""Step 1: choose the sharers among the candidate users and the positions each shares (`share_mask`), and find
+users with similar histories.
 
 A user's history embedding is the L2-normalised mean of its items' sentence embeddings
 (item text = input + " " + output). The reference uses mean-pooled DeBERTa-v3-large; we default
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import math
+import random
 from functools import lru_cache
 from pathlib import Path
 
@@ -157,3 +160,17 @@ def nearest_users(query_emb: np.ndarray, candidate_embs: np.ndarray, m: int = 1)
         raise ValueError("cannot compute cosine similarity with a zero vector")
     sims = c @ q / norms
     return [int(i) for i in np.argsort(-sims, kind="stable")[:m]]
+
+
+def share_mask(positions: list[str], rho: float, seed: int, sharer_index: int | str | None = None) -> set[str]:
+    """The positions one sharer shares at sharing ratio `rho`: a seeded random subset of
+    round(rho * n) of them (half rounds up), at least one when rho > 0.
+
+    The reference instead draws, per position, floor(S * rho) sharers; drawing per sharer lets each
+    sharer decide alone, before the pool's size is known. `sharer_index` is any stable key of the
+    sharer (its index or user id); the subset depends only on (seed, sharer_index, positions).
+    """
+    if not 0.0 <= rho <= 1.0:
+        raise ValueError(f"sharing ratio must be in [0, 1], got {rho}")
+    k = min(len(positions), max(int(rho > 0), math.floor(rho * len(positions) + 0.5)))
+    return set(random.Random(f"{seed}:{sharer_index}").sample(list(positions), k))

@@ -250,3 +250,12 @@ def dir_bytes(path: str | os.PathLike) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def plain_json(cfg: dict) -> dict:
+    """A config as plain JSON (peft's LoRA to_dict holds sets), so that it compares equal to what was stored."""
+    def default(o: Any) -> Any:
+        if isinstance(o, (set, frozenset)):
+            return sorted(o)
+        raise TypeError(f"config: value {o!r} of type {type(o).__name__} is not JSON-serialisable")
+    return json.loads(json.dumps(cfg, sort_keys=True, default=default))
