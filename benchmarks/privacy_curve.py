@@ -2,7 +2,8 @@
 protection at several strengths, each with the bench's primary metric (95% bootstrap CI over queries).
 
 From a bench output made with `--methods non_personalized --methods oppu --methods perpcs` (or an evidence
-cell), every point assembles with the bench's own selection rule (the calibrated one, fixed), changing only:
+cell), every point assembles with the bench's own selection rule (the calibrated one, fixed; or --rule NAME,
+a rule of calibration's grid, where the pool declined and so assembles nothing), changing only:
 - the paper's gates as keys (a run derived with key=gate: the same sharers and LoRAs);
 - `key_noise` at each --noise z (a run derived with key_noise=z: the same sharer LoRAs, DP keys);
 - a minimum mix at each --top-k k (assembly.top_k=k: k sharers' pieces at every position), and any other
@@ -31,7 +32,7 @@ from perpcs.evaluation import per_query, primary_metric, read_lamp_outputs
 from perpcs.overrides import parse_variants
 from perpcs.pipeline import Run
 from perpcs.privacy import PrivacySettings, privacy
-from perpcs.rules import RULE_FIELDS
+from perpcs.rules import GRID, RULE_FIELDS
 from perpcs.settings import BenchSettings
 from perpcs.stats import bootstrap_ci
 from perpcs.utils import deep_merge, read_json, write_json, write_text
@@ -58,20 +59,23 @@ def utility(run: Run, out: Path) -> dict:
             "n": len(scores)}
 
 
-def fixed_rule(run: Run) -> dict:
-    """The run's selection rule (the one calibration chose, if on) as settings, calibration off: every point
-    assembles as the bench's Per-Pcs did, apart from what the point changes."""
+def fixed_rule(run: Run, name: str | None = None) -> dict:
+    """The run's selection rule (the one calibration chose, if on), or the grid rule `name`, as settings,
+    calibration off: every point assembles as the bench's Per-Pcs did, apart from what the point changes."""
+    if name:
+        return deep_merge(GRID[name], {"calibration": {"enabled": False}})
     rule = run.rule
     return {"key": rule.key, "assembly": {f: getattr(rule.assembly, f) for f in RULE_FIELDS["assembly"]},
             "calibration": {"enabled": False}}
 
 
-def point(bench_out: Path, label: str, overrides: dict) -> Path:
-    """A run derived from the bench's with its rule and `overrides`, finished, and its utility (kept: not redone)."""
-    folder = bench_out / "privacy" / label
+def point(bench_out: Path, label: str, overrides: dict, rule: str | None = None) -> Path:
+    """A run derived from the bench's with its rule (or `rule`) and `overrides`, finished, and its utility
+    (kept: not redone)."""
+    folder = bench_out / "privacy" / (label if rule is None else f"{rule}/{label}")
     if not (folder / "utility.json").exists():
         base = Run(bench_out / "run")
-        run = base.derive(folder / "run", base.config.updated(deep_merge(fixed_rule(base), overrides)))
+        run = base.derive(folder / "run", base.config.updated(deep_merge(fixed_rule(base, rule), overrides)))
         run.pipeline()
         write_json(folder / "utility.json", {"settings": overrides, "utility": utility(run, folder)})
         del run.merged  # one model in memory at a time
@@ -139,6 +143,9 @@ def main() -> None:
     ap.add_argument("--dp-noise", type=float, nargs="*", default=[], help="DP-SGD noise multipliers of sharer LoRAs")
     ap.add_argument("--point", nargs="*", default=[], help="NAME:KEY=VALUE,... other assembly points")
     ap.add_argument("--gate", action=argparse.BooleanOptionalAction, default=True, help="the gate-key point")
+    ap.add_argument("--rule", choices=[n for n in GRID if n != "none"],
+                    help="assemble every point with this rule of the grid, not the bench's: where calibration "
+                         "declined, the bench assembles nothing and no protection could change its utility")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where the result files go")
     ap.add_argument("--points-only", action="store_true", help="make these points and stop (to run them in parallel)")
     args = ap.parse_args()
@@ -148,18 +155,20 @@ def main() -> None:
              **{f"key_noise={z:g}": {"key": "activation", "key_noise": z} for z in args.noise},
              **{f"top_k={k}": {"assembly": {"top_k": k}} for k in args.top_k}, **parse_variants(args.point)}
     dp_specs = {f"dp_noise={z:g}": {"sharer_train": {"dp_noise": z}} for z in args.dp_noise}
-    folders = {name: point(out, name.replace(" ", "-"), spec) for name, spec in specs.items()}
-    dp_folders = {name: point(out, name, spec) for name, spec in dp_specs.items()}
+    folders = {name: point(out, name.replace(" ", "-"), spec, args.rule) for name, spec in specs.items()}
+    dp_folders = {name: point(out, name, spec, args.rule) for name, spec in dp_specs.items()}
+    # the unprotected point: the bench's own Per-Pcs, or a run derived with --rule
+    base = out / "privacy" / "none" if args.rule is None else point(out, "none", {}, args.rule)
     if args.points_only:
         return
     oppu = out / "run" / "oppu"
-    found = attacked(out / "run", out / "privacy" / "attacks", oppu, {name: f / "run" for name, f in folders.items()})
-    attacks = out / "privacy" / "attacks"
+    base_run = out / "run" if args.rule is None else base / "run"
+    attacks = base.parent / "attacks"
+    found = attacked(base_run, attacks, oppu, {name: f / "run" for name, f in folders.items()})
     for suffix in ("json", "png"):
         shutil.copy(attacks / f"privacy.{suffix}", results / f"privacy-{args.name}-attacks.{suffix}")
     write_text(results / f"privacy-{args.name}-attacks.md", (attacks / "privacy.md").read_text().replace(
         "(privacy.png)", f"(privacy-{args.name}-attacks.png)"))
-    base = out / "privacy" / "none"
     if not (base / "utility.json").exists():  # the bench's own Per-Pcs, scored (generated here if the bench has not)
         scored = out if (out / "preds" / "perpcs.json").exists() and (out / "golds.json").exists() else base
         write_json(base / "utility.json", {"settings": {}, "utility": utility(Run(out / "run"), scored)})
@@ -172,13 +181,14 @@ def main() -> None:
     head = ["protection", "key epsilon per key / all keys (delta 1e-5)", "LoRA epsilon (DP-SGD, delta 1e-5)",
             f"Per-Pcs {metric} [95% CI]", *(f"{c} AUROC [CI] / TPR@1%FPR" for c in COLUMNS),
             "dominant label from keys"]
-    run = Run(out / "run")
+    run = Run(base_run)
+    rule = f"--rule {args.rule}" if args.rule else "of the bench"
     md = [f"# privacy/utility on {args.name} ({run.data.task.name}, {len(run.split['targets'])} targets, "
           f"{len(run.select())} sharers)",
           "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *map(row, points), "",
           f"Attacks: `perpcs privacy` with {json.dumps(SETTINGS.model_dump())} (all attacks: "
           f"privacy-{args.name}-attacks.md); utility: Per-Pcs's {metric} on the run's targets' queries, with the "
-          f"bench's selection rule ({json.dumps(fixed_rule(run))}). Key and mix points share the bench's LoRAs "
+          f"selection rule {rule} ({json.dumps(fixed_rule(run))}). Key and mix points share the bench's LoRAs "
           "(their piece attacks are the bench's: '-'); DP-SGD points have their own.",
           "", f"![privacy/utility](privacy-{args.name}.png)", ""]
     write_json(results / f"privacy-{args.name}.json", {"bench": str(out), "points": points})
