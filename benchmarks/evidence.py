@@ -328,7 +328,7 @@ def forest_plot(sets: dict, path: Path) -> None:
                         color=colour, capsize=3, alpha=1.0 if c["p"] < 0.05 else 0.45)
         ax.axvline(0, color="grey", lw=0.8)
         ax.set_yticks(range(len(rows)), [k + (" (calibrated)" if k == "perpcs" else "") for k, _ in rows], fontsize=7)
-        ratio = f", OPPU/assembly {_ratio(s)}" if s["time_ratio"] else ""
+        ratio = f"\nOPPU/assembly {_ratio(s)}" if s["time_ratio"] else ""
         ax.set_title(f"{n}: {s['metric']['name']}, {s['queries']} queries{ratio}\n"
                      f"chosen: {', '.join(map(str, s['chosen']))}", fontsize=8)
         ax.set_xlabel("difference to non_personalized (right is better); faded: p >= 0.05", fontsize=7)
