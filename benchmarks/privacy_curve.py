@@ -20,6 +20,7 @@ privacy-NAME-attacks.{json,md,png}. Usage:
 """
 
 import argparse
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -63,7 +64,7 @@ def fixed_rule(run: Run, name: str | None = None) -> dict:
     """The run's selection rule (the one calibration chose, if on), or the grid rule `name`, as settings,
     calibration off: every point assembles as the bench's Per-Pcs did, apart from what the point changes."""
     if name:
-        return deep_merge(GRID[name], {"calibration": {"enabled": False}})
+        return deep_merge(copy.deepcopy(GRID[name]), {"calibration": {"enabled": False}})  # merges in place
     rule = run.rule
     return {"key": rule.key, "assembly": {f: getattr(rule.assembly, f) for f in RULE_FIELDS["assembly"]},
             "calibration": {"enabled": False}}
