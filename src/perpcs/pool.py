@@ -113,7 +113,7 @@ class Pool:
         path = Path(path)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise FileExistsError(f"{path}: exists and is not an empty folder; refusing to create a pool there")
-        lora_config = plain_json(lora_config)
+        lora_config = plain_json(lora_config, "lora_config")
         r = lora_config.get("r")
         if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
             raise ValueError(f"lora_config: 'r' must be a positive int, got {r!r}")
@@ -173,7 +173,7 @@ class Pool:
             raise ValueError(f"{manifest}: pool was built on base model {self.base_fingerprint!r}, "
                              f"not on the given {base_fingerprint!r}")
         if lora_config is not None:  # only the keys the caller gives are compared
-            given = plain_json(lora_config)
+            given = plain_json(lora_config, "lora_config")
             diff = [k for k in sorted(given) if self.lora_config.get(k, ...) != given[k]]
             if diff:
                 raise ValueError(f"{manifest}: LoRA config differs from the pool's in {', '.join(diff)} ("

@@ -252,10 +252,11 @@ def dir_bytes(path: str | os.PathLike) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def plain_json(cfg: dict) -> dict:
-    """A config as plain JSON (peft's LoRA to_dict holds sets), so that it compares equal to what was stored."""
+def plain_json(cfg: dict, name: str = "config") -> dict:
+    """A config as plain JSON (peft's LoRA to_dict holds sets), so that it compares equal to what was stored;
+    `name` is the setting an error names."""
     def default(o: Any) -> Any:
         if isinstance(o, (set, frozenset)):
             return sorted(o)
-        raise TypeError(f"config: value {o!r} of type {type(o).__name__} is not JSON-serialisable")
+        raise TypeError(f"{name}: value {o!r} of type {type(o).__name__} is not JSON-serialisable")
     return json.loads(json.dumps(cfg, sort_keys=True, default=default))
