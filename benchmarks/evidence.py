@@ -7,6 +7,10 @@ StudEmo valence, Last.fm tags and ML Anthology titles at 2 seeds each, Amazon Be
 users have one query each), read from ../shared/data (or --data-root). Targets are the most active
 users, so on the real sets every seed scores the same queries with another split, pool and LoRAs.
 
+After the suite, pool checks: `demo-12sharers` is each demo cell again with 12 sharers, derived from the demo
+cell's run (only the 6 new sharers train), to test whether the pool's coverage of the targets' taste groups is what
+limits the share of OPPU's gain; synthetic cells also keep coverage.json (per target, the sharers of its group).
+
 Resumable: a cell already copied to benchmarks/results/evidence (or whose OUT/<set>/seed-<n>/results.json
 exists) is skipped, so a later run goes on where the last stopped. Cells run seed by seed (every set's
 first seed before any second one), and a worker skips a cell another worker holds
@@ -69,6 +73,15 @@ SETS: dict[str, tuple[tuple[int, ...], list[str], dict]] = {
                         "--out", "{out}"],
                {"n_targets": 20, "n_sharers": 6}),
 }
+# name -> (source set, RunConfig fields changed): the source's cells again with a larger pool, derived from each
+# source cell's run (same data, task model, split, OPPU and shared sharers' LoRAs; only new sharers train). Not part
+# of the suite's checks: it tests whether the pool's coverage of the targets limits the share of OPPU's gain.
+POOL_CHECKS: dict[str, tuple[str, dict]] = {"demo-12sharers": ("demo", {"n_sharers": 12})}
+ALL = [*SETS, *POOL_CHECKS]
+
+
+def seeds_of(name: str) -> tuple[int, ...]:
+    return SETS[POOL_CHECKS[name][0] if name in POOL_CHECKS else name][0]
 
 
 def make_data(args: list[str], src: Path, out: Path, seed: int) -> None:
@@ -86,9 +99,12 @@ def make_data(args: list[str], src: Path, out: Path, seed: int) -> None:
 
 
 def cells(sets: list[str], seeds: list[int] | None) -> list[tuple[str, int]]:
-    """Seed by seed: every set's first seed before any set's second, so the suite widens before it deepens."""
-    return [(name, SETS[name][0][i]) for i in range(max(len(SETS[n][0]) for n in sets)) for name in sets
-            if i < len(SETS[name][0]) and (seeds is None or SETS[name][0][i] in seeds)]
+    """Seed by seed: every set's first seed before any set's second, so the suite widens before it deepens; the pool
+    checks after the suite."""
+    def order(group: list[str]) -> list[tuple[str, int]]:
+        return [(n, seeds_of(n)[i]) for i in range(max((len(seeds_of(n)) for n in group), default=0)) for n in group
+                if i < len(seeds_of(n)) and (seeds is None or seeds_of(n)[i] in seeds)]
+    return order([n for n in sets if n in SETS]) + order([n for n in sets if n in POOL_CHECKS])
 
 
 def run_cell(name: str, seed: int, out: Path, src: Path, results: Path = RESULTS) -> Path | None:
@@ -112,16 +128,41 @@ def run_cell(name: str, seed: int, out: Path, src: Path, results: Path = RESULTS
 
 def _bench_cell(name: str, seed: int, folder: Path, out: Path, src: Path, results: Path) -> Path:
     if not (folder / "results.json").exists():  # a worker may have finished it while this one waited
-        _, data_args, fields = SETS[name]
-        data = out / name / f"data-{seed}"
+        source, changed = POOL_CHECKS.get(name, (name, {}))
+        _, data_args, fields = SETS[source]
+        data = out / source / f"data-{seed}"
         make_data(data_args, src, data, seed)
         print(f"cell {name} seed {seed}: bench into {folder}", flush=True)
         t0 = time.perf_counter()
-        config = RunConfig(data=str(data), seed=seed, **fields)
+        config = RunConfig(data=str(data), seed=seed, **fields).updated(changed)
+        if changed:
+            derive(out / source / f"seed-{seed}" / "run", folder / "run", config)
         settings = BenchSettings(methods=METHODS, variants={n: GRID[n] for n in FIXED}, oppu_targets=4)
         bench(data, folder, config, settings)
         print(f"cell {name} seed {seed}: done in {time.perf_counter() - t0:.0f} s", flush=True)
     return keep(name, seed, folder, results)
+
+
+def derive(src: Path, dst: Path, config: RunConfig) -> None:
+    """Start `dst` from the source cell's finished run, as benchmarks/rebench.py does; without one (run folders do
+    not outlive the machine) the bench starts from scratch, which the seed makes the same task model and split."""
+    from perpcs.pipeline import Run
+
+    if (dst / "run.json").exists() or not (src.parent / "results.json").exists():
+        return
+    Run(src).derive(dst, config)
+    (dst / "oppu").symlink_to((src / "oppu").resolve())
+
+
+def coverage(folder: Path) -> dict | None:
+    """Synthetic data only (its groups.json is the truth): per target, its group and how many sharers share it."""
+    groups_file = Path(read_json(folder / "run" / "run.json")["data"]) / "groups.json"
+    if not groups_file.exists():
+        return None
+    groups = read_json(groups_file)
+    sharers = [s["user_id"] for s in read_json(folder / "run" / "selection.json")]
+    return {t: {"group": groups[t], "same_group_sharers": sum(groups[s] == groups[t] for s in sharers)}
+            for t in read_json(folder / "run" / "split.json")["targets"]}
 
 
 def keep(name: str, seed: int, folder: Path, results: Path) -> Path:
@@ -130,6 +171,8 @@ def keep(name: str, seed: int, folder: Path, results: Path) -> Path:
     dst.mkdir(parents=True, exist_ok=True)
     results = read_json(folder / "results.json")
     write_json(dst / "scores.json", folder_scores(folder, results["dataset"], results["methods"]))
+    if (cov := coverage(folder)) is not None:
+        write_json(dst / "coverage.json", cov)
     for f in ("results.json", "results.md", "results.png", "selection.png", "selection-paper.png"):
         if (folder / f).exists():
             with atomic_path(dst / f) as tmp:
@@ -242,16 +285,19 @@ def _yes(v) -> str:
 
 
 def write_summary(out: Path = RESULTS) -> dict:
-    sets = {}
-    for name in SETS:
+    every = {}
+    for name in ALL:
         cells = sorted(c for c in out.glob(f"{name}-seed*") if (c / "scores.json").exists())
         if cells:
-            sets[name] = summarize_set(name, cells)
+            every[name] = summarize_set(name, cells)
+    sets = {n: s for n, s in every.items() if n in SETS}  # the suite; the pool checks are reported beside it
     if not sets:
         raise SystemExit(f"no finished cells in {out}")
     shares = [s["checks"]["share_of_oppu_gain"] for s in sets.values() if s["checks"]["share_of_oppu_gain"] is not None]
     done = {n: len(s["seeds"]) == len(SETS[n][0]) for n, s in sets.items()}
-    summary = {"sets": sets, "complete": all(done.values()) and len(sets) == len(SETS),
+    summary = {"sets": sets, "pool_checks": {n: s for n, s in every.items() if n in POOL_CHECKS},
+               "coverage": {n: c for n in every if (c := coverage_table(out, n))},
+               "complete": all(done.values()) and len(sets) == len(SETS),
                "mean_share_of_oppu_gain": statistics.mean(shares) if shares else None,
                "peft_retrieval_at_least_as_good": sum(bool(s["checks"]["calibrated_at_least_as_good_as_peft_retrieval"])
                                                       for s in sets.values())}
@@ -264,7 +310,7 @@ def write_summary(out: Path = RESULTS) -> dict:
              "the other fixed rules are calibration's grid, run on the targets too.", "",
              *_header("set", "metric", "queries", "calibrated choice per seed", "perpcs", "non_personalized",
                       "peft_retrieval", "oppu", "best fixed rule", "OPPU/assembly time")]
-    for n, s in sets.items():
+    for n, s in every.items():
         m = s["methods"]
 
         def cell(k: str) -> str:
@@ -279,7 +325,7 @@ def write_summary(out: Path = RESULTS) -> dict:
     lines += ["", "Differences are to non_personalized, in the metric's units (for MAE, negative is better).", "",
               *_header("set", "any method significantly above NP", "calibrated too", "calibrated not worse than NP",
                        "not worse than best fixed", ">= peft_retrieval", "share of OPPU's gain")]
-    for n, s in sets.items():
+    for n, s in every.items():
         c = s["checks"]
         lines.append(f"| {n} | {', '.join(c['significant_winners_vs_np']) or 'none'} | "
                      f"{_yes(c['calibrated_significant_vs_np_where_any_is'])} | "
@@ -293,7 +339,7 @@ def write_summary(out: Path = RESULTS) -> dict:
               "minus the chosen one's).", "",
               *_header("set", "seed", "rules", "rho", "best on validation", "chosen", "best on targets", "regret",
                        "history items (validation / targets)")]
-    for n, s in sets.items():
+    for n, s in every.items():
         for seed, t in zip(s["seeds"], s["transfer"]):
             if t:
                 rho = "-" if t["spearman"] is None else f"{t['spearman']:+.2f}"
@@ -306,12 +352,53 @@ def write_summary(out: Path = RESULTS) -> dict:
     lines += ["", f"At least as good as peft_retrieval on {summary['peft_retrieval_at_least_as_good']} of "
               f"{len(sets)} sets; mean share of OPPU's gain over the sets where OPPU beats NP significantly: "
               + ("-" if share is None else f"{share:.0%}") + ".",
+              *coverage_lines(summary["coverage"]),
               "", "![forest plot: paired difference to non_personalized per method and set](evidence.png)", ""]
     write_json(out / "evidence.json", summary)
     write_text(out / "evidence.md", "\n".join(lines))
-    forest_plot(sets, out / "evidence.png")
+    forest_plot(every, out / "evidence.png")
     print(f"wrote {out / 'evidence.md'}, {out / 'evidence.json'} and {out / 'evidence.png'}")
     return summary
+
+
+def coverage_table(out: Path, name: str) -> list[dict] | None:
+    """Over a synthetic set's cells, OPPU's queries grouped by how many sharers share the target's group (0, 1, 2+):
+    non_personalized, perpcs and OPPU there, and perpcs's share of OPPU's gain."""
+    rows: dict[int, dict[str, list[float]]] = {}
+    targets: dict[int, set[str]] = {}
+    for cell in sorted(out.glob(f"{name}-seed*")):
+        if not (cell / "coverage.json").exists() or not (cell / "scores.json").exists():
+            continue
+        cov, scores = read_json(cell / "coverage.json"), read_json(cell / "scores.json")
+        for q in scores.get("oppu", {}):
+            target = next(t for t in cov if q.startswith(f"{t}-"))
+            n = min(cov[target]["same_group_sharers"], 2)
+            targets.setdefault(n, set()).add(f"{cell.name}/{target}")
+            for m in ("non_personalized", "perpcs", "oppu"):
+                rows.setdefault(n, {}).setdefault(m, []).append(scores[m][q])
+    table = []
+    for n in sorted(rows):
+        means = {m: statistics.mean(v) for m, v in rows[n].items()}
+        gain = means["oppu"] - means["non_personalized"]
+        table.append({"same_group_sharers": n, "targets": len(targets[n]), "queries": len(rows[n]["oppu"]), **means,
+                      "share_of_oppu_gain": (means["perpcs"] - means["non_personalized"]) / gain if gain > 0 else None})
+    return table or None
+
+
+def coverage_lines(tables: dict[str, list[dict]]) -> list[str]:
+    if not tables:
+        return []
+    lines = ["", "Synthetic sets only (groups.json is the truth): OPPU's queries by how many sharers share the "
+             "target's taste group. Per-Pcs can only assemble what the pool holds; OPPU learns from the target.", "",
+             *_header("set", "same-group sharers", "targets", "queries", "non_personalized", "perpcs", "oppu",
+                      "share of OPPU's gain")]
+    for n, table in tables.items():
+        for r in table:
+            share = "-" if r["share_of_oppu_gain"] is None else f"{r['share_of_oppu_gain']:.0%}"
+            lines.append(f"| {n} | {r['same_group_sharers']}{'+' if r['same_group_sharers'] == 2 else ''} | "
+                         f"{r['targets']} | {r['queries']} | {r['non_personalized']:.3f} | {r['perpcs']:.3f} | "
+                         f"{r['oppu']:.3f} | {share} |")
+    return lines
 
 
 def forest_plot(sets: dict, path: Path) -> None:
@@ -338,7 +425,8 @@ def forest_plot(sets: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sets", nargs="*", default=list(SETS), choices=list(SETS))
+    p.add_argument("--sets", nargs="*", default=ALL, choices=ALL,
+                   help="the suite's sets, then the pool checks (" + ", ".join(POOL_CHECKS) + ")")
     p.add_argument("--seeds", nargs="*", type=int, help="only these seeds (default: each set's)")
     p.add_argument("--out", type=Path, default=Path("runs/evidence"), help="where the cells' runs go")
     p.add_argument("--data-root", type=Path, default=ROOT.parent.parent / "shared" / "data")
