@@ -155,14 +155,20 @@ def derive(src: Path, dst: Path, config: RunConfig) -> None:
 
 
 def coverage(folder: Path) -> dict | None:
-    """Synthetic data only (its groups.json is the truth): per target, its group and how many sharers share it."""
+    """Synthetic data only (its groups.json is the truth): per target, its group, how many sharers share it, and
+    the chance that as many sharers drawn at random from the candidates would include none (hypergeometric)."""
+    from scipy.stats import hypergeom
+
     groups_file = Path(read_json(folder / "run" / "run.json")["data"]) / "groups.json"
     if not groups_file.exists():
         return None
     groups = read_json(groups_file)
     sharers = [s["user_id"] for s in read_json(folder / "run" / "selection.json")]
-    return {t: {"group": groups[t], "same_group_sharers": sum(groups[s] == groups[t] for s in sharers)}
-            for t in read_json(folder / "run" / "split.json")["targets"]}
+    split = read_json(folder / "run" / "split.json")
+    return {t: {"group": groups[t], "same_group_sharers": sum(groups[s] == groups[t] for s in sharers),
+                "none_at_random": float(hypergeom.pmf(0, len(split["candidates"]), sum(
+                    groups[c] == groups[t] for c in split["candidates"]), len(sharers)))}
+            for t in split["targets"]}
 
 
 def keep(name: str, seed: int, folder: Path, results: Path) -> Path:
@@ -361,15 +367,18 @@ def write_summary(out: Path = RESULTS) -> dict:
     return summary
 
 
-def coverage_table(out: Path, name: str) -> list[dict] | None:
+def coverage_table(out: Path, name: str) -> dict | None:
     """Over a synthetic set's cells, OPPU's queries grouped by how many sharers share the target's group (0, 1, 2+):
     non_personalized, perpcs and OPPU there, and perpcs's share of OPPU's gain."""
     rows: dict[int, dict[str, list[float]]] = {}
     targets: dict[int, set[str]] = {}
+    uncovered, at_random = 0, 0.0
     for cell in sorted(out.glob(f"{name}-seed*")):
         if not (cell / "coverage.json").exists() or not (cell / "scores.json").exists():
             continue
         cov, scores = read_json(cell / "coverage.json"), read_json(cell / "scores.json")
+        uncovered += sum(c["same_group_sharers"] == 0 for c in cov.values())
+        at_random += sum(c.get("none_at_random", float("nan")) for c in cov.values())
         for q in scores.get("oppu", {}):
             target = next(t for t in cov if q.startswith(f"{t}-"))
             n = min(cov[target]["same_group_sharers"], 2)
@@ -382,10 +391,12 @@ def coverage_table(out: Path, name: str) -> list[dict] | None:
         gain = means["oppu"] - means["non_personalized"]
         table.append({"same_group_sharers": n, "targets": len(targets[n]), "queries": len(rows[n]["oppu"]), **means,
                       "share_of_oppu_gain": (means["perpcs"] - means["non_personalized"]) / gain if gain > 0 else None})
-    return table or None
+    if not table:
+        return None
+    return {"rows": table, "targets_without_group_sharer": uncovered, "expected_at_random": at_random}
 
 
-def coverage_lines(tables: dict[str, list[dict]]) -> list[str]:
+def coverage_lines(tables: dict[str, dict]) -> list[str]:
     if not tables:
         return []
     lines = ["", "Synthetic sets only (groups.json is the truth): OPPU's queries by how many sharers share the "
@@ -393,11 +404,15 @@ def coverage_lines(tables: dict[str, list[dict]]) -> list[str]:
              *_header("set", "same-group sharers", "targets", "queries", "non_personalized", "perpcs", "oppu",
                       "share of OPPU's gain")]
     for n, table in tables.items():
-        for r in table:
+        for r in table["rows"]:
             share = "-" if r["share_of_oppu_gain"] is None else f"{r['share_of_oppu_gain']:.0%}"
             lines.append(f"| {n} | {r['same_group_sharers']}{'+' if r['same_group_sharers'] == 2 else ''} | "
                          f"{r['targets']} | {r['queries']} | {r['non_personalized']:.3f} | {r['perpcs']:.3f} | "
                          f"{r['oppu']:.3f} | {share} |")
+    lines += ["", "Targets with no sharer of their group, against the number expected had the sharers been drawn at "
+              "random from the candidates: " + "; ".join(f"{n} {t['targets_without_group_sharer']} against "
+                                                        f"{t['expected_at_random']:.1f}" for n, t in tables.items())
+              + "."]
     return lines
 
 
