@@ -257,7 +257,9 @@ def summarize_set(name: str, cells: list[Path]) -> dict:
         "seeds": [r["seed"] for r in runs], "queries": len(pooled["perpcs"]),
         "chosen": [r.get("calibration", {}).get("chosen") for r in runs],
         "validation_queries": [r.get("calibration", {}).get("validation", {}).get("queries") for r in runs],
-        "time_ratio": [r["alternating_costs"]["time_ratio"]["median"] for r in runs if "alternating_costs" in r],
+        # a seed whose pool declined assembles nothing (no forward), so its ratio says nothing about assembly
+        "time_ratio": [r["alternating_costs"]["time_ratio"]["median"] for r in runs if "alternating_costs" in r
+                       and r.get("calibration", {}).get("chosen") != "none"],
         "transfer": [transfer(r) for r in runs],
         "methods": {m: {"mean": s["mean"], "ci": s["ci"], "n": s["n"],
                         "vs_np": vs(m, np_ref) if m != np_ref else None} for m, s in st.items()},
