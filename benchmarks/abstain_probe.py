@@ -18,7 +18,9 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from perpcs.assembly import Assembler
+from perpcs.evaluation import per_query, resolve_task
 from perpcs.pipeline import Run
+from perpcs.report import folder_scores
 from perpcs.utils import read_json, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -52,20 +54,21 @@ def user_scores(cell: Path) -> dict[str, dict]:
 
 
 def correct(cell: Path, rule: str) -> dict[str, dict[str, list[float]]]:
-    """Per user: the task model's and the rule's per-query scores (validation: calibration's; targets: the bench's)."""
+    """Per user: the task model's and the rule's per-query scores (validation: calibration's predictions; targets:
+    the bench's), each by the task's own per-query metric."""
     cal = read_json(cell / "run" / "calibration.json")
-    per: dict[str, dict[str, list[float]]] = {}
-    for q, gold in cal["golds"].items():
-        p = per.setdefault(q.split("#")[0], {"none": [], "rule": []})
-        p["none"].append(float(cal["predictions"]["none"][q].strip() == gold.strip()))
-        p["rule"].append(float(cal["predictions"][rule][q].strip() == gold.strip()))
     results = read_json(cell / "results.json")
-    from perpcs.report import folder_scores
-    scores = folder_scores(cell, results["dataset"], results["methods"])
-    for q, v in scores["perpcs"].items():
-        p = per.setdefault(q.rsplit("-q", 1)[0], {"none": [], "rule": []})
-        p["none"].append(scores["non_personalized"][q])
-        p["rule"].append(v)
+    task = resolve_task(results["dataset"])
+    scores = folder_scores(cell, results["dataset"], ["non_personalized", "perpcs"])
+    by_user = [("#", {"none": per_query(task, cal["golds"], cal["predictions"]["none"]),
+                      "rule": per_query(task, cal["golds"], cal["predictions"][rule])}),
+               ("-q", {"none": scores["non_personalized"], "rule": scores["perpcs"]})]
+    per: dict[str, dict[str, list[float]]] = {}
+    for sep, columns in by_user:
+        for q in columns["rule"]:
+            p = per.setdefault(q.rsplit(sep, 1)[0], {"none": [], "rule": []})
+            for name, values in columns.items():
+                p[name].append(values[q])
     return per
 
 
