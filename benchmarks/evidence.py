@@ -380,7 +380,7 @@ def coverage_table(out: Path, name: str) -> dict | None:
             continue
         cov, scores = read_json(cell / "coverage.json"), read_json(cell / "scores.json")
         uncovered += sum(c["same_group_sharers"] == 0 for c in cov.values())
-        at_random += sum(c.get("none_at_random", float("nan")) for c in cov.values())
+        at_random += sum(c["none_at_random"] for c in cov.values())
         for q in scores.get("oppu", {}):
             target = next(t for t in cov if q.startswith(f"{t}-"))
             n = min(cov[target]["same_group_sharers"], 2)
