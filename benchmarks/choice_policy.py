@@ -1,0 +1,86 @@
+"""Is calibration's choice what keeps the calibrated default from OPPU, or is it the grid and the pool?
+
+Reads the evidence cells (benchmarks/results/evidence/<set>-seed<n>/, no model runs) and scores, per set over its
+seeds, three ways of picking one rule of the grid per seed, each with the targets' per-query scores the cells
+already hold (every rule of the grid ran on the targets):
+- `calibrated`: calibration's choice (the simplest rule tied with the validation users' best; the `perpcs` row);
+- `validation best`: the validation users' best rule outright, no tie-break (none where calibration declined);
+- `targets' best`: the rule best on the targets themselves. An oracle no pool can have: the most any choice of
+  this grid could give, so a gap to OPPU that it leaves is the grid's and the pool's, not the choice's.
+
+    python benchmarks/choice_policy.py   # results/evidence/choice-policy.{md,json}
+"""
+
+from __future__ import annotations
+
+from evidence import ALL, POOL_CHECKS, RESULTS, _pooled
+from perpcs.stats import gain_share, paired
+from perpcs.utils import read_json, write_json, write_text
+
+POLICIES = ("calibrated", "validation best", "targets' best")
+
+
+def picks(run: dict) -> dict[str, str]:
+    """Per policy, the method row (a grid rule or non_personalized) that it picks for this seed."""
+    cal = run["calibration"]
+    sign = 1 if run["primary_metric"]["higher_is_better"] else -1
+    primary = run["primary_metric"]["name"]
+    rows = {n: "non_personalized" if n == "none" else n for n in cal["candidates"]}
+    oracle = max((n for n in rows if rows[n] in run["methods"]),
+                 key=lambda n: sign * run["methods"][rows[n]]["metrics"][primary])
+    return {"calibrated": rows[cal["chosen"]], "validation best": rows[cal.get("best") or "none"],
+            "targets' best": rows[oracle]}
+
+
+def policy_set(name: str) -> dict | None:
+    cells = sorted(c for c in RESULTS.glob(f"{name}-seed*") if (c / "scores.json").exists())
+    if not cells:
+        return None
+    first, pooled = _pooled(cells)
+    higher = first["primary_metric"]["higher_is_better"]
+    runs = [read_json(c / "results.json") for c in cells]
+    out = {"seeds": [r["seed"] for r in runs], "picks": {p: [] for p in POLICIES}, "policies": {}}
+    scores: dict[str, dict[str, float]] = {p: {} for p in POLICIES}
+    for run in runs:
+        for policy, row in picks(run).items():
+            out["picks"][policy].append(row)
+            scores[policy].update({q: v for q, v in pooled[row].items() if q.split("/")[0] == str(run["seed"])})
+    oppu = set(pooled.get("oppu", {}))
+    means = {m: sum(pooled[m][q] for q in oppu) / len(oppu) for m in ("non_personalized", "oppu")} if oppu else {}
+    vs_oppu = paired(pooled["oppu"], pooled["non_personalized"], higher) if oppu else None
+    out["oppu_beats_np"] = bool(vs_oppu and (vs_oppu["diff"] > 0) == higher and vs_oppu["p"] < 0.05)
+    for policy, s in scores.items():
+        share = gain_share({**means, policy: sum(s[q] for q in oppu) / len(oppu)}, policy, higher) if oppu else None
+        out["policies"][policy] = {"mean": sum(s.values()) / len(s), "n": len(s),
+                                   "vs_np": paired(s, pooled["non_personalized"], higher), "gain_share": share}
+    # the calibrated policy must reproduce the suite's own `perpcs` row, or the picks are read wrong
+    assert scores["calibrated"] == pooled["perpcs"], f"{name}: calibrated picks do not match the perpcs row"
+    return out
+
+
+def main() -> None:
+    sets = {n: s for n in ALL if (s := policy_set(n))}
+    lines = ["# Calibration's choice against the validation users' best and the targets' own best",
+             "", "From the evidence cells (`python benchmarks/choice_policy.py`); each policy picks one rule of the "
+             "grid per seed and is scored on all the set's target queries, paired with non_personalized (sign test). "
+             "`targets' best` is an oracle: the most any choice of this grid could give.", "",
+             "| set | policy | rules picked per seed | mean | vs NP | share of OPPU's gain |",
+             "|---|---|---|---|---|---|"]
+    for name, s in sets.items():
+        for policy, r in s["policies"].items():
+            share = "-" if r["gain_share"] is None else f"{r['gain_share'] + 0:.0%}"
+            vs = r["vs_np"]
+            lines.append(f"| {name} | {policy} | {', '.join(s['picks'][policy])} | {r['mean']:.3f} | "
+                         f"{vs['diff']:+.3f} (p={vs['p']:.2g}) | {share} |")
+    suite = [s for n, s in sets.items() if n not in POOL_CHECKS and s["oppu_beats_np"]]
+    shares = {p: [s["policies"][p]["gain_share"] for s in suite] for p in POLICIES}
+    lines += ["", "Mean share of OPPU's gain over the suite's sets where OPPU beats NP significantly: "
+              + "; ".join(f"{p} {sum(v) / len(v):.1%}" for p, v in shares.items() if v) + "."]
+    write_json(RESULTS / "choice-policy.json", sets)
+    write_text(RESULTS / "choice-policy.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {RESULTS / 'choice-policy.md'} and {RESULTS / 'choice-policy.json'}")
+
+
+if __name__ == "__main__":
+    main()
