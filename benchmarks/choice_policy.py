@@ -8,16 +8,27 @@ already hold (every rule of the grid ran on the targets):
 - `targets' best`: the rule best on the targets themselves. An oracle no pool can have: the most any choice of
   this grid could give, so a gap to OPPU that it leaves is the grid's and the pool's, not the choice's.
 
+And where calibration declined although a fixed rule beat the task model on the targets: could it have seen that?
+For the sets whose calibration test is the sign test (ratings, generation), the targets' best fixed rule's wins,
+losses and ties against non_personalized are resampled at several numbers of validation queries, and the power is
+the share of draws in which calibration's test (Holm over the grid's rules, at its worst: p times their number)
+would have let that rule beat "none".
+
     python benchmarks/choice_policy.py   # results/evidence/choice-policy.{md,json}
 """
 
 from __future__ import annotations
 
-from evidence import ALL, POOL_CHECKS, RESULTS, _pooled
+import numpy as np
+from scipy.stats import binomtest
+
+from evidence import ALL, POOL_CHECKS, RESULTS, SETS, _pooled
 from perpcs.stats import gain_share, paired
 from perpcs.utils import read_json, write_json, write_text
 
 POLICIES = ("calibrated", "validation best", "targets' best")
+DRAWS = 2000  # resamples per power estimate
+SIZES = (16, 64, 256, 1024)  # validation queries per seed at which the power is estimated
 
 
 def picks(run: dict) -> dict[str, str]:
@@ -58,6 +69,29 @@ def policy_set(name: str) -> dict | None:
     return out
 
 
+def power(name: str, seed: int = 0) -> dict | None:
+    """How often calibration's test would let the targets' best fixed rule beat "none" at n validation queries."""
+    cells = sorted(c for c in RESULTS.glob(f"{name}-seed*") if (c / "scores.json").exists())
+    runs = [read_json(c / "results.json") for c in cells]
+    if not runs or runs[0]["kind"] == "classification":  # classification is tested by a bootstrap of macro-F1
+        return None
+    _, pooled = _pooled(cells)
+    higher = runs[0]["primary_metric"]["higher_is_better"]
+    rules = [n for n in runs[0]["calibration"]["candidates"] if n != "none" and n in pooled]
+    best = max(rules, key=lambda n: (1 if higher else -1) * sum(pooled[n].values()))
+    vs = paired(pooled[best], pooled["non_personalized"], higher)
+    rates = np.array([vs["wins"], vs["losses"], vs["ties"]]) / vs["n"]
+    used = max(r["calibration"]["validation"]["queries"] for r in runs)
+    rng = np.random.default_rng(seed)
+    table = {}
+    for n in sorted({used, *SIZES}):
+        hits = 0
+        for wins, losses, _ in rng.multinomial(n, rates, size=DRAWS):
+            hits += wins > losses and binomtest(wins, wins + losses).pvalue * len(rules) < 0.05
+        table[n] = hits / DRAWS
+    return {"rule": best, "vs_np": vs, "validation_queries_used": used, "holm_over": len(rules), "power": table}
+
+
 def main() -> None:
     sets = {n: s for n in ALL if (s := policy_set(n))}
     lines = ["# Calibration's choice against the validation users' best and the targets' own best",
@@ -76,7 +110,16 @@ def main() -> None:
     shares = {p: [s["policies"][p]["gain_share"] for s in suite] for p in POLICIES}
     lines += ["", "Mean share of OPPU's gain over the suite's sets where OPPU beats NP significantly: "
               + "; ".join(f"{p} {sum(v) / len(v):.1%}" for p, v in shares.items() if v) + "."]
-    write_json(RESULTS / "choice-policy.json", sets)
+    powers = {n: p for n in SETS if (p := power(n))}
+    lines += ["", "Power of calibration's test to find the targets' best fixed rule, by validation queries per seed "
+              f"(sign test, p times the number of rules < 0.05; {DRAWS} draws of the targets' wins, losses and ties):",
+              "", "| set | targets' best rule | on the targets vs NP: wins / losses / ties (p) | at the queries used | "
+              + " | ".join(f"{n} queries" for n in SIZES) + " |", "|---|---|---|---|" + "---|" * len(SIZES)]
+    for name, pw in powers.items():
+        vs, used = pw["vs_np"], pw["validation_queries_used"]
+        lines.append(f"| {name} | {pw['rule']} | {vs['wins']} / {vs['losses']} / {vs['ties']} (p={vs['p']:.2g}) | "
+                     f"{pw['power'][used]:.0%} ({used}) | " + " | ".join(f"{pw['power'][n]:.0%}" for n in SIZES) + " |")
+    write_json(RESULTS / "choice-policy.json", {"sets": sets, "power": powers})
     write_text(RESULTS / "choice-policy.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {RESULTS / 'choice-policy.md'} and {RESULTS / 'choice-policy.json'}")
