@@ -312,6 +312,14 @@ def _ratio(s: dict) -> str:
     return f"{statistics.median(s['time_ratio']):.1f}x" if s["time_ratio"] else "-"
 
 
+def _significance_cells(c: dict) -> str:
+    """The significance lines of one set under one test, as table cells."""
+    return (f"{', '.join(c['significant_winners_vs_np']) or 'none'} | "
+            f"{_yes(c['calibrated_significant_vs_np_where_any_is'])} | "
+            f"{_yes(c['calibrated_not_significantly_worse_than_np'])} | "
+            f"{_yes(c['calibrated_not_significantly_worse_than_best_fixed'])}")
+
+
 def _header(*columns: str) -> list[str]:
     return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
 
@@ -363,26 +371,18 @@ def write_summary(out: Path = RESULTS) -> dict:
                        "not worse than best fixed", ">= peft_retrieval", "share of OPPU's gain")]
     for n, s in every.items():
         c = s["checks"]
-        lines.append(f"| {n} | {', '.join(c['significant_winners_vs_np']) or 'none'} | "
-                     f"{_yes(c['calibrated_significant_vs_np_where_any_is'])} | "
-                     f"{_yes(c['calibrated_not_significantly_worse_than_np'])} | "
-                     f"{_yes(c['calibrated_not_significantly_worse_than_best_fixed'])} | "
-                     f"{_yes(c['calibrated_at_least_as_good_as_peft_retrieval'])} | "
+        lines.append(f"| {n} | {_significance_cells(c)} | {_yes(c['calibrated_at_least_as_good_as_peft_retrieval'])} | "
                      + ("-" if c["share_of_oppu_gain"] is None else f"{c['share_of_oppu_gain']:.0%}") + " |")
     repeated = {n: s["by_query"] for n, s in every.items() if s["by_query"]}
     if repeated:
         lines += ["", "On the imported sets every seed scores the same users' queries (with another split, pool and "
                   "LoRAs), so the tests above count a query once per seed. The same lines with one unit per distinct "
                   "query (its scores averaged over the seeds, then the sign test):", "",
-                  *_header("set", "distinct queries", "significantly above NP, by query", "calibrated vs NP",
+                  *_header("set", "distinct queries", "calibrated vs NP", "significantly above NP, by query",
                            "calibrated too", "calibrated not worse than NP", "not worse than best fixed")]
         for n, c in repeated.items():
             v = c["calibrated_vs_np"]
-            lines.append(f"| {n} | {c['queries']} | {', '.join(c['significant_winners_vs_np']) or 'none'} | "
-                         f"{v['diff']:+.3f} (p={v['p']:.2g}) | "
-                         f"{_yes(c['calibrated_significant_vs_np_where_any_is'])} | "
-                         f"{_yes(c['calibrated_not_significantly_worse_than_np'])} | "
-                         f"{_yes(c['calibrated_not_significantly_worse_than_best_fixed'])} |")
+            lines.append(f"| {n} | {c['queries']} | {v['diff']:+.3f} (p={v['p']:.2g}) | {_significance_cells(c)} |")
     lines += ["", "Transfer from validation users to targets, per seed: Spearman's rho between the rules' "
               "selection metric on validation users and on the targets (none = non_personalized), the best rule on "
               "validation and on the targets, the chosen one, and the targets' regret (best rule's primary metric "
