@@ -4,9 +4,11 @@ Per-Pcs assembles a target's adapter from sharers' pieces, so the sharers' own L
 even the best sharer's whole LoRA, picked per target by its score on that target's queries (an oracle), falls
 short of OPPU, the shortfall is most likely the pool's, not the selection rule's (a mix of pieces may beat every
 single LoRA, but the grid's rules mostly give one sharer the weight). The demo knows each user's taste group
-(groups.json), so the same is given for the sharers of the target's group. Reads the evidence suite's run
-folders (benchmarks/evidence.py --out OUT) and the cells' per-query scores (results/evidence/<set>-seed<n>/
-scores.json); writes results/sharer-ceiling.json.
+(groups.json), so the same is given for the sharers of the target's group. Could the target find the right
+sharer itself, without its queries? Each sharer's whole LoRA is also scored by its loss on the target's own
+history, and the lowest-loss sharer's accuracy is reported: a pick that costs one forward per candidate sharer.
+Reads the evidence suite's run folders (benchmarks/evidence.py --out OUT) and the cells' per-query scores
+(results/evidence/<set>-seed<n>/scores.json); writes results/sharer-ceiling.json.
 
     OMP_NUM_THREADS=1 python benchmarks/sharer_ceiling.py --out /work/runs/evidence --cells demo/0 demo/1 demo/2
 """
@@ -15,6 +17,7 @@ import argparse
 import statistics
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from perpcs.evaluation import per_query
@@ -23,14 +26,17 @@ from perpcs.lora import apply_lora, load_lora
 from perpcs.pipeline import Run
 from perpcs.retrieval import prompts
 from perpcs.tasks import answer_budget
+from perpcs.training import heldout_loss, history_examples
 from perpcs.utils import read_json, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROWS = ("non_personalized", "perpcs", "oppu")
 
 
-def sharer_scores(cell: Path) -> dict[str, dict[str, dict[str, float]]]:
-    """{target: {sharer: {query id: score}}}: each sharer's whole LoRA on each target's queries."""
+def sharer_scores(cell: Path) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, dict[str, float]]]:
+    """{target: {sharer: {query id: score}}}: each sharer's whole LoRA on each target's queries; and {target:
+    {sharer: loss}}: its mean output-token loss on the target's history, which the target could compute itself
+    (one forward over its history per sharer, against assembly's one in all)."""
     run = Run(cell / "run")
     task = run.data.task
     model, tok = run.merged
@@ -38,6 +44,8 @@ def sharer_scores(cell: Path) -> dict[str, dict[str, dict[str, float]]]:
     targets = run.users(run.split["targets"])
     golds = {q.id: q.output for u in targets for q in u.queries}
     out: dict[str, dict[str, dict[str, float]]] = {u.user_id: {} for u in targets}
+    losses: dict[str, dict[str, float]] = {u.user_id: {} for u in targets}
+    histories = {u.user_id: history_examples(task, tok, u.history, run.config.max_len) for u in targets}
     for s in tqdm([s.user_id for s in run.select()], desc=f"{cell.parent.name}/{cell.name}: sharers"):
         lora = run.config.lora
         peft = apply_lora(model, lora.model_dump(), lora.r, load_lora(run.sharer_dir(s) / "adapter"))
@@ -46,9 +54,11 @@ def sharer_scores(cell: Path) -> dict[str, dict[str, dict[str, float]]]:
                 texts = generate(peft, tok, prompts(task, user), budget)
                 preds = {q.id: task.parse_output(t) for q, t in zip(user.queries, texts)}
                 out[user.user_id][s] = per_query(task, {q: golds[q] for q in preds}, preds)
+                with torch.no_grad():
+                    losses[user.user_id][s] = heldout_loss(peft, histories[user.user_id], tok.pad_token_id)
         finally:
             peft.unload()
-    return out
+    return out, losses
 
 
 def ceiling(cell: Path, result: Path) -> dict:
@@ -57,13 +67,16 @@ def ceiling(cell: Path, result: Path) -> dict:
     groups = read_json(Path(run.config.data) / "groups.json")
     rows = read_json(result / "scores.json")  # the cell's per-query scores, by row
     per_target = {}
-    for uid, by_sharer in sharer_scores(cell).items():
+    scores, losses = sharer_scores(cell)
+    for uid, by_sharer in scores.items():
         mean = {s: statistics.mean(v.values()) for s, v in by_sharer.items()}
         same = [s for s in mean if groups[s] == groups[uid]]
         queries = list(next(iter(by_sharer.values())))
+        lowest = min(losses[uid], key=losses[uid].get)
         per_target[uid] = {
-            "group": groups[uid], "same_group_sharers": same, "sharers": mean,
+            "group": groups[uid], "same_group_sharers": same, "sharers": mean, "history_loss": losses[uid],
             "best_sharer": max(mean.values()), "best_same_group_sharer": max((mean[s] for s in same), default=None),
+            "lowest_loss_sharer": lowest, "lowest_loss_group": groups[lowest], "lowest_loss_pick": mean[lowest],
             **{r: statistics.mean(rows[r][q] for q in queries) for r in ROWS if all(q in rows[r] for q in queries)}}
     return per_target
 
@@ -89,11 +102,12 @@ def main() -> None:
         name, seed = spec.split("/")
         every[spec] = ceiling(a.out / name / f"seed-{seed}", RESULTS / "evidence" / f"{name}-seed{seed}")
     pooled = {f"{c}/{u}": t for c, ts in every.items() for u, t in ts.items()}
-    shares = {r: share(pooled, r) for r in ("perpcs", "best_sharer", "best_same_group_sharer")}
+    shares = {r: share(pooled, r) for r in ("perpcs", "best_sharer", "best_same_group_sharer", "lowest_loss_pick")}
     for spec, ts in every.items():
         for uid, t in ts.items():
             print(f"{spec} {uid} group {t['group']} ({len(t['same_group_sharers'])} sharers of it): best sharer "
-                  f"{t['best_sharer']:.3f}, best of its group {t['best_same_group_sharer']}, "
+                  f"{t['best_sharer']:.3f}, best of its group {t['best_same_group_sharer']}, lowest history loss "
+                  f"{t['lowest_loss_sharer']} (group {t['lowest_loss_group']}) {t['lowest_loss_pick']:.3f}, "
                   + ", ".join(f"{r} {t[r]:.3f}" for r in ROWS if r in t))
     print("share of OPPU's gain on OPPU's targets: " + ", ".join(
         f"{r} {'-' if v is None else f'{v:.0%}'}" for r, v in shares.items()))
