@@ -375,9 +375,10 @@ def write_summary(out: Path = RESULTS) -> dict:
                      + ("-" if c["share_of_oppu_gain"] is None else f"{c['share_of_oppu_gain']:.0%}") + " |")
     repeated = {n: s["by_query"] for n, s in every.items() if s["by_query"]}
     if repeated:
-        lines += ["", "On the imported sets every seed scores the same users' queries (with another split, pool and "
-                  "LoRAs), so the tests above count a query once per seed. The same lines with one unit per distinct "
-                  "query (its scores averaged over the seeds, then the sign test):", "",
+        lines += ["", "On the imported sets every seed reads the same users (with another split, pool and LoRAs), so "
+                  "seeds can score the same queries, and the tests above count such a query once per seed. The same "
+                  "lines with one unit per distinct query (its scores averaged over the seeds, then the sign test):",
+                  "",
                   *_header("set", "distinct queries", "calibrated vs NP", "significantly above NP, by query",
                            "calibrated too", "calibrated not worse than NP", "not worse than best fixed")]
         for n, c in repeated.items():
