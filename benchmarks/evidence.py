@@ -17,7 +17,9 @@ first seed before any second one), and a worker skips a cell another worker hold
 (OUT/<set>/seed-<n>.lock), so one worker per core shares the queue. Each finished cell is copied to
 benchmarks/results/evidence/<set>-seed<n>/ (results.json, results.md, the plots, and per-query scores in
 scores.json; no raw data: no golds or predictions). The summary reads those copies:
-benchmarks/results/evidence/evidence.{md,json,png}.
+benchmarks/results/evidence/evidence.{md,json,png}. Its tests pair by (seed, query), as the suite counts
+queries; on imported sets, whose seeds can score the same queries, it also tests each line with one unit per
+distinct query.
 
     OMP_NUM_THREADS=1 nice -n 5 python benchmarks/evidence.py [--sets demo studemo ...] [--out runs/evidence]
     python benchmarks/evidence.py --summary-only
