@@ -22,8 +22,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import binomtest
 
-from evidence import ALL, POOL_CHECKS, RESULTS, SETS, _pooled
-from perpcs.stats import gain_share, paired
+from evidence import ALL, POOL_CHECKS, RESULTS, SETS, _pooled, finished_cells
+from perpcs.stats import method_statistics, paired
 from perpcs.utils import read_json, write_json, write_text
 
 POLICIES = ("calibrated", "validation best", "targets' best")
@@ -43,39 +43,30 @@ def picks(run: dict) -> dict[str, str]:
             "targets' best": rows[oracle]}
 
 
-def policy_set(name: str) -> dict | None:
-    cells = sorted(c for c in RESULTS.glob(f"{name}-seed*") if (c / "scores.json").exists())
-    if not cells:
-        return None
-    first, pooled = _pooled(cells)
-    higher = first["primary_metric"]["higher_is_better"]
-    runs = [read_json(c / "results.json") for c in cells]
+def policy_set(pooled: dict[str, dict[str, float]], runs: list[dict]) -> dict:
+    """Each policy's picks over the set's seeds, and its mean, paired test and share of OPPU's gain (the bench's
+    `method_statistics`, with each policy as a row)."""
+    higher = runs[0]["primary_metric"]["higher_is_better"]
     out = {"seeds": [r["seed"] for r in runs], "picks": {p: [] for p in POLICIES}, "policies": {}}
     scores: dict[str, dict[str, float]] = {p: {} for p in POLICIES}
     for run in runs:
         for policy, row in picks(run).items():
             out["picks"][policy].append(row)
             scores[policy].update({q: v for q, v in pooled[row].items() if q.split("/")[0] == str(run["seed"])})
-    oppu = set(pooled.get("oppu", {}))
-    means = {m: sum(pooled[m][q] for q in oppu) / len(oppu) for m in ("non_personalized", "oppu")} if oppu else {}
-    vs_oppu = paired(pooled["oppu"], pooled["non_personalized"], higher) if oppu else None
-    out["oppu_beats_np"] = bool(vs_oppu and (vs_oppu["diff"] > 0) == higher and vs_oppu["p"] < 0.05)
-    for policy, s in scores.items():
-        share = gain_share({**means, policy: sum(s[q] for q in oppu) / len(oppu)}, policy, higher) if oppu else None
-        out["policies"][policy] = {"mean": sum(s.values()) / len(s), "n": len(s),
-                                   "vs_np": paired(s, pooled["non_personalized"], higher), "gain_share": share}
     # the calibrated policy must reproduce the suite's own `perpcs` row, or the picks are read wrong
-    assert scores["calibrated"] == pooled["perpcs"], f"{name}: calibrated picks do not match the perpcs row"
+    assert scores["calibrated"] == pooled["perpcs"], "calibrated picks do not match the perpcs row"
+    st = method_statistics({**pooled, **scores}, higher)
+    vs_oppu = st["oppu"]["vs"]["non_personalized"] if "oppu" in st else None
+    out["oppu_beats_np"] = bool(vs_oppu and (vs_oppu["diff"] > 0) == higher and vs_oppu["p"] < 0.05)
+    out["policies"] = {p: {"mean": st[p]["mean"], "n": st[p]["n"], "vs_np": st[p]["vs"]["non_personalized"],
+                           "gain_share": st[p]["gain_share"]} for p in POLICIES}
     return out
 
 
-def power(name: str, seed: int = 0) -> dict | None:
+def power(pooled: dict[str, dict[str, float]], runs: list[dict], seed: int = 0) -> dict | None:
     """How often calibration's test would let the targets' best fixed rule beat "none" at n validation queries."""
-    cells = sorted(c for c in RESULTS.glob(f"{name}-seed*") if (c / "scores.json").exists())
-    runs = [read_json(c / "results.json") for c in cells]
-    if not runs or runs[0]["kind"] == "classification":  # classification is tested by a bootstrap of macro-F1
+    if runs[0]["kind"] == "classification":  # classification is tested by a bootstrap of macro-F1
         return None
-    _, pooled = _pooled(cells)
     higher = runs[0]["primary_metric"]["higher_is_better"]
     rules = [n for n in runs[0]["calibration"]["candidates"] if n != "none" and n in pooled]
     best = max(rules, key=lambda n: (1 if higher else -1) * sum(pooled[n].values()))
@@ -93,7 +84,15 @@ def power(name: str, seed: int = 0) -> dict | None:
 
 
 def main() -> None:
-    sets = {n: s for n in ALL if (s := policy_set(n))}
+    sets, powers = {}, {}
+    for name in ALL:
+        if not (cells := finished_cells(name)):
+            continue
+        _, pooled = _pooled(cells)
+        runs = [read_json(c / "results.json") for c in cells]
+        sets[name] = policy_set(pooled, runs)
+        if name in SETS and (p := power(pooled, runs)):
+            powers[name] = p
     lines = ["# Calibration's choice against the validation users' best and the targets' own best",
              "", "From the evidence cells (`python benchmarks/choice_policy.py`); each policy picks one rule of the "
              "grid per seed and is scored on all the set's target queries, paired with non_personalized (sign test). "
@@ -110,7 +109,6 @@ def main() -> None:
     shares = {p: [s["policies"][p]["gain_share"] for s in suite] for p in POLICIES}
     lines += ["", "Mean share of OPPU's gain over the suite's sets where OPPU beats NP significantly: "
               + "; ".join(f"{p} {sum(v) / len(v):.1%}" for p, v in shares.items() if v) + "."]
-    powers = {n: p for n in SETS if (p := power(n))}
     lines += ["", "Power of calibration's test to find the targets' best fixed rule, by validation queries per seed "
               f"(sign test, p times the number of rules < 0.05; {DRAWS} draws of the targets' wins, losses and ties):",
               "", "| set | targets' best rule | on the targets vs NP: wins / losses / ties (p) | at the queries used | "

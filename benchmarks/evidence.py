@@ -330,11 +330,15 @@ def _yes(v) -> str:
     return "-" if v is None else ("yes" if v else "**no**")
 
 
+def finished_cells(name: str, out: Path = RESULTS) -> list[Path]:
+    """The set's cells copied to `out` with their per-query scores, by seed."""
+    return sorted(c for c in out.glob(f"{name}-seed*") if (c / "scores.json").exists())
+
+
 def write_summary(out: Path = RESULTS) -> dict:
     every = {}
     for name in ALL:
-        cells = sorted(c for c in out.glob(f"{name}-seed*") if (c / "scores.json").exists())
-        if cells:
+        if cells := finished_cells(name, out):
             every[name] = summarize_set(name, cells)
     sets = {n: s for n, s in every.items() if n in SETS}  # the suite; the pool checks are reported beside it
     if not sets:
@@ -420,8 +424,8 @@ def coverage_table(out: Path, name: str) -> dict | None:
     rows: dict[int, dict[str, list[float]]] = {}
     targets: dict[int, set[str]] = {}
     uncovered, at_random = 0, 0.0
-    for cell in sorted(out.glob(f"{name}-seed*")):
-        if not (cell / "coverage.json").exists() or not (cell / "scores.json").exists():
+    for cell in finished_cells(name, out):
+        if not (cell / "coverage.json").exists():
             continue
         cov, scores = read_json(cell / "coverage.json"), read_json(cell / "scores.json")
         uncovered += sum(c["same_group_sharers"] == 0 for c in cov.values())
