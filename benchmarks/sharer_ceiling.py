@@ -33,12 +33,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ROWS = ("non_personalized", "perpcs", "oppu")
 
 
-def sharer_scores(cell: Path) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, dict[str, float]]]:
+def sharer_scores(run: Run, label: str) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, dict[str, float]]]:
     """{target: {sharer: {query id: score}}}: each sharer's whole LoRA on each target's queries; and {target:
     {sharer: loss}}: its mean output-token loss on the target's history, which the target could compute itself
     (one forward over its history per sharer, against assembly's one in all)."""
-    run = Run(cell / "run")
-    task = run.data.task
+    task, lora = run.data.task, run.config.lora
     model, tok = run.merged
     budget = answer_budget(task, tok)
     targets = run.users(run.split["targets"])
@@ -46,8 +45,7 @@ def sharer_scores(cell: Path) -> tuple[dict[str, dict[str, dict[str, float]]], d
     out: dict[str, dict[str, dict[str, float]]] = {u.user_id: {} for u in targets}
     losses: dict[str, dict[str, float]] = {u.user_id: {} for u in targets}
     histories = {u.user_id: history_examples(task, tok, u.history, run.config.max_len) for u in targets}
-    for s in tqdm([s.user_id for s in run.select()], desc=f"{cell.parent.name}/{cell.name}: sharers"):
-        lora = run.config.lora
+    for s in tqdm([s.user_id for s in run.select()], desc=f"{label}: sharers"):
         peft = apply_lora(model, lora.model_dump(), lora.r, load_lora(run.sharer_dir(s) / "adapter"))
         try:
             for user in targets:
@@ -67,7 +65,7 @@ def ceiling(cell: Path, result: Path) -> dict:
     groups = read_json(Path(run.config.data) / "groups.json")
     rows = read_json(result / "scores.json")  # the cell's per-query scores, by row
     per_target = {}
-    scores, losses = sharer_scores(cell)
+    scores, losses = sharer_scores(run, f"{cell.parent.name}/{cell.name}")
     for uid, by_sharer in scores.items():
         mean = {s: statistics.mean(v.values()) for s, v in by_sharer.items()}
         same = [s for s in mean if groups[s] == groups[uid]]
