@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from perpcs.calibration import choose_rule, holm, validation_users
+from perpcs.calibration import choose_rule, holm, reusable, validation_users
 from perpcs.data import Item, User
 from perpcs.mixing import effective_sharers, spread, summarize
 from perpcs.pipeline import Run
@@ -14,6 +14,7 @@ from perpcs.rules import GRID, PAPER_RULE, fixes_rule, with_rule_fixed
 from perpcs.settings import CalibrationSettings, RunConfig
 from perpcs.tables import calibration_lines
 from perpcs.tasks import Task
+from perpcs.utils import read_json
 
 TASK = Task(name="t", kind="classification", labels=["a", "b", "c"], instruction="Tag?")
 
@@ -261,3 +262,21 @@ def test_with_no_validation_users_the_pool_declines_and_says_why(tmp_path, tiny_
     assert "no validation users" in cal["reason"]
     assert all(not chosen for r in recipes.values() for chosen in r.pieces.values())
     assert "declined" in calibration_lines(cal)[0] and "lower n_sharers" in calibration_lines(cal)[0]
+
+
+def test_a_grown_grid_scores_only_its_new_rule_and_matches_a_full_calibration(tmp_path, tiny_run_config):
+    """A run derived on the same pool with one more rule takes its source's answers for the rules both have;
+    they are what scoring them again gives, so the choice is the one a full calibration makes."""
+    config = tiny_run_config(calibration={"enabled": True, "rules": ["act-cat", "average"]})
+    src = Run.create(tmp_path / "src", config)
+    src.pipeline()
+    old = read_json(src.calibration_path)
+    grown = config.updated({"calibration": {"rules": ["act-cat", "average", "act-loss3"]}})
+    carried = src.derive(tmp_path / "carried", grown).calibrate(scored=old)
+    full = src.derive(tmp_path / "full", grown).calibrate()
+    assert carried["cost"]["reused"] == ["act-cat", "average", "none"] and full["cost"]["reused"] == []
+    assert carried["cost"]["generations"] == old["validation"]["queries"]  # only act-loss3 answered
+    assert carried["predictions"] == full["predictions"] and carried["chosen"] == full["chosen"]
+    assert set(carried["predictions"]) == {"none", "act-cat", "average", "act-loss3"}
+    with pytest.raises(ValueError, match="other validation queries"):
+        reusable(old, ["act-cat"], {**old["golds"], "someone#0": "x"})

@@ -33,7 +33,7 @@ from test_bad_input import each, edit_recipe, run_copy, squash, tamper_sharers, 
 # Settings for which 0 is a meaningful value (no clipping, no noise, no held-out items, ...); every other
 # numeric setting is refused at 0, and every one at a negative, NaN, infinite, huge or non-numeric value.
 ZERO_OK = {"grad_clip", "weight_decay", "val_fraction", "seed", "dropout", "strength", "key_noise", "base_fraction",
-           "min_sharer_items", "dp_noise"}
+           "min_sharer_items", "dp_noise", "pick_by_loss"}
 BAD = {"negative": ["-1", "-0.5", "-1e9"], "zero": ["0", "0.0"], "nan": ["NaN", "nan"],
        "inf": ["Infinity", "-Infinity", "inf"], "huge": ["1e30", "1" + "0" * 30],
        "wrong type": ["abc", "[1]", '{"a": 1}', "true"]}

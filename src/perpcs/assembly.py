@@ -34,7 +34,7 @@ from perpcs.runfolder import RunFolder
 from perpcs.settings import AssemblySettings, KeyKind, RunConfig
 from perpcs.strength import best_strength, holdout_size, strength_scores
 from perpcs.tasks import Task
-from perpcs.training import IGNORE, Example, collate, history_examples
+from perpcs.training import IGNORE, Example, collate, heldout_loss, history_examples
 
 
 def predict_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -257,6 +257,29 @@ class Assembler:
                               layer.lora_A["default"].weight.shape[0])
             install(layer, (A, strength * B))
 
+    @torch.no_grad()
+    def pick_by_loss(self, weights: dict[str, dict[str, float]], examples: Sequence[Example],
+                     pad_id: int) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+        """Of the `pick_by_loss` sharers with the most weight summed over positions (ties by id), the one whose whole
+        update (every piece it shares, weight 1) gives `examples` the lowest mean output loss; returns its weights
+        and each tried sharer's loss. A mix of pieces is scored by how the history's activations look; this scores
+        what the target cares about, the history's own outputs, without a gradient."""
+        if not examples:
+            raise ValueError("cannot pick by loss on an empty history")
+        totals: dict[str, float] = {}
+        for chosen in weights.values():
+            for sid, w in chosen.items():
+                totals[sid] = totals.get(sid, 0.0) + w
+        tried = sorted(totals, key=lambda sid: (-totals[sid], sid))[: self.settings.pick_by_loss]
+        wholes, losses = {}, {}
+        for sid in tried:
+            shared = set(self.pool.positions_of(sid))
+            wholes[sid] = {pos: ({sid: 1.0} if pos in shared else {}) for pos in self.pool.positions}
+            self.install_weights(wholes[sid], 1.0)
+            losses[sid] = heldout_loss(self.model, examples, pad_id)
+        best = min(tried, key=lambda sid: (losses[sid], tried.index(sid)))
+        return wholes[best], losses
+
     def recorded_settings(self) -> dict:
         """What a recipe records of how it was made: the assembly settings and the history format."""
         return {**self.settings.model_dump(), "retrieval_copies": self.retrieval_copies, "max_len": self.max_len,
@@ -268,14 +291,18 @@ class Assembler:
         strength "auto", from all but the newest few, on which the strength is then chosen."""
         s, history = self.settings, list(history)
         v = holdout_size(len(history), s.holdout_items) if s.strength == "auto" else 0
+        examples = (self.examples(task, tokenizer, history[: len(history) - v], profile)
+                    if s.select not in ("none", "all") or s.pick_by_loss else [])
         if s.select == "none":  # neither rule scores pieces: no forward
             weights = {p: {} for p in self.pool.positions}
         elif s.select == "all":
             weights = {p: {sid: 1.0 / len(c) for sid in c} for p in self.pool.positions
                        for c in [self.pool.candidates(p)]}
         else:
-            weights = self.assemble(self.examples(task, tokenizer, history[: len(history) - v], profile),
-                                    tokenizer.pad_token_id, trace)
+            weights = self.assemble(examples, tokenizer.pad_token_id, trace)
+        losses = None
+        if s.pick_by_loss:
+            weights, losses = self.pick_by_loss(weights, examples, tokenizer.pad_token_id)
         strength, scores = (1.0 if s.strength == "auto" else s.strength), None
         if v:
             by_metric = s.strength_by == "metric" or (s.strength_by == "kind" and task.kind == "generation")
@@ -285,7 +312,7 @@ class Assembler:
         return Recipe(pool_id=self.pool.pool_id, base_fingerprint=self.pool.base_fingerprint,
                       lora=self.pool.lora_config, mix=s.mix, top_k=s.top_k, user=user,
                       settings=self.recorded_settings(),
-                      strength=strength, strength_scores=scores,
+                      strength=strength, strength_scores=scores, pick_losses=losses,
                       pieces={p: [(sid, round(w, 7)) for sid, w in ws.items()] for p, ws in weights.items()})
 
 

@@ -21,8 +21,10 @@ prior: the rule that was the default before calibration first, then one change a
 from the simpler rule must show evidence on the validation users, not a lucky draw. A pool with no
 validation users has no evidence, and declines too (its report says why and what to change).
 
-Costs: rules that differ only in strength share one assembly; "none" and "average" need no forward.
-Rules with gate keys need a second pool whose gates are trained (`Run.key_run("gate")`). The grid
+Costs: rules that differ only in strength share one assembly; "none" and "average" need no forward;
+`pick_by_loss` adds that many forwards per validation user. Rules with gate keys need a second pool whose
+gates are trained (`Run.key_run("gate")`). Rules an earlier calibration of the same pool and validation
+queries scored carry over (`reusable`), so a grown grid scores only its new rules. The grid
 and the settings are in `rules` (`GRID`) and `settings` (`CalibrationSettings`); the table in `tables`.
 """
 
@@ -162,11 +164,23 @@ def _prompts(task: Task, items: list[Item]) -> list[str]:
     return [task.format_prompt(it.input) for it in items]
 
 
-def calibrate(run) -> dict:
+def reusable(scored: dict | None, rules: list[str], golds: dict[str, str]) -> dict[str, dict[str, str]]:
+    """The predictions of `rules` that an earlier calibration on the same pool, task model and validation queries
+    (`scored`: its calibration.json, e.g. the source of a derived run) already made with the same rule definition:
+    a grid grown by a rule then scores only that rule."""
+    if not scored:
+        return {}
+    if scored.get("golds") != golds:
+        raise ValueError("the earlier calibration scored other validation queries: its predictions do not carry over")
+    return {n: scored["predictions"][n] for n in rules
+            if n in scored.get("predictions", {}) and (n == "none" or scored["grid"].get(n) == GRID[n])}
+
+
+def calibrate(run, scored: dict | None = None) -> dict:
     """Score every rule of `run.config.calibration.rules` on the run's validation users and choose one.
 
     `run` is a `pipeline.Run` whose pool is built; `run.key_run(key)` gives the run holding the pool of
-    each key kind the rules need."""
+    each key kind the rules need. `scored`: an earlier calibration whose predictions carry over (`reusable`)."""
     from perpcs.assembly import Assembler
 
     s = run.config.calibration
@@ -182,13 +196,13 @@ def calibrate(run) -> dict:
                 "metric": metric, "higher_is_better": higher, "alpha": s.alpha, "candidates": {},
                 "rule": GRID["none"], "grid": {n: GRID[n] for n in rules}, "left_out": left_out,
                 "validation": {"users": [], "queries": 0, "heldout_items": {}},
-                "cost": {"seconds": time.perf_counter() - t0, "assembly_forwards": 0, "generations": 0},
+                "cost": {"seconds": time.perf_counter() - t0, "assembly_forwards": 0, "generations": 0, "reused": []},
                 "predictions": {}, "golds": {}}
     model, tok = run.merged
     budget = answer_budget(task, tok)
     golds = {f"{u.user_id}#{i}": it.output for u in users for i, it in enumerate(u.heldout)}
-    preds: dict[str, dict[str, str]] = {}
-    forwards = 0
+    preds: dict[str, dict[str, str]] = reusable(scored, rules, golds)
+    reused, forwards = sorted(preds), 0
 
     def answer(m) -> dict[str, list[str]]:
         return {u.user_id: generate(m, tok, _prompts(task, u.heldout), budget) for u in users}
@@ -196,10 +210,11 @@ def calibrate(run) -> dict:
     def store(name: str, texts: dict[str, list[str]]) -> None:
         preds[name] = {f"{u.user_id}#{i}": task.parse_output(t) for u in users for i, t in enumerate(texts[u.user_id])}
 
-    store("none", answer(model))
+    if "none" not in preds:
+        store("none", answer(model))
     families: dict[tuple, list[str]] = {}  # rules that differ only in strength share one assembly
     for name in rules:
-        if name != "none":
+        if name not in preds:
             rule = run.config.updated(GRID[name])
             family = (rule.key, rule.assembly.model_copy(update={"strength": 1.0}).model_dump_json())
             families.setdefault(family, []).append(name)
@@ -210,7 +225,7 @@ def calibrate(run) -> dict:
         try:
             for u in tqdm(users, desc=f"calibrate: {', '.join(names)}"):
                 recipe = assembler.recipe(task, tok, u.context, u.profile, user=u.user_id)
-                forwards += rule.assembly.select not in ("all", "none")
+                forwards += (rule.assembly.select not in ("all", "none")) + len(recipe.pick_losses or {})
                 weights = {pos: dict(chosen) for pos, chosen in recipe.pieces.items()}
                 for n in names:
                     assembler.install_weights(weights, run.config.updated(GRID[n]).assembly.strength)
@@ -228,6 +243,6 @@ def calibrate(run) -> dict:
                               "target_history_items_mean": float(np.mean(
                                   [len(t.history) for t in run.users(run.split["targets"])]))},
                   cost={"seconds": time.perf_counter() - t0, "assembly_forwards": forwards,
-                        "generations": len(golds) * len(rules)},
+                        "generations": len(golds) * (len(rules) - len(reused)), "reused": reused},
                   predictions=preds, golds=golds)
     return result

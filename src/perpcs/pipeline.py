@@ -268,15 +268,17 @@ class Run(RunFolder):
 
     # --- calibration (after step 4) ---
 
-    def calibrate(self) -> dict | None:
-        """Choose the selection rule on validation users (`calibration.calibrate`), once; None when it is off."""
+    def calibrate(self, scored: dict | None = None) -> dict | None:
+        """Choose the selection rule on validation users (`calibration.calibrate`), once; None when it is off.
+        `scored`: an earlier calibration on the same pool (a derived run's source's) whose predictions carry over."""
         if not self.config.calibration.enabled:
             return None
         if not self.calibration_path.exists():
             with self.writing():
-                result = calibrate(self)
+                result = calibrate(self, scored)
                 gate_seconds = sum(self.key_run(k).stats()["build_pool"]["gate_seconds"]
-                                   for k in {self.config.updated(GRID[n]).key for n in result["grid"]}
+                                   for k in {self.config.updated(GRID[n]).key for n in result["grid"]
+                                             if n not in result["cost"]["reused"]}
                                    if k != self.config.key)
                 result["cost"]["other_key_pool_seconds"] = gate_seconds
                 write_json(self.pool_path / "calibration.json",

@@ -355,13 +355,18 @@ class Pool:
         h = self._open(file)
         return self._read(h, file, position, "lora_A"), self._read(h, file, position, "lora_B")
 
+    def positions_of(self, sharer_id: str) -> list[str]:
+        """The positions one sharer shares, in position order."""
+        idx, _ = self._sharer(sharer_id)
+        name = {i: pos for pos, i in self._pos_idx.items()}
+        return [name[i] for (i,) in self._sql("SELECT position FROM shares WHERE sharer = ? ORDER BY position",
+                                              (idx,)).fetchall()]
+
     def sharer_keys(self, sharer_id: str) -> dict[str, torch.Tensor]:
         """{position: key} of one sharer's shared pieces, through a handle closed afterwards: building the
         key index (keyindex.py) over thousands of sharers then does not keep their files mapped."""
         idx, file = self._sharer(sharer_id)
-        name = {i: pos for pos, i in self._pos_idx.items()}
-        shared = [name[i] for (i,) in self._sql("SELECT position FROM shares WHERE sharer = ? ORDER BY position",
-                                                (idx,)).fetchall()]
+        shared = self.positions_of(sharer_id)
         try:
             h = safe_open(self.path / file, framework="pt", device="cpu")
         except SafetensorError as e:

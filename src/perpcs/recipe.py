@@ -45,6 +45,8 @@ class Recipe(BaseModel):
     # alpha: the update is alpha * sum_j w_j B_j A_j (0: the non-personalized model)
     strength: float = Field(1.0, ge=0, le=MAX_STRENGTH, allow_inf_nan=False)
     strength_scores: dict[float, float] | None = None  # held-out score of each candidate alpha, when chosen
+    # assembly.pick_by_loss: each tried sharer's mean loss on the history (the lowest is the recipe)
+    pick_losses: dict[str, float] | None = None
     pieces: dict[str, list[tuple[str, float]]]
     seconds: float | None = Field(None, ge=0)  # time to assemble it (step 5), kept with it so a resumed run has it
 
@@ -69,6 +71,14 @@ class Recipe(BaseModel):
             if chosen and abs(total - 1) > WEIGHT_SUM_TOLERANCE:
                 raise ValueError(f"position {pos!r}: weights sum to {total:.6g}, not 1")
         return pieces
+
+    @field_validator("pick_losses")
+    @classmethod
+    def _losses(cls, losses: dict[str, float] | None) -> dict[str, float] | None:
+        for sid, loss in (losses or {}).items():
+            if not (math.isfinite(loss) and loss >= 0):
+                raise ValueError(f"sharer {sid!r}: loss {loss} is not a finite number >= 0")
+        return losses
 
     @field_validator("lora")
     @classmethod

@@ -14,7 +14,8 @@ def _act(**assembly) -> dict:
 
 # Calibration's candidate rules (`calibration`) as RunConfig overrides, simplest first: rules the validation
 # users cannot tell apart go to the earliest. After the two that need no forward pass, the rule that was the
-# default before calibration, then one change from it at a time, and last the paper's, which trains gates.
+# default before calibration, then one change from it at a time (the one that costs more forwards last), and
+# last the paper's, which trains gates.
 GRID: dict[str, dict] = {
     "none": {"assembly": {"select": "none"}},  # the non-personalized model
     "average": {"assembly": {"select": "all", "mix": "cat", "strength": 1.0}},  # every sharer, equal weight
@@ -24,12 +25,14 @@ GRID: dict[str, dict] = {
     "act-cat-half": _act(strength=0.5),
     "act-cat-tau4": _act(temperature=4.0),
     "act-cat-tau16": _act(temperature=16.0),
+    # the keys' 3 heaviest sharers tried whole on the target's history; the lowest loss is the recipe (3 more forwards)
+    "act-loss3": _act(pick_by_loss=3),
     "paper": {"key": "gate", "assembly": {"select": "topk", "top_k": 3, "temperature": 1.0, "mix": "linear",
                                           "strength": 1.0}},
 }
 # Settings that make up a selection rule: a run that sets any of them explicitly has a fixed rule.
 RULE_FIELDS = {"key": None, "assembly": ("select", "top_k", "temperature", "mix", "strength", "sample_topk",
-                                         "sample_temperature", "top_p")}
+                                         "sample_temperature", "top_p", "pick_by_loss")}
 # The paper's selection rule exactly (trained gates, top-3, tau 1, linear A/B mix, the assembled update as is):
 # `--set key=gate --set assembly.mix=linear --set assembly.strength=1`.
 PAPER_RULE = GRID["paper"]

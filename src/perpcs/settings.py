@@ -134,6 +134,10 @@ class AssemblySettings(Settings):
     strength_by: Literal["kind", "metric", "loss"] = Field(
         "kind", description="how auto scores a candidate: the task's metric on greedy outputs, or the outputs' "
         "loss; kind: metric for generation, loss for classification and rating")
+    pick_by_loss: int = Field(0, ge=0, le=10_000, description="0: off. n: after the keys' pass, the n sharers with "
+                              "the most weight in it are each tried whole (every piece they share, weight 1) on the "
+                              "same history examples, and the recipe is the one whose update gives them the lowest "
+                              "loss: n more forwards per target, no gradient (not in the paper)")
     key_index: Literal["auto", "exact", "approximate"] = Field(
         "auto", description="how pieces are found: every candidate scored (exact), or an IVF index (annindex.py) "
         "that finds the top-k with some loss of recall; auto: the index from annindex.LARGE_POOL sharers on")
@@ -147,6 +151,12 @@ class AssemblySettings(Settings):
             if a != "auto" and not 0 <= a <= MAX_STRENGTH:  # NaN fails both comparisons
                 raise ValueError(f"a strength is a number from 0 to {MAX_STRENGTH:g}, got {a}")
         return value
+
+    @model_validator(mode="after")
+    def _something_to_pick(self) -> "AssemblySettings":
+        if self.pick_by_loss and self.select == "none":
+            raise ValueError("pick_by_loss picks among the sharers a rule mixes; select=none mixes none")
+        return self
 
 
 class CalibrationSettings(Settings):

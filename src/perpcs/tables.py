@@ -171,6 +171,8 @@ def calibration_lines(cal: dict, gate_seconds: float | None = None) -> list[str]
              f"Holm-corrected p < {cal['alpha']}. Cost {cal['cost']['seconds']:.0f} s "
              f"({cal['cost']['assembly_forwards']} assembly forwards, {cal['cost']['generations']} answers)"
              + (f", plus {gate_seconds:.0f} s of gate training for the rules with gate keys." if gate_seconds else ".")
+             + (f" Carried over from an earlier calibration of this pool: {', '.join(r)}." if (
+                 r := cal["cost"].get("reused")) else "")
              + "".join(f" Not a candidate: {n} ({why})." for n, why in cal.get("left_out", {}).items()),
              "", "| rule | " + " | ".join(names)
              + f" | 95% CI ({'per-query ' + metric if metric != 'f1' else 'accuracy'}) "

@@ -1,0 +1,124 @@
+"""Bring finished evidence cells up to a grown calibration grid, without benching them again.
+
+A rule added to `rules.GRID` changes a cell in two rows only: the new rule's own (a fixed-rule variant) and
+the calibrated default's, if calibration now chooses otherwise. Every other row (non_personalized, OPPU,
+PEFT retrieval, PriME, the older rules) reads the same task model, split, sharers and pool, and greedy
+decoding makes it the same answers. So for each cell whose run folder is still on this machine
+(OUT/<set>/seed-<n>/run), this derives a run on the same pool with the whole grid
+(OUT/<set>/seed-<n>-refresh/run), calibrates it carrying over the answers the cell's calibration already
+made (`calibration.reusable`: only the new rules are scored on the validation users), and benches
+non_personalized (a check: its answers must equal the cell's), each new rule, and, if the choice changed, the
+calibrated default with its OPPU/assembly costs timed again. The kept cell
+(benchmarks/results/evidence/<set>-seed<n>/) then gets those rows in scores.json and results.json, the new
+calibration, refresh.json (what changed and from where) and refresh.md (the refresh bench's own table).
+
+Resumable like the suite: a kept cell whose refresh.json names every rule of the grid is skipped, and a worker
+skips a cell another holds. A cell whose run folder is gone is reported and left as it is (bench it again with
+evidence.py after moving its kept copy away).
+
+    OMP_NUM_THREADS=1 nice -n 5 python benchmarks/grid_refresh.py [--cells demo/0 studemo/1 ...] [--out runs/evidence]
+    python benchmarks/evidence.py --summary-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from evidence import ALL, RESULTS, seeds_of
+from perpcs.bench import BenchSettings, bench
+from perpcs.pipeline import Run
+from perpcs.report import folder_scores
+from perpcs.rules import GRID
+from perpcs.utils import read_json, write_json, write_text
+
+
+def new_rules(cal: dict) -> list[str]:
+    """Rules of the grid that the cell's calibration did not score as they are defined now."""
+    return [n for n in GRID if n != "none" and cal["grid"].get(n) != GRID[n]]
+
+
+def refresh_cell(name: str, seed: int, out: Path, results: Path = RESULTS) -> Path | None:
+    kept = results / f"{name}-seed{seed}"
+    src = out / name / f"seed-{seed}" / "run"
+    if not (kept / "results.json").exists():
+        print(f"skip {name} seed {seed}: not in {results} (bench it with evidence.py)", flush=True)
+        return None
+    done = read_json(kept / "refresh.json") if (kept / "refresh.json").exists() else {}
+    if set(done.get("grid", [])) >= set(GRID):
+        print(f"skip {name} seed {seed}: {kept / 'refresh.json'} has the whole grid", flush=True)
+        return None
+    if not (src / "calibration.json").exists():
+        print(f"skip {name} seed {seed}: its run folder {src} is gone; bench the cell again", flush=True)
+        return None
+    folder = out / name / f"seed-{seed}-refresh"
+    try:
+        with FileLock(out / name / f"seed-{seed}-refresh.lock", timeout=0):
+            return _refresh(name, seed, src, folder, kept)
+    except Timeout:
+        print(f"skip {name} seed {seed}: another worker holds it", flush=True)
+        return None
+
+
+def _refresh(name: str, seed: int, src: Path, folder: Path, kept: Path) -> Path:
+    t0 = time.perf_counter()
+    old = Run(src)
+    before = read_json(old.calibration_path)
+    added = new_rules(before)
+    config = old.config.updated({"calibration": {"rules": list(GRID)}})
+    if not (folder / "run" / "run.json").exists():
+        old.derive(folder / "run", config)
+    print(f"cell {name} seed {seed}: calibrate {', '.join(added)} into {folder / 'run'}", flush=True)
+    after = Run(folder / "run").calibrate(scored=before)
+    changed = after["chosen"] != before["chosen"]
+    settings = BenchSettings(methods=["non_personalized", *(["perpcs"] if changed else [])],
+                             variants={n: GRID[n] for n in added}, cost_targets=2 if changed else 0)
+    if not (folder / "results.json").exists():
+        bench(config.data, folder, config, settings)
+    new = read_json(folder / "results.json")
+    rows = [*added, *(["perpcs"] if changed else [])]
+    scores, fresh = read_json(kept / "scores.json"), folder_scores(folder, new["dataset"], ["non_personalized", *rows])
+    if fresh["non_personalized"] != scores["non_personalized"]:
+        raise SystemExit(f"{name} seed {seed}: non_personalized answers differ from the kept cell's; not merged")
+    res = read_json(kept / "results.json")
+    for r in rows:
+        scores[r] = fresh[r]
+        res["methods"][r] = new["methods"][r]
+    for v in added:
+        res.setdefault("variants", {})[v] = new["variants"][v]
+        res["mixing"][v] = new["mixing"][v]
+    res["calibration"] = new["calibration"]
+    if changed:
+        res["alternating_costs"], res["mixing"]["perpcs"] = new["alternating_costs"], new["mixing"]["perpcs"]
+    write_json(kept / "scores.json", scores)
+    write_json(kept / "results.json", res)
+    write_text(kept / "refresh.md", f"# {name} seed {seed}: refreshed to the grid {', '.join(GRID)}\n\n"
+               f"Rows benched again: non_personalized (answers equal to the cell's), {', '.join(rows)}. "
+               f"Calibration chose {before['chosen']} before and {after['chosen']} now.\n\n"
+               + (folder / "results.md").read_text())
+    write_json(kept / "refresh.json", {"grid": list(GRID), "added": added, "rows": rows,
+                                       "chosen_before": before["chosen"], "chosen_after": after["chosen"],
+                                       "non_personalized_equal": True, "seconds": time.perf_counter() - t0,
+                                       "calibration_cost": after["cost"]})
+    print(f"cell {name} seed {seed}: {before['chosen']} -> {after['chosen']}; kept in {kept} "
+          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    return kept
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("runs/evidence"), help="the suite's run folders (as evidence.py)")
+    ap.add_argument("--cells", nargs="*", help="SET/SEED, e.g. demo/0 (default: every cell, seed by seed)")
+    a = ap.parse_args(argv)
+    cells = ([(c.split("/")[0], int(c.split("/")[1])) for c in a.cells] if a.cells else
+             [(n, s) for i in range(3) for n in ALL for s in seeds_of(n)[i:i + 1]])
+    for name, seed in cells:
+        refresh_cell(name, seed, a.out)
+    print(f"kept cells: {RESULTS}; the summary: python benchmarks/evidence.py --summary-only", flush=True)
+
+
+if __name__ == "__main__":
+    main()
