@@ -289,6 +289,9 @@ def summarize_set(name: str, cells: list[Path]) -> dict:
         "set": name, "task": first["task"], "kind": first["kind"], "metric": first["primary_metric"],
         "seeds": [r["seed"] for r in runs], "queries": len(pooled["perpcs"]),
         "chosen": [r.get("calibration", {}).get("chosen") for r in runs],
+        # seeds whose calibration lacks a rule of today's grid (benchmarks/grid_refresh.py brings a cell up to it)
+        "older_grid_seeds": {r["seed"]: [n for n in GRID if n not in r.get("calibration", {}).get("grid", {"none": 0})]
+                             for r in runs if set(GRID) - {"none"} - set(r.get("calibration", {}).get("grid", {}))},
         "validation_queries": [r.get("calibration", {}).get("validation", {}).get("queries") for r in runs],
         # a seed whose pool declined assembles nothing (no forward), so its ratio says nothing about assembly
         "time_ratio": [r["alternating_costs"]["time_ratio"]["median"] for r in runs if "alternating_costs" in r
@@ -357,7 +360,8 @@ def write_summary(out: Path = RESULTS) -> dict:
                 + ", ".join(f"{n} {len(v[0])} seeds" for n, v in SETS.items()) + ")") + ".",
              "Per set, all seeds' queries pooled and paired by (seed, query id); tests are the bench's two-sided "
              "sign test (p < 0.05). `perpcs` is the calibrated default (no --set); `paper` the paper's rule; "
-             "the other fixed rules are calibration's grid, run on the targets too.", "",
+             "the other fixed rules are calibration's grid, run on the targets too.",
+             *grid_lines(every), "",
              *_header("set", "metric", "queries", "calibrated choice per seed", "perpcs", "non_personalized",
                       "peft_retrieval", "oppu", "best fixed rule", "OPPU/assembly time")]
     for n, s in every.items():
@@ -416,6 +420,15 @@ def write_summary(out: Path = RESULTS) -> dict:
     forest_plot(every, out / "evidence.png")
     print(f"wrote {out / 'evidence.md'}, {out / 'evidence.json'} and {out / 'evidence.png'}")
     return summary
+
+
+def grid_lines(every: dict) -> list[str]:
+    """Which cells calibrated over a grid without some of today's rules (a set's pooled rows keep only the rules
+    every one of its cells has)."""
+    older = [f"{n} seed {seed} (without {', '.join(rules)})" for n, s in every.items()
+             for seed, rules in s["older_grid_seeds"].items()]
+    return [f"Calibrated over an older grid: {'; '.join(older)}." if older
+            else f"Every cell calibrated over today's grid ({', '.join(GRID)})."]
 
 
 def coverage_table(out: Path, name: str) -> dict | None:
