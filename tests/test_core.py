@@ -20,7 +20,17 @@ from perpcs.pool import Pool
 from perpcs.recipe import SERVED_RANKS, Recipe, apply_recipe, export_adapter, materialize, served_rank
 from perpcs.settings import AssemblySettings, LoraSettings, RunConfig, TrainSettings
 from perpcs.tasks import Task
-from perpcs.training import IGNORE, Example, add_lora, collate, history_examples, lm_loss, train_lora
+from perpcs.training import (
+    IGNORE,
+    Example,
+    add_lora,
+    collate,
+    example_losses,
+    heldout_loss,
+    history_examples,
+    lm_loss,
+    train_lora,
+)
 
 R, ALPHA = 2, 4.0
 LORA = LoraSettings(r=R, alpha=ALPHA, dropout=0.0, target_modules=["q_proj", "v_proj"])
@@ -103,6 +113,19 @@ def test_lm_loss_equals_the_full_forward_loss_and_gradients(tokenizer):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_full, g_kept))
 
 
+def test_a_batch_scores_each_example_as_it_would_alone(tokenizer):
+    """Right-padded rows of different lengths: each row's loss is its own example's, and heldout_loss is the same
+    at any batch size."""
+    model = add_lora(tiny_llama(), LORA, seed=0)
+    examples = history_examples(TASK, tokenizer, HISTORY)
+    assert len({len(e.input_ids) for e in examples}) > 1
+    alone = torch.stack([lm_loss(model, collate([e], tokenizer.pad_token_id)) for e in examples]).detach()
+    assert torch.allclose(example_losses(model, collate(examples, tokenizer.pad_token_id)).detach(), alone, atol=1e-5)
+    for size in (1, 2, len(examples)):
+        assert heldout_loss(model, examples, tokenizer.pad_token_id, size) == pytest.approx(float(alone.mean()),
+                                                                                            abs=1e-5)
+
+
 def test_lm_loss_falls_back_to_the_plain_forward_without_logits_to_keep(tokenizer):
     class NoKeep(torch.nn.Module):  # a causal LM whose forward knows no `logits_to_keep`
         def __init__(self):
@@ -114,7 +137,9 @@ def test_lm_loss_falls_back_to_the_plain_forward_without_logits_to_keep(tokenize
 
     model = NoKeep()
     batch = collate(history_examples(TASK, tokenizer, HISTORY), tokenizer.pad_token_id)
-    assert torch.equal(lm_loss(model, batch), model(**batch).loss)
+    assert torch.allclose(lm_loss(model, batch), model(**batch).loss, atol=1e-6)
+    each = [lm_loss(model, collate([e], tokenizer.pad_token_id)) for e in history_examples(TASK, tokenizer, HISTORY)]
+    assert torch.allclose(example_losses(model, batch), torch.stack(each), atol=1e-5)
 
 
 def test_activation_means_and_activation_key_scores(tokenizer):

@@ -276,7 +276,7 @@ class Assembler:
             shared = set(self.pool.positions_of(sid))
             wholes[sid] = {pos: ({sid: 1.0} if pos in shared else {}) for pos in self.pool.positions}
             self.install_weights(wholes[sid], 1.0)
-            losses[sid] = heldout_loss(self.model, examples, pad_id)
+            losses[sid] = heldout_loss(self.model, examples, pad_id, self.settings.batch_size)
         best = min(tried, key=lambda sid: (losses[sid], tried.index(sid)))
         return wholes[best], losses
 

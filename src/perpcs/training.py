@@ -74,20 +74,33 @@ def collate(batch: Sequence[Example], pad_id: int, device: str | torch.device = 
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
-def lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """`model(**batch).loss`, computing logits only where some row predicts a label token.
-
-    The loss covers only the output tokens, yet the default forward projects every position onto
-    the vocabulary, a large share of a small model's training time on a CPU. Models whose forward
-    has no `logits_to_keep` get the plain forward.
-    """
+def _label_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [B, K, V], their next tokens [B, K], IGNORE where none is a label) at the K positions where some
+    row predicts a label token: the loss covers only the output tokens, yet the default forward projects every
+    position onto the vocabulary, a large share of a small model's time on a CPU. Models whose forward has no
+    `logits_to_keep` project every position."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
-        return model(**batch).loss
     labels = batch["labels"]
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return model(**batch).logits[:, :-1], labels[:, 1:]
     keep = (labels[:, 1:] != IGNORE).any(0).nonzero().squeeze(1)  # positions whose next token is a label
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, keep + 1].flatten(), ignore_index=IGNORE)
+    return logits, labels[:, keep + 1]
+
+
+def lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`model(**batch).loss`: the mean loss over the batch's output tokens."""
+    logits, targets = _label_logits(model, batch)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+
+
+def example_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each row's mean loss over its own output tokens [B]: a batch scores its examples as one at a time would."""
+    logits, targets = _label_logits(model, batch)
+    each = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
+                           reduction="none").view(targets.shape)
+    counted = (targets != IGNORE).sum(1)
+    return each.sum(1) / counted.clamp(min=1)
 
 
 def batches(examples: Sequence[Example], batch_size: int, steps: int, seed: int) -> Iterable[list[Example]]:
@@ -115,16 +128,6 @@ def batch_indices(n: int, settings: TrainSettings, steps: int) -> Iterable[list[
                                          generator=torch.Generator().manual_seed(settings.seed))
 
 
-def example_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Each example's mean loss over its output tokens [B] (logits only where some row predicts one)."""
-    labels = batch["labels"]
-    keep = (labels[:, 1:] != IGNORE).any(0).nonzero().squeeze(1)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
-    target = labels[:, keep + 1]
-    loss = F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=IGNORE, reduction="none")
-    return loss.sum(1) / (target != IGNORE).sum(1).clamp(min=1)
-
-
 def n_steps(settings: TrainSettings, n_examples: int) -> int:
     if settings.steps is not None:
         return settings.steps
@@ -139,11 +142,12 @@ def split_heldout(items: Sequence, settings: TrainSettings) -> tuple[list, list]
 
 
 @torch.no_grad()
-def heldout_loss(model, examples: Sequence[Example], pad_id: int) -> float:
-    """Mean over examples of each one's output-token loss (no gradient, dropout off)."""
+def heldout_loss(model, examples: Sequence[Example], pad_id: int, batch_size: int = 1) -> float:
+    """Mean over examples of each one's output-token loss (no gradient, dropout off), `batch_size` per forward."""
     device = next(model.parameters()).device
     model.eval()
-    total = sum(lm_loss(model, collate([e], pad_id, device)).item() for e in examples)
+    total = sum(example_losses(model, collate(examples[i : i + batch_size], pad_id, device)).sum().item()
+                for i in range(0, len(examples), batch_size))
     return total / len(examples)
 
 
