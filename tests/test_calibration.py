@@ -278,5 +278,25 @@ def test_a_grown_grid_scores_only_its_new_rule_and_matches_a_full_calibration(tm
     assert carried["cost"]["generations"] == old["validation"]["queries"]  # only act-loss3 answered
     assert carried["predictions"] == full["predictions"] and carried["chosen"] == full["chosen"]
     assert set(carried["predictions"]) == {"none", "act-cat", "average", "act-loss3"}
+    # act-loss3 shared act-cat's assembly in calibration; a validation user's answers are still those of the recipe
+    # a target gets (Assembler.recipe with the rule's own settings)
+    from perpcs.assembly import Assembler
+    from perpcs.generation import generate
+    from perpcs.tasks import answer_budget
+
+    run = Run(tmp_path / "full")
+    model, tok = run.merged
+    u = validation_users(run.users(run.split["candidates"]), {x.user_id for x in run.select()},
+                         run.config.calibration)[0]
+    asm = Assembler.for_run(model, run.own_pool(), run.config, run.config.updated(GRID["act-loss3"]).assembly)
+    try:
+        recipe = asm.recipe(run.data.task, tok, u.context, u.profile)
+        asm.install_weights({p: dict(c) for p, c in recipe.pieces.items()}, recipe.strength)
+        texts = generate(asm.model, tok, [run.data.task.format_prompt(it.input) for it in u.heldout],
+                         answer_budget(run.data.task, tok))
+    finally:
+        asm.unload()
+    assert recipe.pick_losses and {f"{u.user_id}#{i}": run.data.task.parse_output(t) for i, t in enumerate(texts)} \
+        == {q: a for q, a in full["predictions"]["act-loss3"].items() if q.startswith(f"{u.user_id}#")}
     with pytest.raises(ValueError, match="other validation queries"):
         reusable(old, ["act-cat"], {**old["golds"], "someone#0": "x"})

@@ -258,19 +258,19 @@ class Assembler:
             install(layer, (A, strength * B))
 
     @torch.no_grad()
-    def pick_by_loss(self, weights: dict[str, dict[str, float]], examples: Sequence[Example],
-                     pad_id: int) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
-        """Of the `pick_by_loss` sharers with the most weight summed over positions (ties by id), the one whose whole
-        update (every piece it shares, weight 1) gives `examples` the lowest mean output loss; returns its weights
-        and each tried sharer's loss. A mix of pieces is scored by how the history's activations look; this scores
-        what the target cares about, the history's own outputs, without a gradient."""
+    def pick_by_loss(self, weights: dict[str, dict[str, float]], examples: Sequence[Example], pad_id: int,
+                     n: int | None = None) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+        """Of the n (default `pick_by_loss`) sharers with the most weight summed over positions (ties by id), the
+        one whose whole update (every piece it shares, weight 1) gives `examples` the lowest mean output loss;
+        returns its weights and each tried sharer's loss. Keys score pieces by how the history's activations
+        look; this scores what the target cares about, the history's own outputs, still without a gradient."""
         if not examples:
             raise ValueError("cannot pick by loss on an empty history")
         totals: dict[str, float] = {}
         for chosen in weights.values():
             for sid, w in chosen.items():
                 totals[sid] = totals.get(sid, 0.0) + w
-        tried = sorted(totals, key=lambda sid: (-totals[sid], sid))[: self.settings.pick_by_loss]
+        tried = sorted(totals, key=lambda sid: (-totals[sid], sid))[: n or self.settings.pick_by_loss]
         wholes, losses = {}, {}
         for sid in tried:
             shared = set(self.pool.positions_of(sid))

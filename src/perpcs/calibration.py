@@ -21,10 +21,10 @@ prior: the rule that was the default before calibration first, then one change a
 from the simpler rule must show evidence on the validation users, not a lucky draw. A pool with no
 validation users has no evidence, and declines too (its report says why and what to change).
 
-Costs: rules that differ only in strength share one assembly; "none" and "average" need no forward;
-`pick_by_loss` adds that many forwards per validation user. Rules with gate keys need a second pool whose
-gates are trained (`Run.key_run("gate")`). Rules an earlier calibration of the same pool and validation
-queries scored carry over (`reusable`), so a grown grid scores only its new rules. The grid
+Costs: rules that differ only in strength and `pick_by_loss` share one assembly; "none" and "average" need
+no forward; `pick_by_loss` adds that many loss forwards per validation user. Rules with gate keys need a
+second pool whose gates are trained (`Run.key_run("gate")`). Rules an earlier calibration of the same pool
+and validation queries scored carry over (`reusable`), so a grown grid scores only its new rules. The grid
 and the settings are in `rules` (`GRID`) and `settings` (`CalibrationSettings`); the table in `tables`.
 """
 
@@ -212,23 +212,30 @@ def calibrate(run, scored: dict | None = None) -> dict:
 
     if "none" not in preds:
         store("none", answer(model))
-    families: dict[tuple, list[str]] = {}  # rules that differ only in strength share one assembly
+    families: dict[tuple, list[str]] = {}  # rules that differ only in strength and pick_by_loss share one assembly
     for name in rules:
         if name not in preds:
             rule = run.config.updated(GRID[name])
-            family = (rule.key, rule.assembly.model_copy(update={"strength": 1.0}).model_dump_json())
+            family = (rule.key, rule.assembly.model_copy(update={"strength": 1.0, "pick_by_loss": 0}).model_dump_json())
             families.setdefault(family, []).append(name)
     for names in families.values():
         rule = run.config.updated(GRID[names[0]])
-        assembler = Assembler.for_run(model, run.key_pool(rule.key), run.config, rule.assembly)
+        shared = rule.assembly.model_copy(update={"pick_by_loss": 0})
+        assembler = Assembler.for_run(model, run.key_pool(rule.key), run.config, shared)
         texts: dict[str, dict[str, list[str]]] = {n: {} for n in names}
         try:
             for u in tqdm(users, desc=f"calibrate: {', '.join(names)}"):
                 recipe = assembler.recipe(task, tok, u.context, u.profile, user=u.user_id)
-                forwards += (rule.assembly.select not in ("all", "none")) + len(recipe.pick_losses or {})
+                forwards += shared.select not in ("all", "none")
                 weights = {pos: dict(chosen) for pos, chosen in recipe.pieces.items()}
                 for n in names:
-                    assembler.install_weights(weights, run.config.updated(GRID[n]).assembly.strength)
+                    settings, chosen = run.config.updated(GRID[n]).assembly, weights
+                    if settings.pick_by_loss:  # as Assembler.recipe picks: on the examples the keys read
+                        chosen, losses = assembler.pick_by_loss(weights, assembler.examples(task, tok, u.context,
+                                                                                            u.profile),
+                                                                tok.pad_token_id, settings.pick_by_loss)
+                        forwards += len(losses)
+                    assembler.install_weights(chosen, settings.strength)
                     texts[n][u.user_id] = generate(assembler.model, tok, _prompts(task, u.heldout), budget)
         finally:
             assembler.unload()
