@@ -58,3 +58,16 @@ def test_a_recipe_with_a_bad_loss_is_refused(tmp_path, loss):
     pool = make_pool(tmp_path / "pool", {u: random_pieces(i) for i, u in enumerate(USERS)})
     with pytest.raises(ValidationError, match="u0"):
         Recipe.model_validate({**whole(pool, "u0").model_dump(), "pick_losses": {"u0": loss}})
+
+
+def test_a_recipe_with_no_piece_has_nothing_to_pick(tmp_path, tokenizer):
+    from perpcs.assembly import Assembler
+
+    pool = make_pool(tmp_path / "pool", {u: random_pieces(i) for i, u in enumerate(USERS)})
+    asm = Assembler(tiny_llama(), pool, AssemblySettings(mix="cat", top_k=2, pick_by_loss=3))
+    try:
+        empty = {p: {} for p in POSITIONS}
+        assert asm.pick_by_loss(empty, history_examples(RATING, tokenizer, HISTORY), tokenizer.pad_token_id) \
+            == (empty, {})
+    finally:
+        asm.unload()

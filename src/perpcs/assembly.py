@@ -271,6 +271,8 @@ class Assembler:
             for sid, w in chosen.items():
                 totals[sid] = totals.get(sid, 0.0) + w
         tried = sorted(totals, key=lambda sid: (-totals[sid], sid))[: n or self.settings.pick_by_loss]
+        if not tried:  # no position has a piece: nothing to pick from
+            return weights, {}
         wholes, losses = {}, {}
         for sid in tried:
             shared = set(self.pool.positions_of(sid))
