@@ -1,18 +1,19 @@
-"""Bring finished evidence cells up to a grown calibration grid, without benching them again.
+"""Bring finished evidence cells up to today's rules, without benching them again.
 
-A rule added to `rules.GRID` changes a cell in two rows only: the new rule's own (a fixed-rule variant) and
-the calibrated default's, if calibration now chooses otherwise. Every other row (non_personalized, OPPU,
+A rule added to `rules.RULES` changes a cell in two rows only: the new rule's own (a fixed-rule variant) and,
+if it joined the default grid (`rules.GRID`; an opt-in rule does not), the calibrated default's if calibration
+now chooses otherwise. Every other row (non_personalized, OPPU,
 PEFT retrieval, PriME, the older rules) reads the same task model, split, sharers and pool, and greedy
 decoding makes it the same answers. So for each cell whose run folder is still on this machine
 (OUT/<set>/seed-<n>/run), this derives a run on the same pool with the whole grid
-(OUT/<set>/seed-<n>-refresh/run), calibrates it carrying over the answers the cell's calibration already
-made (`calibration.reusable`: only the new rules are scored on the validation users), and benches
+(OUT/<set>/seed-<n>-refresh/run), calibrates it over the default grid carrying over the answers the cell's
+calibration already made (`calibration.reusable`: only new grid rules are scored on the validation users), and benches
 non_personalized (a check: its answers must equal the cell's), each new rule, and, if the choice changed, the
 calibrated default with its OPPU/assembly costs timed again. The kept cell
 (benchmarks/results/evidence/<set>-seed<n>/) then gets those rows in scores.json and results.json, the new
 calibration, refresh.json (what changed and from where) and refresh.md (the refresh bench's own table).
 
-Resumable like the suite: a kept cell whose refresh.json names every rule of the grid is skipped, and a worker
+Resumable like the suite: a kept cell whose refresh.json names every rule is skipped, and a worker
 skips a cell another holds. A cell whose run folder is gone is reported and left as it is (bench it again with
 evidence.py after moving its kept copy away).
 
@@ -32,13 +33,14 @@ from evidence import ALL, RESULTS, seeds_of
 from perpcs.bench import BenchSettings, bench
 from perpcs.pipeline import Run
 from perpcs.report import folder_scores
-from perpcs.rules import GRID
+from perpcs.rules import GRID, RULES
 from perpcs.utils import read_json, write_json, write_text
 
 
-def new_rules(cal: dict) -> list[str]:
-    """Rules of the grid that the cell's calibration did not score as they are defined now."""
-    return [n for n in GRID if n != "none" and cal["grid"].get(n) != GRID[n]]
+def new_rules(res: dict) -> list[str]:
+    """Rules the cell has no row for, or whose definition changed since its calibration scored them."""
+    grid = res["calibration"]["grid"]
+    return [n for n in RULES if n != "none" and (n not in res["methods"] or grid.get(n, RULES[n]) != RULES[n])]
 
 
 def refresh_cell(name: str, seed: int, out: Path, results: Path = RESULTS) -> Path | None:
@@ -48,8 +50,8 @@ def refresh_cell(name: str, seed: int, out: Path, results: Path = RESULTS) -> Pa
         print(f"skip {name} seed {seed}: not in {results} (bench it with evidence.py)", flush=True)
         return None
     done = read_json(kept / "refresh.json") if (kept / "refresh.json").exists() else {}
-    if set(done.get("grid", [])) >= set(GRID):
-        print(f"skip {name} seed {seed}: {kept / 'refresh.json'} has the whole grid", flush=True)
+    if set(done.get("grid", [])) >= set(RULES):
+        print(f"skip {name} seed {seed}: {kept / 'refresh.json'} has every rule", flush=True)
         return None
     if not (src / "calibration.json").exists():
         print(f"skip {name} seed {seed}: its run folder {src} is gone; bench the cell again", flush=True)
@@ -67,7 +69,7 @@ def _refresh(name: str, seed: int, src: Path, folder: Path, kept: Path) -> Path:
     t0 = time.perf_counter()
     old = Run(src)
     before = read_json(old.calibration_path)
-    added = new_rules(before)
+    added = new_rules(read_json(kept / "results.json"))
     config = old.config.updated({"calibration": {"rules": list(GRID)}})
     if not (folder / "run" / "run.json").exists():
         old.derive(folder / "run", config)
@@ -75,7 +77,7 @@ def _refresh(name: str, seed: int, src: Path, folder: Path, kept: Path) -> Path:
     after = Run(folder / "run").calibrate(scored=before)
     changed = after["chosen"] != before["chosen"]
     settings = BenchSettings(methods=["non_personalized", *(["perpcs"] if changed else [])],
-                             variants={n: GRID[n] for n in added}, cost_targets=2 if changed else 0)
+                             variants={n: RULES[n] for n in added}, cost_targets=2 if changed else 0)
     if not (folder / "results.json").exists():
         bench(config.data, folder, config, settings)
     new = read_json(folder / "results.json")
@@ -95,11 +97,11 @@ def _refresh(name: str, seed: int, src: Path, folder: Path, kept: Path) -> Path:
         res["alternating_costs"], res["mixing"]["perpcs"] = new["alternating_costs"], new["mixing"]["perpcs"]
     write_json(kept / "scores.json", scores)
     write_json(kept / "results.json", res)
-    write_text(kept / "refresh.md", f"# {name} seed {seed}: refreshed to the grid {', '.join(GRID)}\n\n"
+    write_text(kept / "refresh.md", f"# {name} seed {seed}: refreshed to the rules {', '.join(RULES)}\n\n"
                f"Rows benched again: non_personalized (answers equal to the cell's), {', '.join(rows)}. "
                f"Calibration chose {before['chosen']} before and {after['chosen']} now.\n\n"
                + (folder / "results.md").read_text())
-    write_json(kept / "refresh.json", {"grid": list(GRID), "added": added, "rows": rows,
+    write_json(kept / "refresh.json", {"grid": list(RULES), "calibrated_over": list(GRID), "added": added, "rows": rows,
                                        "chosen_before": before["chosen"], "chosen_after": after["chosen"],
                                        "non_personalized_equal": True, "seconds": time.perf_counter() - t0,
                                        "calibration_cost": after["cost"]})

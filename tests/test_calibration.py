@@ -10,7 +10,7 @@ from perpcs.data import Item, User
 from perpcs.mixing import effective_sharers, spread, summarize
 from perpcs.pipeline import Run
 from perpcs.recipe import Recipe, apply_recipe
-from perpcs.rules import GRID, PAPER_RULE, fixes_rule, with_rule_fixed
+from perpcs.rules import GRID, OPT_IN, PAPER_RULE, RULES, fixes_rule, with_rule_fixed
 from perpcs.settings import CalibrationSettings, RunConfig
 from perpcs.tables import calibration_lines
 from perpcs.tasks import Task
@@ -244,6 +244,9 @@ def test_a_pool_of_dp_keys_calibrates_without_gates(tmp_path, tiny_run_config):
 
 def test_grid_has_what_calibration_must_compare():
     assert GRID["paper"] == PAPER_RULE
+    assert list(GRID) == [n for n in RULES if n not in OPT_IN] and "act-loss3" in RULES and "act-loss3" not in GRID
+    assert CalibrationSettings().rules == list(GRID)  # opt-in rules only when named
+    assert CalibrationSettings(rules=["paper", "act-loss3"]).rules == ["none", "act-loss3", "paper"]
     assert {GRID[n]["assembly"].get("temperature") for n in GRID if n.startswith("act")} >= {1.0, 4.0, 16.0}
     assert {GRID[n]["assembly"].get("top_k") for n in GRID if n.startswith("act")} >= {1, 3}
     assert {GRID[n]["assembly"].get("mix") for n in GRID if n.startswith("act")} == {"cat", "linear"}
@@ -288,7 +291,7 @@ def test_a_grown_grid_scores_only_its_new_rule_and_matches_a_full_calibration(tm
     model, tok = run.merged
     u = validation_users(run.users(run.split["candidates"]), {x.user_id for x in run.select()},
                          run.config.calibration)[0]
-    asm = Assembler.for_run(model, run.own_pool(), run.config, run.config.updated(GRID["act-loss3"]).assembly)
+    asm = Assembler.for_run(model, run.own_pool(), run.config, run.config.updated(RULES["act-loss3"]).assembly)
     try:
         recipe = asm.recipe(run.data.task, tok, u.context, u.profile)
         asm.install_weights({p: dict(c) for p, c in recipe.pieces.items()}, recipe.strength)

@@ -16,7 +16,7 @@ rule. Classification is judged by macro-F1 (accuracy can crown a constant answer
 and its paired test is a paired bootstrap of the F1 difference; the other kinds use the bench's sign
 test on per-query scores. Among those rules, the best is not crowned on a difference that is only
 noise: every rule the same paired test cannot tell from the best (p >= `alpha`, unadjusted, so ties
-are generous) is tied with it, and the tie goes to the simplest, the earliest in GRID (the order is a
+are generous) is tied with it, and the tie goes to the simplest, the earliest in RULES (the order is a
 prior: the rule that was the default before calibration first, then one change at a time). A departure
 from the simpler rule must show evidence on the validation users, not a lucky draw. A pool with no
 validation users has no evidence, and declines too (its report says why and what to change).
@@ -25,7 +25,7 @@ Costs: rules that differ only in strength and `pick_by_loss` share one assembly;
 no forward; `pick_by_loss` adds that many loss forwards per validation user. Rules with gate keys need a
 second pool whose gates are trained (`Run.key_run("gate")`). Rules an earlier calibration of the same pool
 and validation queries scored carry over (`reusable`), so a grown grid scores only its new rules. The grid
-and the settings are in `rules` (`GRID`) and `settings` (`CalibrationSettings`); the table in `tables`.
+and the settings are in `rules` (`GRID`, `RULES`) and `settings` (`CalibrationSettings`); the table in `tables`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from perpcs.data import Item, User
 from perpcs.evaluation import per_query, primary_metric, score
 from perpcs.generation import generate
-from perpcs.rules import GRID
+from perpcs.rules import RULES
 from perpcs.settings import CalibrationSettings
 from perpcs.stats import RESAMPLES, bootstrap_ci, paired
 from perpcs.tasks import Task, answer_budget
@@ -156,7 +156,7 @@ def candidates(config) -> tuple[list[str], dict[str, str]]:
     promise does not cover: they are not candidates."""
     left_out = {n: "key_noise covers activation keys only; gates would not be DP"
                 for n in config.calibration.rules
-                if config.key_noise and GRID[n].get("key", config.key) != "activation" and n != "none"}
+                if config.key_noise and RULES[n].get("key", config.key) != "activation" and n != "none"}
     return [n for n in config.calibration.rules if n not in left_out], left_out
 
 
@@ -173,7 +173,7 @@ def reusable(scored: dict | None, rules: list[str], golds: dict[str, str]) -> di
     if scored.get("golds") != golds:
         raise ValueError("the earlier calibration scored other validation queries: its predictions do not carry over")
     return {n: scored["predictions"][n] for n in rules
-            if n in scored.get("predictions", {}) and (n == "none" or scored["grid"].get(n) == GRID[n])}
+            if n in scored.get("predictions", {}) and (n == "none" or scored["grid"].get(n) == RULES[n])}
 
 
 def calibrate(run, scored: dict | None = None) -> dict:
@@ -194,7 +194,7 @@ def calibrate(run, scored: dict | None = None) -> dict:
         metric, higher = selection_metric(task)
         return {"chosen": "none", "declined": True, "reason": reason, "best": None, "tied_with_best": [],
                 "metric": metric, "higher_is_better": higher, "alpha": s.alpha, "candidates": {},
-                "rule": GRID["none"], "grid": {n: GRID[n] for n in rules}, "left_out": left_out,
+                "rule": RULES["none"], "grid": {n: RULES[n] for n in rules}, "left_out": left_out,
                 "validation": {"users": [], "queries": 0, "heldout_items": {}},
                 "cost": {"seconds": time.perf_counter() - t0, "assembly_forwards": 0, "generations": 0, "reused": []},
                 "predictions": {}, "golds": {}}
@@ -215,11 +215,11 @@ def calibrate(run, scored: dict | None = None) -> dict:
     families: dict[tuple, list[str]] = {}  # rules that differ only in strength and pick_by_loss share one assembly
     for name in rules:
         if name not in preds:
-            rule = run.config.updated(GRID[name])
+            rule = run.config.updated(RULES[name])
             family = (rule.key, rule.assembly.model_copy(update={"strength": 1.0, "pick_by_loss": 0}).model_dump_json())
             families.setdefault(family, []).append(name)
     for names in families.values():
-        rule = run.config.updated(GRID[names[0]])
+        rule = run.config.updated(RULES[names[0]])
         shared = rule.assembly.model_copy(update={"pick_by_loss": 0})
         assembler = Assembler.for_run(model, run.key_pool(rule.key), run.config, shared)
         texts: dict[str, dict[str, list[str]]] = {n: {} for n in names}
@@ -229,7 +229,7 @@ def calibrate(run, scored: dict | None = None) -> dict:
                 forwards += shared.select not in ("all", "none")
                 weights = {pos: dict(chosen) for pos, chosen in recipe.pieces.items()}
                 for n in names:
-                    settings, chosen = run.config.updated(GRID[n]).assembly, weights
+                    settings, chosen = run.config.updated(RULES[n]).assembly, weights
                     if settings.pick_by_loss:  # as Assembler.recipe picks: on the examples the keys read
                         chosen, losses = assembler.pick_by_loss(weights, assembler.examples(task, tok, u.context,
                                                                                             u.profile),
@@ -242,7 +242,7 @@ def calibrate(run, scored: dict | None = None) -> dict:
         for n in names:
             store(n, texts[n])
     result = choose_rule(task, golds, {n: preds[n] for n in rules}, s.alpha, run.config.seed)
-    result.update(rule=GRID[result["chosen"]], grid={n: GRID[n] for n in rules}, left_out=left_out,
+    result.update(rule=RULES[result["chosen"]], grid={n: RULES[n] for n in rules}, left_out=left_out,
                   validation={"users": [u.user_id for u in users], "queries": len(golds),
                               "heldout_items": {u.user_id: len(u.heldout) for u in users},
                               # how alike validation users and targets are, in what assembly reads

@@ -29,7 +29,7 @@ from perpcs.lora import load_or_train, lora_layers, lora_state
 from perpcs.models import fingerprint, load_base, prepare_base
 from perpcs.pool import Pool
 from perpcs.recipe import Recipe
-from perpcs.rules import GRID
+from perpcs.rules import RULES
 from perpcs.runfolder import RunFolder, safe_name, writes
 from perpcs.selection import Selection, save_selection, select_sharers, share_mask
 from perpcs.settings import SELECTION_STEP, RunConfig, check_later_steps
@@ -277,7 +277,7 @@ class Run(RunFolder):
             with self.writing():
                 result = calibrate(self, scored)
                 gate_seconds = sum(self.key_run(k).stats()["build_pool"]["gate_seconds"]
-                                   for k in {self.config.updated(GRID[n]).key for n in result["grid"]
+                                   for k in {self.config.updated(RULES[n]).key for n in result["grid"]
                                              if n not in result["cost"]["reused"]}
                                    if k != self.config.key)
                 result["cost"]["other_key_pool_seconds"] = gate_seconds

@@ -12,7 +12,7 @@ from typing import Any, Literal, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from perpcs.rules import GRID, PAPER_RULE, with_rule_fixed
+from perpcs.rules import GRID, PAPER_RULE, RULES, with_rule_fixed
 from perpcs.utils import deep_merge, derived_seed
 
 # What a piece's key is: its gate trained with the sharer's LoRA frozen (the paper), or the
@@ -165,8 +165,9 @@ class CalibrationSettings(Settings):
     enabled: bool = Field(True, description="choose the selection rule on validation users once the pool is built; "
                                             "off when the rule is fixed by setting any rule field (key, "
                                             "assembly.mix, ...)")
-    rules: list[str] = Field(list(GRID), description="the candidate rules, names of rules.GRID; 'none' is "
-                                                     "always a candidate; rules with gate keys train gates")
+    rules: list[str] = Field(list(GRID), description="the candidate rules, names of rules.RULES (default: rules.GRID, "
+                                                     "all but the opt-in `act-loss3`); 'none' is always a candidate; "
+                                                     "rules with gate keys train gates")
     max_users: int = Field(16, ge=1, le=MANY, description="validation users at most: the most active sharer candidates "
                                                  "that are not sharers")
     items: int = Field(32, ge=1, le=MANY, description="newest history items scored per validation user at most (and "
@@ -180,10 +181,10 @@ class CalibrationSettings(Settings):
     @field_validator("rules")
     @classmethod
     def _known(cls, rules: list[str]) -> list[str]:
-        unknown = [r for r in rules if r not in GRID]
+        unknown = [r for r in rules if r not in RULES]
         if unknown:
-            raise ValueError(f"unknown rules {unknown}; known: {', '.join(GRID)}")
-        return [r for r in GRID if r in rules or r == "none"]  # grid order: ties go to the simpler
+            raise ValueError(f"unknown rules {unknown}; known: {', '.join(RULES)}")
+        return [r for r in RULES if r in rules or r == "none"]  # grid order: ties go to the simpler
 
 
 # Settings of steps 3-5 only: a derived run (`Run.derive`) may change these and reuse steps 0-2.
