@@ -357,7 +357,9 @@ class Pool:
 
     def positions_of(self, sharer_id: str) -> list[str]:
         """The positions one sharer shares, in position order."""
-        idx, _ = self._sharer(sharer_id)
+        return self._shared(self._sharer(sharer_id)[0])
+
+    def _shared(self, idx: int) -> list[str]:
         name = {i: pos for pos, i in self._pos_idx.items()}
         return [name[i] for (i,) in self._sql("SELECT position FROM shares WHERE sharer = ? ORDER BY position",
                                               (idx,)).fetchall()]
@@ -366,7 +368,7 @@ class Pool:
         """{position: key} of one sharer's shared pieces, through a handle closed afterwards: building the
         key index (keyindex.py) over thousands of sharers then does not keep their files mapped."""
         idx, file = self._sharer(sharer_id)
-        shared = self.positions_of(sharer_id)
+        shared = self._shared(idx)
         try:
             h = safe_open(self.path / file, framework="pt", device="cpu")
         except SafetensorError as e:
