@@ -8,7 +8,7 @@ README.md). This derives a run on each cell's pool (same task model, sharers and
 the paired comparison with the best, and the choice. Nothing is benched on the targets.
 
     OMP_NUM_THREADS=1 nice -n 5 python benchmarks/calibration_power.py --out /work/runs/evidence --cells demo/0 \
-        --queries 384 --rules act-cat act-loss3 --results benchmarks/results/calibration-power.json
+        --queries 384 --max-users 23 --items 17 --rules act-cat act-cat-half act-loss3
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ from perpcs.pipeline import Run
 from perpcs.utils import read_json, write_json
 
 
-def probe(src: Path, folder: Path, queries: int, rules: list[str]) -> dict:
+def probe(src: Path, folder: Path, calibration: dict) -> dict:
     old = Run(src)
-    config = old.config.updated({"calibration": {"queries": queries, "rules": rules}})
+    config = old.config.updated({"calibration": calibration})
     run = Run(folder) if (folder / "run.json").exists() else old.derive(folder, config)
     cal = run.calibrate()
     return {"queries": cal["validation"]["queries"], "users": len(cal["validation"]["users"]),
+            "context_items_mean": cal["validation"]["context_items_mean"],
             "chosen": cal["chosen"], "best": cal["best"], "tied_with_best": cal["tied_with_best"],
             "metric": cal["metric"], "seconds": cal["cost"]["seconds"],
             "rules": {n: {"value": c["metrics"][cal["metric"]], "vs_none_p_holm": c.get("vs_none", {}).get("p_holm"),
@@ -40,17 +41,21 @@ def main() -> None:
     ap.add_argument("--cells", nargs="+", required=True, help="SET/SEED, e.g. demo/0")
     ap.add_argument("--queries", type=int, default=384)
     ap.add_argument("--rules", nargs="+", default=["act-cat", "act-loss3"])
+    ap.add_argument("--max-users", type=int, default=16, help="calibration.max_users (more users, more queries)")
+    ap.add_argument("--items", type=int, default=32, help="calibration.items: queries per validation user at most")
     ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "calibration-power.json")
     a = ap.parse_args()
     for cell in a.cells:
         name, seed = cell.split("/")
         src = a.out / name / f"seed-{seed}" / "run"
-        row = probe(src, a.out / name / f"seed-{seed}-q{a.queries}" / "run", a.queries, a.rules)
+        row = probe(src, a.out / name / f"seed-{seed}-q{a.queries}" / "run",
+                    {"queries": a.queries, "rules": a.rules, "max_users": a.max_users, "items": a.items})
         with FileLock(a.out / "calibration-power.lock"):  # one results file, several workers
             results = read_json(a.results) if a.results.exists() else {}
             results[f"{cell} q{a.queries}"] = row
             write_json(a.results, results)
-        print(f"{cell}: {row['queries']} validation queries from {row['users']} users: chose {row['chosen']}, best "
+        print(f"{cell}: {row['queries']} validation queries from {row['users']} users "
+              f"({row['context_items_mean']:.1f} history items each): chose {row['chosen']}, best "
               f"{row['best']}; " + ", ".join(f"{n} {r['value']:.3f}" + (f" (vs best p={r['vs_best']['p']:.2g})"
                                                                           if r["vs_best"] else "")
                                              for n, r in row["rules"].items()) + f"; wrote {a.results}", flush=True)
