@@ -48,7 +48,8 @@ from perpcs.utils import atomic_path, read_json, write_json, write_text
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "evidence"
-FIXED = [n for n in GRID if n != "none"]  # the grid's fixed rules, as bench variants
+FIXED = [n for n in GRID if n != "none"]  # the grid's fixed rules: "the best fixed rule" is one of them
+BENCHED = [n for n in RULES if n != "none"]  # bench variants: the grid's fixed rules and the opt-in ones
 PLOT_BYTES = 1 << 20  # a plot over 1 MiB is kept at half its resolution (the full one stays in the run folder)
 METHODS = ["non_personalized", "peft_retrieval", "prime", "oppu", "perpcs"]
 
@@ -139,7 +140,7 @@ def _bench_cell(name: str, seed: int, folder: Path, out: Path, src: Path, result
         config = RunConfig(data=str(data), seed=seed, **fields).updated(changed)
         if changed:
             derive(out / source / f"seed-{seed}" / "run", folder / "run", config)
-        settings = BenchSettings(methods=METHODS, variants={n: GRID[n] for n in FIXED}, oppu_targets=4)
+        settings = BenchSettings(methods=METHODS, variants={n: RULES[n] for n in BENCHED}, oppu_targets=4)
         bench(data, folder, config, settings)
         print(f"cell {name} seed {seed}: done in {time.perf_counter() - t0:.0f} s", flush=True)
     return keep(name, seed, folder, results)
