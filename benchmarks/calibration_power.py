@@ -22,17 +22,22 @@ from perpcs.pipeline import Run
 from perpcs.utils import read_json, write_json
 
 
-def probe(src: Path, folder: Path, calibration: dict) -> dict:
+def probe(src: Path, folder: Path, calibration: dict, kept: Path) -> dict:
+    """The calibration's choice and candidates, and, from the kept cell's bench, each rule's value on the targets
+    (what the choice would have given them)."""
     old = Run(src)
     config = old.config.updated({"calibration": calibration})
     run = Run(folder) if (folder / "run.json").exists() else old.derive(folder, config)
     cal = run.calibrate()
+    targets = read_json(kept / "results.json")["methods"] if (kept / "results.json").exists() else {}
     return {"queries": cal["validation"]["queries"], "users": len(cal["validation"]["users"]),
             "context_items_mean": cal["validation"]["context_items_mean"],
             "chosen": cal["chosen"], "best": cal["best"], "tied_with_best": cal["tied_with_best"],
             "metric": cal["metric"], "seconds": cal["cost"]["seconds"],
             "rules": {n: {"value": c["metrics"][cal["metric"]], "vs_none_p_holm": c.get("vs_none", {}).get("p_holm"),
-                          "vs_best": c.get("vs_best")} for n, c in cal["candidates"].items()}}
+                          "vs_best": c.get("vs_best"),
+                          "targets": targets.get(n, {}).get("metrics", {}).get(cal["metric"])}
+                      for n, c in cal["candidates"].items()}}
 
 
 def main() -> None:
@@ -43,16 +48,22 @@ def main() -> None:
     ap.add_argument("--rules", nargs="+", default=["act-cat", "act-loss3"])
     ap.add_argument("--max-users", type=int, default=16, help="calibration.max_users (more users, more queries)")
     ap.add_argument("--items", type=int, default=32, help="calibration.items: queries per validation user at most")
+    ap.add_argument("--label", help="names the probe's run folders and results rows (default: q<queries>); one label "
+                                    "per settings, since a probe's folder is reused as it is")
+    ap.add_argument("--kept", type=Path, default=Path(__file__).parent / "results" / "evidence",
+                    help="the kept cells, whose benches give each rule's value on the targets")
     ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "calibration-power.json")
     a = ap.parse_args()
+    label = a.label or f"q{a.queries}"
     for cell in a.cells:
         name, seed = cell.split("/")
         src = a.out / name / f"seed-{seed}" / "run"
-        row = probe(src, a.out / name / f"seed-{seed}-q{a.queries}" / "run",
-                    {"queries": a.queries, "rules": a.rules, "max_users": a.max_users, "items": a.items})
+        row = probe(src, a.out / name / f"seed-{seed}-{label}" / "run",
+                    {"queries": a.queries, "rules": a.rules, "max_users": a.max_users, "items": a.items},
+                    a.kept / f"{name}-seed{seed}")
         with FileLock(a.out / "calibration-power.lock"):  # one results file, several workers
             results = read_json(a.results) if a.results.exists() else {}
-            results[f"{cell} q{a.queries}"] = row
+            results[f"{cell} {label}"] = row
             write_json(a.results, results)
         print(f"{cell}: {row['queries']} validation queries from {row['users']} users "
               f"({row['context_items_mean']:.1f} history items each): chose {row['chosen']}, best "
