@@ -18,25 +18,32 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from perpcs.calibration import choose_rule
 from perpcs.pipeline import Run
+from perpcs.rules import GRID
 from perpcs.utils import read_json, write_json
 
 
 def probe(src: Path, folder: Path, calibration: dict, kept: Path) -> dict:
-    """The calibration's choice and candidates, and, from the kept cell's bench, each rule's value on the targets
-    (what the choice would have given them)."""
+    """The calibration's choice and candidates; the choice among the default grid's rules only (`chosen_in_grid`,
+    from the same predictions), where the probe also scored opt-in rules; and, from the kept cell's bench, each
+    rule's value on the targets (what the choice would have given them)."""
     old = Run(src)
     config = old.config.updated({"calibration": calibration})
     run = Run(folder) if (folder / "run.json").exists() else old.derive(folder, config)
     cal = run.calibrate()
-    targets = read_json(kept / "results.json")["methods"] if (kept / "results.json").exists() else {}
+    methods = read_json(kept / "results.json")["methods"] if (kept / "results.json").exists() else {}
+    targets = {"none" if n == "non_personalized" else n: r["metrics"].get(cal["metric"]) for n, r in methods.items()}
+    in_grid = {n: p for n, p in cal["predictions"].items() if n in GRID}  # dict order: simpler rules first
+    grid_choice = choose_rule(run.data.task, cal["golds"], in_grid, cal["alpha"], run.config.seed)
     return {"queries": cal["validation"]["queries"], "users": len(cal["validation"]["users"]),
             "context_items_mean": cal["validation"]["context_items_mean"],
             "chosen": cal["chosen"], "best": cal["best"], "tied_with_best": cal["tied_with_best"],
+            "chosen_in_grid": grid_choice["chosen"],
             "metric": cal["metric"], "seconds": cal["cost"]["seconds"],
             "rules": {n: {"value": c["metrics"][cal["metric"]], "vs_none_p_holm": c.get("vs_none", {}).get("p_holm"),
                           "vs_best": c.get("vs_best"),
-                          "targets": targets.get(n, {}).get("metrics", {}).get(cal["metric"])}
+                          "targets": targets.get(n)}
                       for n, c in cal["candidates"].items()}}
 
 
@@ -66,7 +73,8 @@ def main() -> None:
             results[f"{cell} {label}"] = row
             write_json(a.results, results)
         print(f"{cell}: {row['queries']} validation queries from {row['users']} users "
-              f"({row['context_items_mean']:.1f} history items each): chose {row['chosen']}, best "
+              f"({row['context_items_mean']:.1f} history items each): chose {row['chosen']} ({row['chosen_in_grid']} "
+              f"of the default grid), best "
               f"{row['best']}; " + ", ".join(f"{n} {r['value']:.3f}" + (f" (vs best p={r['vs_best']['p']:.2g})"
                                                                           if r["vs_best"] else "")
                                              for n, r in row["rules"].items()) + f"; wrote {a.results}", flush=True)
