@@ -14,8 +14,9 @@ losses and ties against non_personalized are resampled at several numbers of val
 the share of draws in which calibration's test (Holm over the grid's rules, at its worst: p times their number)
 would have let that rule beat "none".
 
-And, with `--probe LABEL`, a fourth policy: the choice of a calibration run again on the same pools with other
-settings (`benchmarks/calibration_power.py`, e.g. more validation queries), for the sets it covered at every seed.
+And, with `--probe LABEL`, two more: the choice of a calibration run again on the same pools with other settings
+(`benchmarks/calibration_power.py`, e.g. more validation queries), over all its rules and over the default grid's
+only, for the sets it covered at every seed.
 
     python benchmarks/choice_policy.py [--probe grid-q384]   # results/evidence/choice-policy.{md,json}
 """
@@ -32,13 +33,14 @@ from perpcs.stats import method_statistics, paired
 from perpcs.utils import read_json, write_json, write_text
 
 POLICIES = ("calibrated", "validation best", "targets' best")
+PROBE_POLICIES = {"probe": "chosen", "probe, default grid": "chosen_in_grid"}  # policy -> calibration-power field
 DRAWS = 2000  # resamples per power estimate
 SIZES = (16, 64, 256, 1024)  # validation queries per seed at which the power is estimated
 
 
-def picks(run: dict, probe: str | None = None) -> dict[str, str]:
-    """Per policy, the method row (a grid rule or non_personalized) that it picks for this seed; `probe` is the
-    choice of a calibration run again with other settings, if any."""
+def picks(run: dict, probe: dict[str, str] | None = None) -> dict[str, str]:
+    """Per policy, the method row (a grid rule or non_personalized) that it picks for this seed; `probe`: the
+    rules that a calibration run again with other settings chose, by policy, if any."""
     cal = run["calibration"]
     sign = 1 if run["primary_metric"]["higher_is_better"] else -1
     primary = run["primary_metric"]["name"]
@@ -46,14 +48,14 @@ def picks(run: dict, probe: str | None = None) -> dict[str, str]:
     oracle = max((n for n in rows if rows[n] in run["methods"]),
                  key=lambda n: sign * run["methods"][rows[n]]["metrics"][primary])
     return {"calibrated": rows[cal["chosen"]], "validation best": rows[cal.get("best") or "none"],
-            "targets' best": rows[oracle]} | ({} if probe is None else {"probe": rows.get(probe, probe)})
+            "targets' best": rows[oracle]} | {p: rows.get(rule, rule) for p, rule in (probe or {}).items()}
 
 
-def policy_set(pooled: dict[str, dict[str, float]], runs: list[dict], probes: list[str] | None = None) -> dict:
+def policy_set(pooled: dict[str, dict[str, float]], runs: list[dict], probes: list[dict] | None = None) -> dict:
     """Each policy's picks over the set's seeds, and its mean, paired test and share of OPPU's gain (the bench's
     `method_statistics`, with each policy as a row). `probes`: a probe's choice per seed, if it covered them all."""
     higher = runs[0]["primary_metric"]["higher_is_better"]
-    policies = POLICIES + (("probe",) if probes else ())
+    policies = POLICIES + (tuple(PROBE_POLICIES) if probes else ())
     out = {"seeds": [r["seed"] for r in runs], "picks": {p: [] for p in policies}, "policies": {}}
     scores: dict[str, dict[str, float]] = {p: {} for p in policies}
     for run, probe in zip(runs, probes or [None] * len(runs)):
@@ -92,7 +94,7 @@ def power(pooled: dict[str, dict[str, float]], runs: list[dict], seed: int = 0) 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--probe", help="a label of benchmarks/results/calibration-power.json: its choices as a policy")
+    ap.add_argument("--probe", help="a label of benchmarks/results/calibration-power.json: its choices as policies")
     ap.add_argument("--probes", default=ROOT / "results" / "calibration-power.json")
     a = ap.parse_args()
     probed = read_json(a.probes) if a.probe else {}
@@ -102,16 +104,17 @@ def main() -> None:
             continue
         _, pooled = _pooled(cells)
         runs = [read_json(c / "results.json") for c in cells]
-        probes = [probed.get(f"{name}/{r['seed']} {a.probe}", {}).get("chosen") for r in runs]
-        sets[name] = policy_set(pooled, runs, probes if all(probes) else None)
+        rows = [probed.get(f"{name}/{r['seed']} {a.probe}") for r in runs]
+        probes = [{p: row[field] for p, field in PROBE_POLICIES.items()} for row in rows] if all(rows) else None
+        sets[name] = policy_set(pooled, runs, probes)
         if name in SETS and (p := power(pooled, runs)):
             powers[name] = p
     lines = ["# Calibration's choice against the validation users' best and the targets' own best",
              "", "From the evidence cells (`python benchmarks/choice_policy.py`); each policy picks one rule of the "
              "grid per seed and is scored on all the set's target queries, paired with non_personalized (sign test). "
              "`targets' best` is an oracle: the most any choice of this grid could give."
-             + (f" `probe`: calibration's choice with the settings `{a.probe}` of calibration-power.json." if a.probe
-                else ""), "",
+             + (f" `probe`: calibration's choice with the settings `{a.probe}` of calibration-power.json; `probe, "
+                "default grid`: its choice among the default grid's rules only." if a.probe else ""), "",
              "| set | policy | rules picked per seed | mean | vs NP | share of OPPU's gain |",
              "|---|---|---|---|---|---|"]
     for name, s in sets.items():
@@ -127,8 +130,8 @@ def main() -> None:
     if covered := [s for s in suite if "probe" in s["policies"]]:  # the same sets for every policy
         names = [n for n, s in sets.items() if any(s is c for c in covered)]
         lines += ["", f"Over the sets the probe covered ({', '.join(names)}): " + "; ".join(
-            f"{p} {np.mean([s['policies'][p]['gain_share'] for s in covered]):.1%}" for p in POLICIES + ("probe",))
-            + "."]
+            f"{p} {np.mean([s['policies'][p]['gain_share'] for s in covered]):.1%}"
+            for p in POLICIES + tuple(PROBE_POLICIES)) + "."]
     lines += ["", "Power of calibration's test to find the targets' best fixed rule, by validation queries per seed "
               f"(sign test, p times the number of rules < 0.05; {DRAWS} draws of the targets' wins, losses and ties):",
               "", "| set | targets' best rule | on the targets vs NP: wins / losses / ties (p) | at the queries used | "
