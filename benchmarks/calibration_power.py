@@ -1,14 +1,15 @@
-"""Would more validation queries have let calibration separate two rules? Calibrate a cell's pool again with a
-larger query budget and a few rules only.
+"""Would more validation queries have let calibration choose better? Calibrate a cell's pool again with other
+settings (more users and queries) and the rules given.
 
-On the demo, `act-loss3` is the targets' best rule at every seed, and the validation users rank it first at two of
-three, yet calibration keeps `act-cat` because 128 validation queries cannot tell the two apart (benchmarks/
-README.md). This derives a run on each cell's pool (same task model, sharers and keys) with
-`calibration.queries=N` and `calibration.rules=RULES`, calibrates it, and reports each rule's validation metric,
-the paired comparison with the best, and the choice. Nothing is benched on the targets.
+At 128 validation queries calibration could not separate `act-loss3` from `act-cat` on the demo (benchmarks/
+README.md). This derives a run on each cell's pool (same task model, sharers and keys) with the given
+`calibration` settings, calibrates it, and reports each rule's validation metric, its paired comparison with
+the best, its value on the kept cell's targets, the choice, and the choice among the default grid's rules only.
+Nothing new is benched on the targets; `choice_policy.py --probe LABEL` scores the choices there.
 
     OMP_NUM_THREADS=1 nice -n 5 python benchmarks/calibration_power.py --out /work/runs/evidence --cells demo/0 \
-        --queries 384 --max-users 23 --items 17 --rules act-cat act-cat-half act-loss3
+        --queries 384 --max-users 32 --items 64 --label grid-q384 \
+        --rules average act-cat act-top1 act-linear act-cat-half act-cat-tau4 act-cat-tau16 act-loss3 paper
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ only, for the sets it covered at every seed.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 from scipy.stats import binomtest
@@ -95,7 +96,7 @@ def power(pooled: dict[str, dict[str, float]], runs: list[dict], seed: int = 0) 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--probe", help="a label of benchmarks/results/calibration-power.json: its choices as policies")
-    ap.add_argument("--probes", default=ROOT / "results" / "calibration-power.json")
+    ap.add_argument("--probes", type=Path, default=ROOT / "results" / "calibration-power.json")
     a = ap.parse_args()
     probed = read_json(a.probes) if a.probe else {}
     sets, powers = {}, {}
