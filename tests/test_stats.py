@@ -1,5 +1,9 @@
 """Statistics of the bench, against hand-computed answers."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from perpcs.evaluation import per_query, score
@@ -77,3 +81,24 @@ def test_method_statistics_compares_with_oppu_on_its_queries():
     assert "peft_retrieval" not in s["perpcs"]["vs"] and "oppu" not in s["oppu"]["vs"]
     assert s["perpcs"]["gain_share"] == pytest.approx(0.5)  # on queries 1-2: 0 -> 1 for OPPU, 0.5 for perpcs
     assert s["oppu"]["gain_share"] == 1.0 and s["non_personalized"]["gain_share"] == 0.0
+
+
+_SUBSET_SCRIPT = """
+import random
+from perpcs.stats import method_statistics
+shares = []
+for seed in range(20):
+    r = random.Random(seed)
+    q = [f"{s}/u{i}#{j}" for s in range(3) for i in range(20) for j in range(5)]
+    sc = {m: {k: r.random() + up for k in q} for m, up in (("non_personalized", 0.0), ("perpcs", 0.3))}
+    sc["oppu"] = {k: r.random() + 0.6 for k in q[:40]}  # OPPU on a subset, as in the bench
+    shares.append(method_statistics(sc, higher=True)["perpcs"]["gain_share"])
+print(repr(shares))
+"""
+
+
+def test_method_statistics_is_the_same_in_every_process():
+    """Same scores, same numbers to the last bit: no mean may follow a set's hash order (PYTHONHASHSEED)."""
+    out = {subprocess.run([sys.executable, "-c", _SUBSET_SCRIPT], env={**os.environ, "PYTHONHASHSEED": str(h)},
+                          capture_output=True, text=True, check=True).stdout for h in (1, 2, 3)}
+    assert len(out) == 1, out

@@ -70,9 +70,9 @@ def gain_share(means: Mapping[str, float], name: str, higher: bool = True) -> fl
 def method_statistics(scores: Mapping[str, Mapping[str, float]], higher: bool, seed: int = 0) -> dict:
     """Per method: n, mean, CI, paired comparisons with each reference that ran, and the share of OPPU's
     gain measured on the queries OPPU scored (OPPU may run on a subset of the targets)."""
-    oppu_queries = set(scores.get("oppu", {}))
+    oppu_queries = sorted(scores.get("oppu", {}))  # sorted: a set's order would change the sums' last bits
     subset = {m: float(np.mean([s[q] for q in oppu_queries])) for m, s in scores.items()
-              if oppu_queries and oppu_queries <= set(s)}
+              if oppu_queries and set(oppu_queries) <= set(s)}
     out = {}
     for m, s in scores.items():
         lo, hi = bootstrap_ci(s.values(), seed)
