@@ -112,7 +112,10 @@ def pooled_choice(loaded: dict[str, tuple], alpha: float, seed: int) -> dict:
     """One choice from every seed's validation users together (three times the users on the demo), and its regret
     on each seed's targets: what a larger validation population of the same kind would have chosen."""
     task, rules = next(iter(loaded.values()))[:2]
-    users = {f"{s}/{n}": u for s, (_, _, us, _, _) in loaded.items() for n, u in us.items()}
+    # query ids prefixed with the seed: the imported sets' seeds read the same users, so their ids repeat
+    users = {f"{s}/{n}": {"golds": {f"{s}/{q}": g for q, g in u["golds"].items()},
+                          "preds": {r: {f"{s}/{q}": a for q, a in p.items()} for r, p in u["preds"].items()}}
+             for s, (_, _, us, _, _) in loaded.items() for n, u in us.items()}
     val = [f"{s}/{n}" for s, (*_, v, _) in loaded.items() for n in v]
     chosen = choices(task, users, val, rules, alpha, seed)
     return {"validation_users": len(val), "chosen": chosen,
