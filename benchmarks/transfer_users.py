@@ -22,6 +22,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 
 from evidence import ALL, RESULTS, finished_cells
 from perpcs.calibration import choose_rule
@@ -39,7 +40,7 @@ def users_of(cell: Path) -> tuple[object, list[str], dict[str, dict], list[str],
     {qid: answer}}}}, with the validation users and the targets named."""
     run = Run(cell / "run")
     cal = read_json(cell / "run" / "calibration.json")
-    rules = list(cal["predictions"])
+    rules = list(cal["candidates"])  # the order calibration chose in (ties go to the earliest), not the order scored
     users: dict[str, dict] = {}
     for qid, gold in cal["golds"].items():  # validation query ids are "<user>#<i>"
         u = users.setdefault("v:" + qid.rsplit("#", 1)[0], {"golds": {}, "preds": {r: {} for r in rules}})
@@ -85,10 +86,14 @@ def regret(task, users, targets, rules, chosen: str) -> float:
     return sign * (max(val.values(), key=lambda v: sign * v) - val[chosen])
 
 
-def cell_probe(cell: Path, loaded: tuple, draws: int, sizes: list[int], seed: int) -> dict:
+def cell_probe(cell: Path, loaded: tuple, params: dict) -> dict:
+    """The real split's choices and regrets; `params["draws"]` random splits' (the permutations drawn with
+    `params["seed"]`), also with `params["sizes"]` pseudo-validation users."""
+    draws, sizes, seed = params["draws"], params["sizes"], params["seed"]
     task, rules, users, val, tgt = loaded
     cal = read_json(cell / "run" / "calibration.json")
-    real = choices(task, users, val, rules, cal["alpha"], seed)
+    boot = Run(cell / "run").config.seed  # calibration's bootstrap seed: the same answers give its own choice
+    real = choices(task, users, val, rules, cal["alpha"], boot)
     if real["calibrated"] != cal["chosen"]:  # the same answers must give calibration's own choice
         raise SystemExit(f"{cell}: choose_rule gives {real['calibrated']}, calibration.json says {cal['chosen']}")
     rng = np.random.default_rng(seed)
@@ -99,10 +104,10 @@ def cell_probe(cell: Path, loaded: tuple, draws: int, sizes: list[int], seed: in
         order = [everyone[i] for i in rng.permutation(len(everyone))]
         pseudo_t = order[: len(tgt)]
         for k in [len(val), *by_size]:
-            chosen = choices(task, users, order[len(tgt): len(tgt) + k], rules, cal["alpha"], seed)
+            chosen = choices(task, users, order[len(tgt): len(tgt) + k], rules, cal["alpha"], boot)
             for p in POLICIES:
                 (random if k == len(val) else by_size[k])[p].append(regret(task, users, pseudo_t, rules, chosen[p]))
-    return {"params": {"draws": draws, "sizes": sizes, "seed": seed, "policies": list(POLICIES)},
+    return {"params": params,
             "validation_users": len(val), "targets": len(tgt), "rules": rules,
             "chosen": real, "regret": {p: regret(task, users, tgt, rules, real[p]) for p in POLICIES},
             "random_splits": random, "by_validation_users": {str(k): v for k, v in by_size.items()}}
@@ -176,7 +181,9 @@ def main() -> None:
         raise SystemExit(f"--draws {a.draws}: must be at least 1")
     results = RESULTS / "transfer-users.json"
     done = read_json(results) if results.exists() else {}
-    params = {"draws": a.draws, "sizes": a.sizes, "seed": a.seed, "policies": list(POLICIES)}
+    # what a kept cell must have been drawn with to be reused (rule order and bootstrap seed: calibration's own)
+    params = {"draws": a.draws, "sizes": a.sizes, "seed": a.seed, "policies": list(POLICIES), "order": "grid",
+              "bootstrap": "run seed"}
     summary = {}
     for name in a.sets:
         cells, loaded = {}, {}
@@ -191,7 +198,7 @@ def main() -> None:
             if old and old.get("params") == params:  # a cell already drawn with these settings is kept
                 cells[seed] = old
                 continue
-            cells[seed] = cell_probe(cell, loaded[seed], a.draws, a.sizes, a.seed)
+            cells[seed] = cell_probe(cell, loaded[seed], params)
             c = cells[seed]
             print(f"{name}/{seed}: {c['validation_users']} validation users, {c['targets']} targets; chose "
                   f"{c['chosen']['calibrated']}, regret {c['regret']['calibrated']:.3f}, random splits "
@@ -199,8 +206,10 @@ def main() -> None:
         if cells:
             alpha = read_json(a.out / name / f"seed-{next(iter(cells))}" / "run" / "calibration.json")["alpha"]
             summary[name] = {"cells": cells, "summary": set_summary(cells, pooled_choice(loaded, alpha, a.seed))}
-            write_json(results, done | summary)
-    write_text(RESULTS / "transfer-users.md", table(done | summary))
+            with FileLock(a.out / "transfer-users.lock"):  # several workers, one results file
+                every = (read_json(results) if results.exists() else {}) | {name: summary[name]}
+                write_json(results, every)
+                write_text(RESULTS / "transfer-users.md", table(every))
     print(f"wrote {RESULTS / 'transfer-users.json'} and {RESULTS / 'transfer-users.md'}")
 
 
