@@ -8,10 +8,11 @@ its targets (the bench). This pools the two groups of users and draws random spl
   random splits, validation users are as good a sample of the targets as any, and the gap is the noise of
   choosing on few users;
 - if it is worse than most random splits, validation users are unlike the targets.
-It also chooses on fewer and more pseudo-validation users (the same pseudo-targets' size) to show how the regret
-falls with the number of users. Three policies choose, each from one `choose_rule` call: calibration's own (the
-simplest rule tied with the best of those that beat "none"), the best of those outright ("gated best"), and the best
-by the primary metric with no test ("ungated best"). Reads run folders (`--out`); no model runs.
+It also chooses on fewer pseudo-validation users (the same pseudo-targets' size), and once on all the set's seeds'
+validation users together, to show how the regret falls with the number of users. Three policies choose, each
+from one `choose_rule` call: calibration's own (the simplest rule tied with the best of those that beat "none"),
+the best of those outright ("gated best"), and the best by the primary metric with no test ("ungated best").
+Reads run folders (`--out`); no model runs.
 
     python benchmarks/transfer_users.py --out /work/runs/evidence    # results/evidence/transfer-users.{json,md}
 """
