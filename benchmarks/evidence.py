@@ -101,12 +101,16 @@ def make_data(args: list[str], src: Path, out: Path, seed: int) -> None:
         raise SystemExit(f"perpcs data {' '.join(argv)} failed:\n{result.output}")
 
 
-def cells(sets: list[str], seeds: list[int] | None) -> list[tuple[str, int]]:
+def cells(sets: list[str], seeds: list[int] | None, extra: list[int] | None = None) -> list[tuple[str, int]]:
     """Seed by seed: every set's first seed before any set's second, so the suite widens before it deepens; the pool
-    checks after the suite."""
+    checks after the suite. `extra`: seeds beyond each set's own, after them (fresh cells, e.g. to test a change
+    decided on the suite's cells out of sample)."""
+    def own(n: str) -> tuple[int, ...]:
+        return seeds_of(n) + tuple(s for s in extra or () if s not in seeds_of(n))
+
     def order(group: list[str]) -> list[tuple[str, int]]:
-        return [(n, seeds_of(n)[i]) for i in range(max((len(seeds_of(n)) for n in group), default=0)) for n in group
-                if i < len(seeds_of(n)) and (seeds is None or seeds_of(n)[i] in seeds)]
+        return [(n, own(n)[i]) for i in range(max((len(own(n)) for n in group), default=0)) for n in group
+                if i < len(own(n)) and (seeds is None or own(n)[i] in seeds or own(n)[i] not in seeds_of(n))]
     return order([n for n in sets if n in SETS]) + order([n for n in sets if n in POOL_CHECKS])
 
 
@@ -529,14 +533,19 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sets", nargs="*", default=ALL, choices=ALL,
                    help="the suite's sets, then the pool checks (" + ", ".join(POOL_CHECKS) + ")")
-    p.add_argument("--seeds", nargs="*", type=int, help="only these seeds (default: each set's)")
+    p.add_argument("--seeds", nargs="*", type=int, help="only these of each set's own seeds (default: all of them)")
+    p.add_argument("--extra-seeds", nargs="*", type=int, default=[],
+                   help="seeds beyond each set's own, run after them (fresh cells; with --seeds and none of its own, "
+                        "only these); give them their own --results to keep them out of the suite's summary")
     p.add_argument("--out", type=Path, default=Path("runs/evidence"), help="where the cells' runs go")
     p.add_argument("--data-root", type=Path, default=ROOT.parent.parent / "shared" / "data")
     p.add_argument("--results", type=Path, default=RESULTS, help="where finished cells are copied and summarized")
     p.add_argument("--summary-only", action="store_true", help="only rewrite the summary from the finished cells")
     a = p.parse_args(argv)
     if not a.summary_only:
-        for name, seed in cells(a.sets, a.seeds):
+        if any(x < 0 for x in a.extra_seeds):
+            raise SystemExit(f"--extra-seeds {a.extra_seeds}: seeds are 0 or more")
+        for name, seed in cells(a.sets, a.seeds, a.extra_seeds):
             if (kept := run_cell(name, seed, a.out, a.data_root, a.results)) is not None:
                 print(f"copied to {kept}", flush=True)
                 write_summary(a.results)
