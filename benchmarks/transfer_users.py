@@ -20,6 +20,7 @@ Reads run folders (`--out`); no model runs.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +37,22 @@ from perpcs.utils import read_json, write_json, write_text
 POLICIES = ("calibrated", "gated best", "ungated best")
 
 
-def users_of(cell: Path) -> tuple[object, list[str], dict[str, dict], list[str], list[str]]:
-    """The cell's task, rules (grid order, simplest first) and per-user answers: {user: {"golds", "preds": {rule:
-    {qid: answer}}}}, with the validation users and the targets named."""
+@dataclass
+class Cell:
+    """One cell's answers by user ({user: {"golds", "preds": {rule: {qid: answer}}}}), which users were validation
+    users and which targets, and what calibration chose with (its alpha and bootstrap seed) and chose."""
+
+    task: object
+    rules: list[str]  # grid order, simplest first
+    users: dict[str, dict]
+    val: list[str]
+    tgt: list[str]
+    alpha: float
+    boot: int
+    chosen: str
+
+
+def users_of(cell: Path) -> Cell:
     run = Run(cell / "run")
     cal = read_json(cell / "run" / "calibration.json")
     rules = list(cal["candidates"])  # the order calibration chose in (ties go to the earliest), not the order scored
@@ -57,7 +71,8 @@ def users_of(cell: Path) -> tuple[object, list[str], dict[str, dict], list[str],
         u["golds"][qid] = gold
         for r in rules:
             u["preds"][r][qid] = answers[r][qid]
-    return run.data.task, rules, users, [u for u in users if u[0] == "v"], [u for u in users if u[0] == "t"]
+    return Cell(run.data.task, rules, users, [u for u in users if u[0] == "v"], [u for u in users if u[0] == "t"],
+                cal["alpha"], run.config.seed, cal["chosen"])
 
 
 def merged(users: dict[str, dict], names: list[str], rules: list[str]) -> tuple[dict, dict]:
@@ -65,16 +80,19 @@ def merged(users: dict[str, dict], names: list[str], rules: list[str]) -> tuple[
     return golds, {r: {q: a for n in names for q, a in users[n]["preds"][r].items()} for r in rules}
 
 
+def _values(task, golds: dict, preds: dict) -> dict[str, float]:
+    """Each rule's primary metric over the queries (the mean of per-query scores, as the bench)."""
+    return {r: float(np.mean(list(per_query(task, golds, p).values()))) for r, p in preds.items()}
+
+
 def values(task, users: dict[str, dict], names: list[str], rules: list[str]) -> dict[str, float]:
-    """Each rule's primary metric over the users' queries (the mean of per-query scores, as the bench)."""
-    golds, preds = merged(users, names, rules)
-    return {r: float(np.mean(list(per_query(task, golds, preds[r]).values()))) for r in rules}
+    return _values(task, *merged(users, names, rules))
 
 
 def choices(task, users: dict[str, dict], names: list[str], rules: list[str], alpha: float, seed: int) -> dict:
     golds, preds = merged(users, names, rules)
     sign = 1 if primary_metric(task)[1] else -1
-    val = values(task, users, names, rules)
+    val = _values(task, golds, preds)
     choice = choose_rule(task, golds, preds, alpha, seed)
     return {"calibrated": choice["chosen"], "gated best": choice["best"] or "none",
             "ungated best": max(rules, key=lambda r: (sign * val[r], -rules.index(r)))}
@@ -87,16 +105,16 @@ def regret(task, users, targets, rules, chosen: str) -> float:
     return sign * (max(val.values(), key=lambda v: sign * v) - val[chosen])
 
 
-def cell_probe(cell: Path, loaded: tuple, params: dict) -> dict:
+def cell_probe(where: Path, cell: Cell, params: dict) -> dict:
     """The real split's choices and regrets; `params["draws"]` random splits' (the permutations drawn with
-    `params["seed"]`), also with `params["sizes"]` pseudo-validation users."""
+    `params["seed"]`), also with `params["sizes"]` pseudo-validation users. Choices use calibration's alpha and
+    bootstrap seed, so that the real split's answers give its own choice."""
     draws, sizes, seed = params["draws"], params["sizes"], params["seed"]
-    task, rules, users, val, tgt = loaded
-    cal = read_json(cell / "run" / "calibration.json")
-    boot = Run(cell / "run").config.seed  # calibration's bootstrap seed: the same answers give its own choice
-    real = choices(task, users, val, rules, cal["alpha"], boot)
-    if real["calibrated"] != cal["chosen"]:  # the same answers must give calibration's own choice
-        raise SystemExit(f"{cell}: choose_rule gives {real['calibrated']}, calibration.json says {cal['chosen']}")
+    task, rules, users, val, tgt, alpha, boot = (cell.task, cell.rules, cell.users, cell.val, cell.tgt, cell.alpha,
+                                                 cell.boot)
+    real = choices(task, users, val, rules, alpha, boot)
+    if real["calibrated"] != cell.chosen:
+        raise SystemExit(f"{where}: choose_rule gives {real['calibrated']}, calibration.json says {cell.chosen}")
     rng = np.random.default_rng(seed)
     everyone = sorted(users)
     random = {p: [] for p in POLICIES}
@@ -105,7 +123,7 @@ def cell_probe(cell: Path, loaded: tuple, params: dict) -> dict:
         order = [everyone[i] for i in rng.permutation(len(everyone))]
         pseudo_t = order[: len(tgt)]
         for k in [len(val), *by_size]:
-            chosen = choices(task, users, order[len(tgt): len(tgt) + k], rules, cal["alpha"], boot)
+            chosen = choices(task, users, order[len(tgt): len(tgt) + k], rules, alpha, boot)
             for p in POLICIES:
                 (random if k == len(val) else by_size[k])[p].append(regret(task, users, pseudo_t, rules, chosen[p]))
     return {"params": params,
@@ -114,19 +132,20 @@ def cell_probe(cell: Path, loaded: tuple, params: dict) -> dict:
             "random_splits": random, "by_validation_users": {str(k): v for k, v in by_size.items()}}
 
 
-def pooled_choice(loaded: dict[str, tuple], alpha: float, seed: int) -> dict:
+def pooled_choice(loaded: dict[str, Cell], seed: int) -> dict:
     """One choice from every seed's validation users together (three times the users on the demo), and its regret
     on each seed's targets: what a larger validation population of the same kind would have chosen."""
-    task, rules = next(iter(loaded.values()))[:2]
+    first = next(iter(loaded.values()))
+    task, rules = first.task, first.rules
     # query ids prefixed with the seed: the imported sets' seeds read the same users, so their ids repeat
     users = {f"{s}/{n}": {"golds": {f"{s}/{q}": g for q, g in u["golds"].items()},
                           "preds": {r: {f"{s}/{q}": a for q, a in p.items()} for r, p in u["preds"].items()}}
-             for s, (_, _, us, _, _) in loaded.items() for n, u in us.items()}
-    val = [f"{s}/{n}" for s, (*_, v, _) in loaded.items() for n in v]
-    chosen = choices(task, users, val, rules, alpha, seed)
+             for s, c in loaded.items() for n, u in c.users.items()}
+    val = [f"{s}/{n}" for s, c in loaded.items() for n in c.val]
+    chosen = choices(task, users, val, rules, first.alpha, seed)
     return {"validation_users": len(val), "chosen": chosen,
-            "regret": {p: float(np.mean([regret(task, users, [f"{s}/{n}" for n in t], rules, chosen[p])
-                                         for s, (*_, t) in loaded.items()])) for p in POLICIES}}
+            "regret": {p: float(np.mean([regret(task, users, [f"{s}/{n}" for n in c.tgt], rules, chosen[p])
+                                         for s, c in loaded.items()])) for p in POLICIES}}
 
 
 def set_summary(cells: dict[str, dict], pooled: dict) -> dict:
@@ -205,8 +224,7 @@ def main() -> None:
                   f"{c['chosen']['calibrated']}, regret {c['regret']['calibrated']:.3f}, random splits "
                   f"{np.mean(c['random_splits']['calibrated']):.3f}", flush=True)
         if cells:
-            alpha = read_json(a.out / name / f"seed-{next(iter(cells))}" / "run" / "calibration.json")["alpha"]
-            summary[name] = {"cells": cells, "summary": set_summary(cells, pooled_choice(loaded, alpha, a.seed))}
+            summary[name] = {"cells": cells, "summary": set_summary(cells, pooled_choice(loaded, a.seed))}
             with FileLock(a.out / "transfer-users.lock"):  # several workers, one results file
                 every = (read_json(results) if results.exists() else {}) | {name: summary[name]}
                 write_json(results, every)
