@@ -15,6 +15,7 @@ the best of those outright ("gated best"), and the best by the primary metric wi
 Reads run folders (`--out`); no model runs.
 
     python benchmarks/transfer_users.py --out /work/runs/evidence    # results/evidence/transfer-users.{json,md}
+    python benchmarks/transfer_users.py --out /work/runs/evidence --results /work/runs/evidence-fresh  # fresh cells
 """
 
 from __future__ import annotations
@@ -196,10 +197,14 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[4, 8],
                     help="pseudo-validation users for the regret curve (the pseudo-targets keep the real size)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--results", type=Path, default=RESULTS,
+                    help="where the kept cells are, and where this writes (fresh cells: evidence.py's --results)")
     a = ap.parse_args()
     if a.draws < 1:
         raise SystemExit(f"--draws {a.draws}: must be at least 1")
-    results = RESULTS / "transfer-users.json"
+    if not a.results.is_dir():
+        raise SystemExit(f"--results {a.results}: no such folder")
+    results, table_md = a.results / "transfer-users.json", a.results / "transfer-users.md"
     done = read_json(results) if results.exists() else {}
     # what a kept cell must have been drawn with to be reused (rule order and bootstrap seed: calibration's own)
     params = {"draws": a.draws, "sizes": a.sizes, "seed": a.seed, "policies": list(POLICIES), "order": "grid",
@@ -207,7 +212,7 @@ def main() -> None:
     summary = {}
     for name in a.sets:
         cells, loaded = {}, {}
-        for kept in finished_cells(name):
+        for kept in finished_cells(name, a.results):
             seed = kept.name.rsplit("seed", 1)[1]
             cell = a.out / name / f"seed-{seed}"
             if not (cell / "preds").is_dir() or not (cell / "run" / "calibration.json").exists():
@@ -228,8 +233,8 @@ def main() -> None:
             with FileLock(a.out / "transfer-users.lock"):  # several workers, one results file
                 every = (read_json(results) if results.exists() else {}) | {name: summary[name]}
                 write_json(results, every)
-                write_text(RESULTS / "transfer-users.md", table(every))
-    print(f"wrote {RESULTS / 'transfer-users.json'} and {RESULTS / 'transfer-users.md'}")
+                write_text(table_md, table(every))
+    print(f"wrote {results} and {table_md}")
 
 
 if __name__ == "__main__":
