@@ -56,20 +56,22 @@ def refresh_cell(name: str, seed: int, out: Path, results: Path = RESULTS) -> Pa
     if not (src / "calibration.json").exists():
         print(f"skip {name} seed {seed}: its run folder {src} is gone; bench the cell again", flush=True)
         return None
-    folder = out / name / f"seed-{seed}-refresh"
+    # one folder per round of added rules, so a later round does not resume into an earlier one's bench
+    added = new_rules(read_json(kept / "results.json"))
+    folder = out / name / f"seed-{seed}-refresh{'-' + '-'.join(added) if done else ''}"
     try:
-        with FileLock(out / name / f"seed-{seed}-refresh.lock", timeout=0):
-            return _refresh(name, seed, src, folder, kept)
+        with FileLock(folder.with_name(folder.name + ".lock"), timeout=0):
+            return _refresh(name, seed, src, folder, kept, added, done)
     except Timeout:
         print(f"skip {name} seed {seed}: another worker holds it", flush=True)
         return None
 
 
-def _refresh(name: str, seed: int, src: Path, folder: Path, kept: Path) -> Path:
+def _refresh(name: str, seed: int, src: Path, folder: Path, kept: Path, added: list[str], done: dict) -> Path:
+    """`done`: an earlier round's refresh.json, kept inside this one's (`earlier`), its refresh.md below this one's."""
     t0 = time.perf_counter()
     old = Run(src)
     before = read_json(old.calibration_path)
-    added = new_rules(read_json(kept / "results.json"))
     config = old.config.updated({"calibration": {"rules": list(GRID)}})
     if not (folder / "run" / "run.json").exists():
         old.derive(folder / "run", config)
@@ -100,11 +102,12 @@ def _refresh(name: str, seed: int, src: Path, folder: Path, kept: Path) -> Path:
     write_text(kept / "refresh.md", f"# {name} seed {seed}: refreshed to the rules {', '.join(RULES)}\n\n"
                f"Rows benched again: non_personalized (answers equal to the cell's), {', '.join(rows)}. "
                f"Calibration chose {before['chosen']} before and {after['chosen']} now.\n\n"
-               + (folder / "results.md").read_text())
+               + (folder / "results.md").read_text()
+               + (f"\n\n---\n\n{(kept / 'refresh.md').read_text()}" if done else ""))
     write_json(kept / "refresh.json", {"grid": list(RULES), "calibrated_over": list(GRID), "added": added, "rows": rows,
                                        "chosen_before": before["chosen"], "chosen_after": after["chosen"],
                                        "non_personalized_equal": True, "seconds": time.perf_counter() - t0,
-                                       "calibration_cost": after["cost"]})
+                                       "calibration_cost": after["cost"], **({"earlier": done} if done else {})})
     print(f"cell {name} seed {seed}: {before['chosen']} -> {after['chosen']}; kept in {kept} "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
     return kept

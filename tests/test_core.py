@@ -51,6 +51,34 @@ def random_pieces(seed: int, positions=POSITIONS, scale: float = 0.3) -> dict:
                 torch.randn(d_in, generator=g)) for p, (d_in, d_out) in positions.items()}
 
 
+@pytest.mark.parametrize("key", ["activation", "task-activation"])
+def test_task_activation_keys_score_the_target_on_the_task_model(tmp_path, tokenizer, key):
+    """With task-activation keys nothing is installed while scoring: every position's scores are those of the bare
+    model's inputs there. With activation keys the layer-1 scores see the installed layer-0 pieces, so they differ
+    (the check that this test can fail). The recipe's pieces are chosen either way."""
+    pieces = {u: random_pieces(i, scale=3.0) for i, u in enumerate(USERS[:3])}
+    pool = make_pool(tmp_path / "pool", pieces, key=key)
+    examples = history_examples(TASK, tokenizer, HISTORY)
+    bare, seen = tiny_llama(), {}
+    handles = [bare.get_submodule(p).register_forward_pre_hook(lambda m, a, p=p: seen.__setitem__(p, a[0].clone()))
+               for p in POSITIONS]
+    inputs = collate(sorted(examples, key=lambda e: len(e.input_ids)), tokenizer.pad_token_id)
+    mask = predict_mask(inputs.pop("labels"))
+    with torch.no_grad():
+        bare(**inputs)
+    for h in handles:
+        h.remove()
+    recipe, (trace,) = assemble(pool, tokenizer, top_k=2, batch_size=len(examples))
+    for p in POSITIONS:
+        want = piece_scores(seen[p], torch.stack([pieces[u][p][2] for u in pieces]), mask, key)
+        assert trace[p][0] == [pool.pseudonym(u) for u in pieces]
+        if key == "task-activation" or p in L0:
+            assert torch.allclose(trace[p][1], want, atol=1e-5)
+        else:
+            assert not torch.allclose(trace[p][1], want, atol=1e-3)
+        assert len(recipe.pieces[p]) == 2
+
+
 def make_pool(path, pieces: dict[str, dict], shares: dict[str, set] | None = None, fingerprint: str = "base-0",
               key: str = "gate") -> Pool:
     pool = Pool.create(path, fingerprint, lora_config=LORA.model_dump(), positions=POSITIONS, key=key)

@@ -176,6 +176,32 @@ def test_derived_run_with_activation_keys_reuses_the_sharers_loras(done_run, tmp
     assert Recipe.load(run.recipe_path(run.split["targets"][0])).mix == "cat"
 
 
+def test_task_activation_keys_are_the_sharers_means_on_the_task_model(done_run, tmp_path, tiny_run_config):
+    """key=task-activation keys each piece by its sharer's mean activation with its LoRA off: the task model's
+    own means over the sharer's history, which differ from the LoRA-on keys of key=activation."""
+    from perpcs.assembly import activation_means
+
+    old = Run(done_run[0])
+    runs = {k: old.derive(tmp_path / k, tiny_run_config(key=k, assembly={"mix": "cat"}))
+            for k in ("activation", "task-activation")}
+    for run in runs.values():
+        run.build_pool()
+    model, tok = old.merged
+    user = old.select()[0].user_id
+    examples = old.examples(old.data.user(user), tok)
+    pools = {k: run.open_pool() for k, run in runs.items()}
+    modules = {pos: model.get_submodule(pos) for pos in pools["task-activation"].positions}
+    want = activation_means(model, modules, examples, tok.pad_token_id)
+    for pos in modules:
+        got = {}
+        for k, pool in pools.items():
+            ids, keys = pool.keys(pos)
+            got[k] = keys[ids.index(pool.pseudonym(user))]
+        assert torch.allclose(got["task-activation"], want[pos], atol=1e-6)
+    assert not all(torch.allclose(runs["activation"].open_pool().keys(p)[1], pools["task-activation"].keys(p)[1],
+                                  atol=1e-4) for p in modules)
+
+
 def test_derived_run_with_more_sharers_trains_only_the_new_ones(done_run, tmp_path, tiny_run_config, monkeypatch):
     """Another sharer count selects again; a sharer the first run had keeps its LoRA (linked), only
     the others train, and the task model and split are the first run's."""

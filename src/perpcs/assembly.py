@@ -5,7 +5,8 @@ module: scores every candidate piece by LN(h) . LN(g) / sqrt(d) averaged over th
 predict the history's output tokens, per example, then over the batch (pools with activation keys
 score differently, see `piece_scores`), keeps the top-k, weighs them by softmax(s / tau), mixes
 them and installs the result in the module *before* it runs - so deeper positions are scored on
-activations that already use the assembled shallower pieces.
+activations that already use the assembled shallower pieces. A pool with `task-activation` keys
+(taken on the task model) installs nothing while it scores: the target is read by the task model too.
 History is processed in batches (of similar lengths, to save padding); as in the reference, the
 final PEFT is the plain average of the per-batch PEFTs, i.e. each sharer's weight at a position
 averaged over batches. The result is a `Recipe`: for each position the chosen sharers and weights.
@@ -236,8 +237,11 @@ class Assembler:
             else:
                 idx, w = choose(scores, self.settings, generator)
                 chosen = [ids[i] for i in idx.tolist()]
-                install(module, mix_pieces([self.pool.piece(c, pos) for c in chosen], w.tolist(), self.settings.mix,
-                                           module.lora_A["default"].weight.shape[0]))
+                if self.pool.key == "task-activation":  # the keys are the task model's: so are deeper activations
+                    clear(module)
+                else:
+                    install(module, mix_pieces([self.pool.piece(c, pos) for c in chosen], w.tolist(),
+                                               self.settings.mix, module.lora_A["default"].weight.shape[0]))
                 for c, wi in zip(chosen, w.tolist()):
                     totals[pos][c] = totals[pos].get(c, 0.0) + wi
                 batch_trace[pos] = (list(ids), scores)

@@ -40,7 +40,7 @@ from perpcs.data import Item, User
 from perpcs.evaluation import per_query, primary_metric, score
 from perpcs.generation import generate
 from perpcs.rules import RULES
-from perpcs.settings import CalibrationSettings
+from perpcs.settings import MEAN_KEYS, CalibrationSettings
 from perpcs.stats import RESAMPLES, bootstrap_ci, paired
 from perpcs.tasks import Task, answer_budget
 
@@ -156,7 +156,7 @@ def candidates(config) -> tuple[list[str], dict[str, str]]:
     promise does not cover: they are not candidates."""
     left_out = {n: "key_noise covers activation keys only; gates would not be DP"
                 for n in config.calibration.rules
-                if config.key_noise and RULES[n].get("key", config.key) != "activation" and n != "none"}
+                if config.key_noise and RULES[n].get("key", config.key) not in MEAN_KEYS and n != "none"}
     return [n for n in config.calibration.rules if n not in left_out], left_out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from contextlib import nullcontext
 from functools import cached_property, partial
 from pathlib import Path
 
@@ -229,13 +230,15 @@ class Run(RunFolder):
 
     def piece_keys(self, user_id: str, peft_model, examples: list, pad_id: int) -> tuple[dict, dict]:
         """Step 3: each piece's key - its gate trained with the LoRA frozen (the paper), or the
-        sharer's mean activation at its position over its own history with its LoRA on (`key=activation`)."""
+        sharer's mean activation at its position over its own history with its LoRA on (`key=activation`)
+        or off (`key=task-activation`: what the history looks like to the task model, not to its own LoRA)."""
         if self.config.key == "gate":
             return train_gates(peft_model, examples, self.config.training("gate_train", user_id), pad_id,
                                desc=f"sharer {user_id}: gates")
         c, t0 = self.config, time.perf_counter()
-        keys = activation_means(peft_model, lora_layers(peft_model), examples, pad_id, c.assembly.batch_size,
-                                clip=c.key_clip if c.key_noise else None)
+        with peft_model.disable_adapter() if c.key == "task-activation" else nullcontext():
+            keys = activation_means(peft_model, lora_layers(peft_model), examples, pad_id, c.assembly.batch_size,
+                                    clip=c.key_clip if c.key_noise else None)
         if c.key_noise:
             keys = noisy_keys(keys, counted_examples(examples), c.key_clip, c.key_noise, key_generator(c.seed, user_id))
         return keys, {"seconds": time.perf_counter() - t0}

@@ -1,7 +1,8 @@
 """The piece pool (method step 4): the (A, B, key) triples sharers contribute, on disk.
 
 A piece's key is what assembly scores it by: its trained gate (the paper), or, in a pool made with
-`key="activation"`, the sharer's mean activation at that position (see `assembly.piece_scores`).
+`key="activation"`, the sharer's mean activation at that position (with `key="task-activation"`, taken with
+its LoRA off; see `assembly.piece_scores`).
 A pool is a folder:
 
     pool.sqlite                                   the manifest (tables meta, positions, sharers, shares)

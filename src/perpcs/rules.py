@@ -25,6 +25,8 @@ RULES: dict[str, dict] = {
     "act-cat-half": _act(strength=0.5),
     "act-cat-tau4": _act(temperature=4.0),
     "act-cat-tau16": _act(temperature=16.0),
+    # `act-cat` with keys taken on the task model (sharers' with their LoRA off), the target read by it too
+    "task-cat": {**_act(), "key": "task-activation"},
     # the keys' 3 heaviest sharers tried whole on the target's history; the lowest loss is the recipe (3 more forwards)
     "act-loss3": _act(pick_by_loss=3),
     "paper": {"key": "gate", "assembly": {"select": "topk", "top_k": 3, "temperature": 1.0, "mix": "linear",
@@ -32,8 +34,9 @@ RULES: dict[str, dict] = {
 }
 # Rules calibration scores only when `calibration.rules` names them. `act-loss3` costs a target 3 passes over its
 # history on top of assembly's one, and the default keeps a target's cost at one pass; on the evidence suite it was
-# never chosen, and on the real sets it was no better than `act-cat` (benchmarks/README.md).
-OPT_IN = ("act-loss3",)
+# never chosen, and on the real sets it was no better than `act-cat` (benchmarks/README.md). `task-cat` is new: its
+# keys found the demo users' taste groups far better in a probe, but it has not been through the suite yet.
+OPT_IN = ("task-cat", "act-loss3")
 # Calibration's default candidates: every rule but the opt-in ones, in the same order.
 GRID: dict[str, dict] = {n: r for n, r in RULES.items() if n not in OPT_IN}
 # Settings that make up a selection rule: a run that sets any of them explicitly has a fixed rule.

@@ -17,7 +17,9 @@ from perpcs.utils import deep_merge, derived_seed
 
 # What a piece's key is: its gate trained with the sharer's LoRA frozen (the paper), or the
 # sharer's mean activation at the piece's position over its own history.
-KeyKind = Literal["gate", "activation"]
+KeyKind = Literal["gate", "activation", "task-activation"]
+# Keys that are a sharer's mean activation (what `key_noise` can make DP): with its LoRA on, or on the task model.
+MEAN_KEYS = ("activation", "task-activation")
 # Upper bounds of the counts and budgets: far above any use, low enough that a typo (1e9 steps) is refused.
 MANY = 1_000_000
 MAX_STRENGTH = 10.0  # the largest alpha an assembled update may be scaled by (settings and recipes)
@@ -166,8 +168,9 @@ class CalibrationSettings(Settings):
                                             "off when the rule is fixed by setting any rule field (key, "
                                             "assembly.mix, ...)")
     rules: list[str] = Field(list(GRID), description="the candidate rules, names of rules.RULES (default: rules.GRID, "
-                                                     "all but the opt-in `act-loss3`); 'none' is always a candidate; "
-                                                     "rules with gate keys train gates")
+                                                     "all but the opt-in rules.OPT_IN); 'none' is always a candidate; "
+                                                     "rules with gate or task-activation keys build their pool "
+                                                     "(gates train; task keys take one forward per sharer)")
     max_users: int = Field(16, ge=1, le=MANY, description="validation users at most: the most active sharer candidates "
                                                  "that are not sharers")
     items: int = Field(32, ge=1, le=MANY, description="newest history items scored per validation user at most (and "
@@ -214,8 +217,10 @@ class RunConfig(Settings):
                                                               "active or cluster")
     min_sharer_items: int = _count(10, "cluster: skip a cluster whose best user has fewer items", least=0)
     share_ratio: float = _positive(1.0, "sharing ratio rho: share of its positions each sharer shares", most=1)
-    key: KeyKind = Field("activation", description="piece keys (with calibration on, what it starts from; the "
-                         "paper's: PAPER_RULE)")
+    key: KeyKind = Field("activation", description="piece keys: gate (the paper's: PAPER_RULE), activation (the "
+                         "sharer's mean activation with its LoRA on; the target scored as its pieces are installed) "
+                         "or task-activation (both on the task model, no piece installed while scoring); with "
+                         "calibration on, what it starts from")
     key_noise: float = Field(0.0, ge=0, le=MANY, allow_inf_nan=False, description="activation keys as "
                              "(epsilon, key_delta)-DP means (perpcs.dp, docs/privacy.md): Gaussian noise of std "
                              "key_noise times the sensitivity; 0: no noise, no clipping")
@@ -266,8 +271,9 @@ class RunConfig(Settings):
     @model_validator(mode="after")
     def _key_noise_on_activation_keys(self) -> "RunConfig":
         """The mechanism is defined for activation keys over examples that each hold one history item."""
-        if self.key_noise and (self.key != "activation" or self.retrieval_copies):
-            raise ValueError(f"key_noise={self.key_noise} needs key=activation and retrieval_copies=false "
+        if self.key_noise and (self.key not in MEAN_KEYS or self.retrieval_copies):
+            raise ValueError(f"key_noise={self.key_noise} needs key=activation or task-activation and "
+                             "retrieval_copies=false "
                              "(a gate is trained, not a mean; with retrieval copies one item is in several examples)")
         return self
 
