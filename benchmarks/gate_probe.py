@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from module_inputs import module_inputs
 from perpcs.assembly import example_means, predict_mask
 from perpcs.pipeline import Run
-from perpcs.training import IGNORE, collate
+from perpcs.training import IGNORE
 
 
 @torch.no_grad()
@@ -37,26 +38,12 @@ def user_means(model, examples, positions, pad_id, batch_size=16):
     """{rule: [positions, d]} mean LN(h) per example, then over examples, for each token set."""
     sums: dict[str, dict[str, torch.Tensor]] = {r: {} for r in ("predict", "output", "all")}
     counts = dict.fromkeys(sums, 0)
-    modules = {pos: model.get_submodule(pos) for pos in positions}
-    for i in range(0, len(examples), batch_size):
-        inputs = collate(examples[i : i + batch_size], pad_id)
-        labels = inputs.pop("labels")
+    for labels, attention, seen in module_inputs(model, examples, positions, pad_id, batch_size):
         masks = {"predict": predict_mask(labels), "output": predict_mask(labels) & (labels != IGNORE),
-                 "all": inputs["attention_mask"].bool()}
-
-        def hook(pos):
-            def fn(module, args):
-                h = F.layer_norm(args[0].float(), (args[0].shape[-1],))
-                for rule, mask in masks.items():
-                    sums[rule][pos] = sums[rule].get(pos, 0) + example_means(h, mask).sum(0)
-            return fn
-
-        handles = [m.register_forward_pre_hook(hook(p)) for p, m in modules.items()]
-        try:
-            model(**inputs)
-        finally:
-            for h in handles:
-                h.remove()
+                 "all": attention.bool()}
+        for pos, h in seen.items():
+            for rule, mask in masks.items():
+                sums[rule][pos] = sums[rule].get(pos, 0) + example_means(h, mask).sum(0)
         for rule, mask in masks.items():
             counts[rule] += int(mask.any(1).sum())
     return {r: torch.stack([sums[r][p] / counts[r] for p in positions]) for r in sums}

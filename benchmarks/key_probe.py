@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from module_inputs import module_inputs
 from perpcs.assembly import predict_mask
 from perpcs.keyindex import KeyIndex
 from perpcs.pipeline import Run
-from perpcs.training import IGNORE, collate, history_examples
+from perpcs.training import IGNORE, history_examples
 from perpcs.utils import read_json, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -43,28 +44,13 @@ def example_stats(model, examples, positions: list[str], pad_id: int, batch_size
     """{position: (predict-token means, input ends u, answer means v)}, each [examples, d]: examples without an
     answer token that predicts another (a one-token answer has its EOS) give v = their input end."""
     got: dict[str, list] = {p: [] for p in positions}
-    modules = {p: model.get_submodule(p) for p in positions}
-    for i in range(0, len(examples), batch_size):
-        inputs = collate(examples[i : i + batch_size], pad_id)
-        labels = inputs.pop("labels")
+    for labels, _, seen in module_inputs(model, examples, positions, pad_id, batch_size):
         predict = predict_mask(labels)
         end = predict & (labels == IGNORE)  # predicts the first answer token
         answer = predict & (labels != IGNORE)
         answer = torch.where(answer.any(1, keepdim=True), answer, end)
-
-        def hook(pos):
-            def fn(module, args):
-                h = F.layer_norm(args[0].float(), (args[0].shape[-1],))
-                means = [(h * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True) for m in (predict, end, answer)]
-                got[pos].append(means)
-            return fn
-
-        handles = [m.register_forward_pre_hook(hook(p)) for p, m in modules.items()]
-        try:
-            model(**inputs)
-        finally:
-            for h in handles:
-                h.remove()
+        for pos, h in seen.items():
+            got[pos].append([(h * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True) for m in (predict, end, answer)])
     return {p: tuple(torch.cat([b[j] for b in batches]) for j in range(3)) for p, batches in got.items()}
 
 
