@@ -16,7 +16,7 @@ from perpcs.rules import GRID, PAPER_RULE, RULES, with_rule_fixed
 from perpcs.utils import deep_merge, derived_seed
 
 # What a piece's key is: its gate trained with the sharer's LoRA frozen (the paper), or the
-# sharer's mean activation at the piece's position over its own history.
+# sharer's mean activation at the piece's position over its own history, with its LoRA on or off.
 KeyKind = Literal["gate", "activation", "task-activation"]
 # Keys that are a sharer's mean activation (what `key_noise` can make DP): with its LoRA on, or on the task model.
 MEAN_KEYS = ("activation", "task-activation")
