@@ -1,8 +1,7 @@
 """The piece pool (method step 4): the (A, B, key) triples sharers contribute, on disk.
 
-A piece's key is what assembly scores it by: its trained gate (the paper), or, in a pool made with
-`key="activation"`, the sharer's mean activation at that position (with `key="task-activation"`, taken with
-its LoRA off; see `assembly.piece_scores`).
+A piece's key is what assembly scores it by: its trained gate (the paper), or the sharer's mean activation at
+that position, with its LoRA on (`key="activation"`) or off (`"task-activation"`; see `assembly.piece_scores`).
 A pool is a folder:
 
     pool.sqlite                                   the manifest (tables meta, positions, sharers, shares)
