@@ -14,10 +14,13 @@ calibrated default with its OPPU/assembly costs timed again. The kept cell
 calibration, refresh.json (what changed and from where) and refresh.md (the refresh bench's own table).
 
 Resumable like the suite: a kept cell whose refresh.json names every rule is skipped, and a worker
-skips a cell another holds. A cell whose run folder is gone is reported and left as it is (bench it again with
-evidence.py after moving its kept copy away).
+skips a cell another holds. A cell whose run folder is gone (run folders do not outlive the machine) is reported
+and left as it is, or with --rebuild built again: its data and the pipeline up to calibration with the cell's own
+settings (a pool check's derived from its source cell's run, rebuilt first). The seed makes it the same run: the
+refresh then stops unless calibration chooses as the kept cell's did and non_personalized answers as it did.
 
     OMP_NUM_THREADS=1 nice -n 5 python benchmarks/grid_refresh.py [--cells demo/0 studemo/1 ...] [--out runs/evidence]
+        [--rebuild [--data-root ../shared/data]]
     python benchmarks/evidence.py --summary-only
 """
 
@@ -29,11 +32,12 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from evidence import ALL, RESULTS, seeds_of
+from evidence import ALL, POOL_CHECKS, RESULTS, SETS, make_data, seeds_of
 from perpcs.bench import BenchSettings, bench
 from perpcs.pipeline import Run
 from perpcs.report import folder_scores
 from perpcs.rules import GRID, RULES
+from perpcs.settings import RunConfig
 from perpcs.utils import read_json, write_json, write_text
 
 
@@ -43,7 +47,28 @@ def new_rules(res: dict) -> list[str]:
     return [n for n in RULES if n != "none" and (n not in res["methods"] or grid.get(n, RULES[n]) != RULES[n])]
 
 
-def refresh_cell(name: str, seed: int, out: Path, results: Path = RESULTS) -> Path | None:
+def rebuild(name: str, seed: int, out: Path, data_root: Path) -> Run:
+    """The cell's run folder again, up to calibration: what `evidence.py` benched, without the bench's methods."""
+    source, changed = POOL_CHECKS.get(name, (name, {}))
+    _, data_args, fields = SETS[source]
+    data = out / source / f"data-{seed}"
+    make_data(data_args, data_root, data, seed)
+    config = RunConfig(data=str(data), seed=seed, **fields).updated(changed)
+    folder = out / name / f"seed-{seed}" / "run"
+    print(f"cell {name} seed {seed}: rebuild its run folder {folder}", flush=True)
+    if changed and not (folder / "run.json").exists():
+        run = rebuild(source, seed, out, data_root).derive(folder, config)
+    else:
+        run = Run.create(folder, config)
+    run.task_adapt()
+    run.select()
+    run.build_pool()
+    run.calibrate()
+    return run
+
+
+def refresh_cell(name: str, seed: int, out: Path, results: Path = RESULTS,
+                 data_root: Path | None = None) -> Path | None:
     kept = results / f"{name}-seed{seed}"
     src = out / name / f"seed-{seed}" / "run"
     if not (kept / "results.json").exists():
@@ -54,8 +79,14 @@ def refresh_cell(name: str, seed: int, out: Path, results: Path = RESULTS) -> Pa
         print(f"skip {name} seed {seed}: {kept / 'refresh.json'} has every rule", flush=True)
         return None
     if not (src / "calibration.json").exists():
-        print(f"skip {name} seed {seed}: its run folder {src} is gone; bench the cell again", flush=True)
-        return None
+        if data_root is None:
+            print(f"skip {name} seed {seed}: its run folder {src} is gone; --rebuild builds it again", flush=True)
+            return None
+        rebuild(name, seed, out, data_root)
+        if (was := read_json(kept / "results.json")["calibration"]["chosen"]) != read_json(src / "calibration.json")[
+                "chosen"]:
+            raise SystemExit(f"{name} seed {seed}: the rebuilt run's calibration chose otherwise than the kept cell's "
+                             f"({was}); not the same run, not refreshed")
     # one folder per round of added rules, so a later round does not resume into an earlier one's bench
     added = new_rules(read_json(kept / "results.json"))
     folder = out / name / f"seed-{seed}-refresh{'-' + '-'.join(added) if done else ''}"
@@ -117,11 +148,14 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/evidence"), help="the suite's run folders (as evidence.py)")
     ap.add_argument("--cells", nargs="*", help="SET/SEED, e.g. demo/0 (default: every cell, seed by seed)")
+    ap.add_argument("--rebuild", action="store_true", help="build a cell's run folder again if it is gone")
+    ap.add_argument("--data-root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data",
+                    help="the real data sets (with --rebuild, as evidence.py)")
     a = ap.parse_args(argv)
     cells = ([(c.split("/")[0], int(c.split("/")[1])) for c in a.cells] if a.cells else
              [(n, s) for i in range(3) for n in ALL for s in seeds_of(n)[i:i + 1]])
     for name, seed in cells:
-        refresh_cell(name, seed, a.out)
+        refresh_cell(name, seed, a.out, data_root=a.data_root if a.rebuild else None)
     print(f"kept cells: {RESULTS}; the summary: python benchmarks/evidence.py --summary-only", flush=True)
 
 
