@@ -120,5 +120,20 @@ def test_assembly_through_the_index_makes_the_exhaustive_recipe(tmp_path, tokeni
     assert chosen(approx) == chosen(exact)
     for pos, chosen in exact.pieces.items():
         assert [w for _, w in approx.pieces[pos]] == pytest.approx([w for _, w in chosen], abs=2e-3)
-    with pytest.raises(ValueError, match="topp"):
-        assemble(pool, tokenizer, HISTORY, select="topp", key_index="approximate")
+    for every in ("topp", "whole"):  # they score every candidate
+        with pytest.raises(ValueError, match=every):
+            assemble(pool, tokenizer, HISTORY, select=every, key_index="approximate")
+
+
+def test_auto_takes_the_index_for_large_pools_unless_the_rule_scores_every_candidate(tmp_path, monkeypatch):
+    import perpcs.assembly
+    from conftest import tiny_llama
+    from perpcs.assembly import Assembler
+    from perpcs.settings import AssemblySettings
+
+    pool = make_pool(tmp_path / "pool", clustered_pieces(60, 4), key="activation")
+    monkeypatch.setattr(perpcs.assembly, "LARGE_POOL", len(pool))
+    for select, approximate in [("topk", True), ("sample", True), ("topp", False), ("whole", False)]:
+        asm = Assembler(tiny_llama(), pool, AssemblySettings(select=select, key_index="auto"))
+        assert asm.approximate is approximate
+        asm.unload()

@@ -63,8 +63,12 @@ def piece_scores(h: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, key: K
       from the pool's in the way its owner's do. The sqrt(d) puts it on the gate score's scale
       (|LN(x)| is about sqrt(d), so that one is sqrt(d) times a cosine too), so tau means the same.
     """
-    d = h.shape[-1]
-    mean = target_mean(h, mask)
+    return mean_scores(target_mean(h, mask), keys, key)
+
+
+def mean_scores(mean: torch.Tensor, keys: torch.Tensor, key: KeyKind = "gate") -> torch.Tensor:
+    """`piece_scores` from the target's mean LN(h) [d] (both kinds read the activations only through it)."""
+    d = mean.shape[-1]
     keys = keys.to(mean.device, mean.dtype)
     if key == "gate":  # linear in LN(h): averaging first gives the same scores for n x d work, not B x T x n x d
         # a row-wise sum, not a matrix product: a piece's score then does not depend on the other candidates
@@ -118,7 +122,7 @@ def choose(scores: torch.Tensor, settings: AssemblySettings,
     """(indices, weights) of the pieces to mix: top-k, sampled top-k, or nucleus (top-p)."""
     n = scores.numel()
     k = min(settings.top_k, n)
-    if settings.select == "topk":
+    if settings.select in ("topk", "whole"):
         idx = torch.topk(scores, k).indices
     elif settings.select == "sample":
         pool = torch.topk(scores, min(settings.sample_topk, n)).indices
@@ -162,11 +166,13 @@ class Assembler:
         if missing:
             raise ValueError(f"the model has no module at pool positions {sorted(missing)[:5]}: "
                              "pool from another architecture?")
-        # read per position as the forward pass reaches it
-        auto = settings.key_index == "auto" and len(pool) >= LARGE_POOL
+        # read per position as the forward pass reaches it; topp and whole score every candidate
+        every_candidate = settings.select in ("topp", "whole")
+        auto = settings.key_index == "auto" and len(pool) >= LARGE_POOL and not every_candidate
         self.approximate = settings.key_index == "approximate" or auto
-        if self.approximate and settings.select == "topp":
-            raise ValueError("select='topp' weighs every candidate: it needs key_index='exact'")
+        if self.approximate and every_candidate:
+            raise ValueError(f"select={settings.select!r} scores every candidate: it needs key_index='exact' "
+                             "(or 'auto')")
         self.keys = ApproximateIndex.of(pool, settings.nprobe) if self.approximate else KeyIndex.of(pool)
 
     @classmethod
@@ -217,6 +223,44 @@ class Assembler:
             if trace is not None:
                 trace.append(batch_trace)
         return {pos: {sid: w / len(batches) for sid, w in sorted(ws.items())} for pos, ws in totals.items()}
+
+    @torch.no_grad()
+    def assemble_whole(self, examples: Sequence[Example], pad_id: int,
+                       trace: list | None = None) -> dict[str, dict[str, float]]:
+        """select="whole": whole sharers, not pieces. One forward with nothing installed reads the target's mean
+        LN(h) at every position (over all of `examples`, not per batch); each sharer's score is the mean of its
+        pieces' scores, and the top-k sharers (softmax(score / tau)) each give every piece they share. Summed
+        over positions the keys find a sharer like the target far more often than any one position does
+        (benchmarks/README.md), and picking a sharer once keeps the first layers' pick from deciding the
+        deeper ones. With `task-activation` keys the target is read on the model the keys were taken on."""
+        if not examples:
+            raise ValueError("cannot assemble from an empty history")
+        positions = self.pool.positions
+        for pos in positions:
+            clear(self.layers[pos])
+        means = activation_means(self.model, {p: self.layers[p] for p in positions}, examples, pad_id,
+                                 self.settings.batch_size)
+        scored = {}
+        for pos in positions:
+            ids, keys = self.keys.keys(pos)
+            scored[pos] = (list(ids), mean_scores(means[pos], keys, self.pool.key).cpu() if ids else torch.empty(0))
+        if trace is not None:
+            trace.append(scored)
+        per_sharer: dict[str, list[float]] = {}
+        for ids, scores in scored.values():
+            for sid, x in zip(ids, scores.tolist()):
+                per_sharer.setdefault(sid, []).append(x)
+        sharers = sorted(per_sharer)
+        if not sharers:  # no position has a piece
+            return {pos: {} for pos in positions}
+        idx, w = choose(torch.tensor([sum(per_sharer[s]) / len(per_sharer[s]) for s in sharers]), self.settings,
+                        torch.Generator().manual_seed(self.seed))
+        chosen = {sharers[i]: wi for i, wi in zip(idx.tolist(), w.tolist())}
+        weights = {}
+        for pos, (ids, _) in scored.items():  # where a chosen sharer has no piece, the others' weights sum to 1
+            here = {sid: chosen[sid] for sid in sorted(ids) if sid in chosen}
+            weights[pos] = {sid: x / sum(here.values()) for sid, x in here.items()}
+        return weights
 
     def _scores(self, pos: str, h: torch.Tensor, mask: torch.Tensor) -> tuple[list[str], torch.Tensor]:
         """(candidates, their scores) at `pos`: every candidate, or the best the approximate index finds."""
@@ -304,6 +348,8 @@ class Assembler:
         elif s.select == "all":
             weights = {p: {sid: 1.0 / len(c) for sid in c} for p in self.pool.positions
                        for c in [self.pool.candidates(p)]}
+        elif s.select == "whole":
+            weights = self.assemble_whole(examples, tokenizer.pad_token_id, trace)
         else:
             weights = self.assemble(examples, tokenizer.pad_token_id, trace)
         losses = None

@@ -27,6 +27,8 @@ RULES: dict[str, dict] = {
     "act-cat-tau16": _act(temperature=16.0),
     # `act-cat` with keys taken on the task model (sharers' with their LoRA off), the target read by it too
     "task-cat": {**_act(), "key": "task-activation"},
+    # one sharer whole, the one whose task-model keys are nearest the target's over all positions (one forward)
+    "task-whole": {**_act(select="whole", top_k=1), "key": "task-activation"},
     # the keys' 3 heaviest sharers tried whole on the target's history; the lowest loss is the recipe (3 more forwards)
     "act-loss3": _act(pick_by_loss=3),
     "paper": {"key": "gate", "assembly": {"select": "topk", "top_k": 3, "temperature": 1.0, "mix": "linear",
@@ -37,7 +39,8 @@ RULES: dict[str, dict] = {
 # never chosen, and on the real sets it was no better than `act-cat` (benchmarks/README.md). `task-cat`'s keys find
 # the demo users' taste groups far better when summed over positions, but picking per position it scored no better
 # than `act-cat` on the demo cells; on StudEmo it is level with the calibrated default; other real sets not yet.
-OPT_IN = ("task-cat", "act-loss3")
+# `task-whole` picks by those sums: being measured on the evidence cells.
+OPT_IN = ("task-cat", "task-whole", "act-loss3")
 # Calibration's default candidates: every rule but the opt-in ones, in the same order.
 GRID: dict[str, dict] = {n: r for n, r in RULES.items() if n not in OPT_IN}
 # Settings that make up a selection rule: a run that sets any of them explicitly has a fixed rule.

@@ -119,9 +119,11 @@ class AssemblySettings(Settings):
     budget_tokens: int | None = _count(None, "and in tokens: the newest items whose examples fit (at least one item)",
                                        most=10**9)
     batch_size: int = _count(16, "history examples per forward", most=65536)
-    select: Literal["topk", "sample", "topp", "all", "none"] = Field(
-        "topk", description="top-k, sampled top-k, or nucleus; all: every candidate, equal weights (the same for "
-        "every target); none: no piece (the task model); neither of the last two reads the history")
+    select: Literal["topk", "sample", "topp", "whole", "all", "none"] = Field(
+        "topk", description="top-k, sampled top-k, or nucleus, per position; whole: the top-k sharers by their "
+        "pieces' mean score, each with every piece it shares (one forward, nothing installed while it reads); all: "
+        "every candidate, equal weights (the same for every target); none: no piece (the task model); neither of "
+        "the last two reads the history")
     sample_topk: int = _count(10, "select=sample: draw from this many best pieces", most=10_000)
     sample_temperature: float = _positive(1.0, "select=sample: temperature of the draw")
     top_p: float = _positive(0.9, "select=topp: softmax mass of the pieces kept", most=1)
@@ -142,7 +144,8 @@ class AssemblySettings(Settings):
                               "loss: n more forwards per target, no gradient (not in the paper)")
     key_index: Literal["auto", "exact", "approximate"] = Field(
         "auto", description="how pieces are found: every candidate scored (exact), or an IVF index (annindex.py) "
-        "that finds the top-k with some loss of recall; auto: the index from annindex.LARGE_POOL sharers on")
+        "that finds the top-k with some loss of recall; auto: the index from annindex.LARGE_POOL sharers on, unless "
+        "select is topp or whole, which score every candidate")
     nprobe: int = _count(64, "IVF lists the approximate index searches per position")
 
     @field_validator("strength", "strengths")
