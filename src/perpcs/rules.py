@@ -27,8 +27,9 @@ RULES: dict[str, dict] = {
     "act-cat-tau16": _act(temperature=16.0),
     # `act-cat` with keys taken on the task model (sharers' with their LoRA off), the target read by it too
     "task-cat": {**_act(), "key": "task-activation"},
-    # one sharer whole, the one whose task-model keys are nearest the target's over all positions (one forward)
-    "task-whole": {**_act(select="whole", top_k=1), "key": "task-activation"},
+    # one sharer whole, the one whose task-model keys are nearest the target's over all positions: one forward, over
+    # 4x the default history budget (a whole pick is one decision from a mean over items; at 16 it picked worse)
+    "task-whole": {**_act(select="whole", top_k=1, recent_k=64), "key": "task-activation"},
     # the keys' 3 heaviest sharers tried whole on the target's history; the lowest loss is the recipe (3 more forwards)
     "act-loss3": _act(pick_by_loss=3),
     "paper": {"key": "gate", "assembly": {"select": "topk", "top_k": 3, "temperature": 1.0, "mix": "linear",
