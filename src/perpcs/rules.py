@@ -30,6 +30,8 @@ RULES: dict[str, dict] = {
     # one sharer whole, the one whose task-model keys are nearest the target's over all positions: one forward, over
     # 4x the default history budget (a whole pick is one decision from a mean over items; at 16 it picked worse)
     "task-whole": {**_act(select="whole", top_k=1, recent_k=64), "key": "task-activation"},
+    # the same with the 3 nearest sharers, softmax(mean score / tau) weights: sharers of one kind mixed whole
+    "task-whole3": {**_act(select="whole", recent_k=64), "key": "task-activation"},
     # the keys' 3 heaviest sharers tried whole on the target's history; the lowest loss is the recipe (3 more forwards)
     "act-loss3": _act(pick_by_loss=3),
     "paper": {"key": "gate", "assembly": {"select": "topk", "top_k": 3, "temperature": 1.0, "mix": "linear",
@@ -40,8 +42,8 @@ RULES: dict[str, dict] = {
 # never chosen, and on the real sets it was no better than `act-cat` (benchmarks/README.md). `task-cat`'s keys find
 # the demo users' taste groups far better when summed over positions, but picking per position it scored no better
 # than `act-cat` on the demo cells; on StudEmo it is level with the calibrated default; other real sets not yet.
-# `task-whole` picks by those sums: being measured on the evidence cells.
-OPT_IN = ("task-cat", "task-whole", "act-loss3")
+# `task-whole` and `task-whole3` pick by those sums: being measured on the evidence cells.
+OPT_IN = ("task-cat", "task-whole", "task-whole3", "act-loss3")
 # Calibration's default candidates: every rule but the opt-in ones, in the same order.
 GRID: dict[str, dict] = {n: r for n, r in RULES.items() if n not in OPT_IN}
 # Settings that make up a selection rule: a run that sets any of them explicitly has a fixed rule.
