@@ -298,7 +298,8 @@ def summarize_set(name: str, cells: list[Path]) -> dict:
         "missing_rules": {r["seed"]: missing for r in runs
                           if (missing := [n for n in RULES if n != "none" and n not in r["methods"]])},
         # opt-in rules (not calibration candidates by default), measured on the targets like the fixed rules
-        "opt_in": {n: {"mean": st[n]["mean"], "vs_np": vs(n, np_ref), "vs_calibrated": vs(n, "perpcs")}
+        "opt_in": {n: {"mean": st[n]["mean"], "vs_np": vs(n, np_ref), "vs_calibrated": vs(n, "perpcs"),
+                       "share_of_oppu_gain": st[n]["gain_share"] if checks["oppu_significant_gain"] else None}
                    for n in OPT_IN if n in pooled},
         "validation_queries": [r.get("calibration", {}).get("validation", {}).get("queries") for r in runs],
         # a seed whose pool declined assembles nothing (no forward), so its ratio says nothing about assembly
@@ -450,11 +451,11 @@ def opt_in_lines(every: dict) -> list[str]:
              "(paired, sign test). They are not calibration candidates by default, so the lines above leave them "
              "out; counted as a fixed rule, a significant lead over the calibrated default would miss "
              "\"not worse than the best fixed rule\".", "",
-             *_header("set", "rule", "mean", "vs NP", "vs calibrated")]
+             *_header("set", "rule", "mean", "vs NP", "vs calibrated", "share of OPPU's gain")]
     for n, r, o in rows:
-        a, b = o["vs_np"], o["vs_calibrated"]
+        a, b, share = o["vs_np"], o["vs_calibrated"], o.get("share_of_oppu_gain")
         lines.append(f"| {n} | {r} | {o['mean']:.3f} | {a['diff']:+.3f} (p={a['p']:.2g}) | "
-                     f"{b['diff']:+.3f} (p={b['p']:.2g}) |")
+                     f"{b['diff']:+.3f} (p={b['p']:.2g}) | {'-' if share is None else f'{share:.0%}'} |")
     return lines
 
 
