@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/evidence"), help="the suite's run folders (as evidence.py)")
     ap.add_argument("--cells", nargs="*", help="SET/SEED, e.g. demo/0 (default: every cell, seed by seed)")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where the kept cells are (as evidence.py)")
     ap.add_argument("--rebuild", action="store_true", help="build a cell's run folder again if it is gone")
     ap.add_argument("--data-root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data",
                     help="the real data sets (with --rebuild, as evidence.py)")
@@ -155,8 +156,9 @@ def main(argv: list[str] | None = None) -> None:
     cells = ([(c.split("/")[0], int(c.split("/")[1])) for c in a.cells] if a.cells else
              [(n, s) for i in range(3) for n in ALL for s in seeds_of(n)[i:i + 1]])
     for name, seed in cells:
-        refresh_cell(name, seed, a.out, data_root=a.data_root if a.rebuild else None)
-    print(f"kept cells: {RESULTS}; the summary: python benchmarks/evidence.py --summary-only", flush=True)
+        refresh_cell(name, seed, a.out, a.results, a.data_root if a.rebuild else None)
+    print(f"kept cells: {a.results}; the summary: python benchmarks/evidence.py --summary-only --results {a.results}",
+          flush=True)
 
 
 if __name__ == "__main__":
