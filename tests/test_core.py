@@ -58,17 +58,8 @@ def test_task_activation_keys_score_the_target_on_the_task_model(tmp_path, token
     (the check that this test can fail). The recipe's pieces are chosen either way."""
     pieces = {u: random_pieces(i, scale=3.0) for i, u in enumerate(USERS[:3])}
     pool = make_pool(tmp_path / "pool", pieces, key=key)
-    examples = history_examples(TASK, tokenizer, HISTORY)
-    bare, seen = tiny_llama(), {}
-    handles = [bare.get_submodule(p).register_forward_pre_hook(lambda m, a, p=p: seen.__setitem__(p, a[0].clone()))
-               for p in POSITIONS]
-    inputs = collate(sorted(examples, key=lambda e: len(e.input_ids)), tokenizer.pad_token_id)
-    mask = predict_mask(inputs.pop("labels"))
-    with torch.no_grad():
-        bare(**inputs)
-    for h in handles:
-        h.remove()
-    recipe, (trace,) = assemble(pool, tokenizer, top_k=2, batch_size=len(examples))
+    seen, mask = bare_inputs(tokenizer)
+    recipe, (trace,) = assemble(pool, tokenizer, top_k=2, batch_size=len(HISTORY))
     for p in POSITIONS:
         want = piece_scores(seen[p], torch.stack([pieces[u][p][2] for u in pieces]), mask, key)
         assert trace[p][0] == [pool.pseudonym(u) for u in pieces]
@@ -77,6 +68,22 @@ def test_task_activation_keys_score_the_target_on_the_task_model(tmp_path, token
         else:
             assert not torch.allclose(trace[p][1], want, atol=1e-3)
         assert len(recipe.pieces[p]) == 2
+
+
+def bare_inputs(tokenizer) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """({position: input}, predict mask) of a fresh tiny model over HISTORY in one batch, shortest first (as
+    assembly orders a batch), with nothing installed."""
+    bare, seen = tiny_llama(), {}
+    handles = [bare.get_submodule(p).register_forward_pre_hook(lambda m, a, p=p: seen.__setitem__(p, a[0].clone()))
+               for p in POSITIONS]
+    examples = history_examples(TASK, tokenizer, HISTORY)
+    inputs = collate(sorted(examples, key=lambda e: len(e.input_ids)), tokenizer.pad_token_id)
+    mask = predict_mask(inputs.pop("labels"))
+    with torch.no_grad():
+        bare(**inputs)
+    for h in handles:
+        h.remove()
+    return seen, mask
 
 
 def make_pool(path, pieces: dict[str, dict], shares: dict[str, set] | None = None, fingerprint: str = "base-0",

@@ -10,24 +10,12 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_llama
-from perpcs.assembly import predict_mask
-from perpcs.training import collate, history_examples
-from test_core import HISTORY, L0, POSITIONS, TASK, USERS, assemble, ln, make_pool, random_pieces
+from test_core import HISTORY, L0, POSITIONS, USERS, assemble, bare_inputs, ln, make_pool, random_pieces
 
 
 def target_means(tokenizer) -> dict[str, torch.Tensor]:
     """Per position: mean over examples of the mean LN(h) over the tokens that predict an output token, bare model."""
-    examples = history_examples(TASK, tokenizer, HISTORY)
-    model, seen = tiny_llama(), {}
-    handles = [model.get_submodule(p).register_forward_pre_hook(lambda m, a, p=p: seen.__setitem__(p, a[0].clone()))
-               for p in POSITIONS]
-    inputs = collate(examples, tokenizer.pad_token_id)
-    mask = predict_mask(inputs.pop("labels"))
-    with torch.no_grad():
-        model(**inputs)
-    for h in handles:
-        h.remove()
+    seen, mask = bare_inputs(tokenizer)
     out = {}
     for p, h in seen.items():
         per_example = [torch.stack([ln(h[b, t]) for t in range(h.shape[1]) if mask[b, t]]).mean(0)
