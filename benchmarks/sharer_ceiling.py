@@ -4,13 +4,16 @@ Per-Pcs assembles a target's adapter from sharers' pieces, so the sharers' own L
 even the best sharer's whole LoRA, picked per target by its score on that target's queries (an oracle), falls
 short of OPPU, the shortfall is most likely the pool's, not the selection rule's (a mix of pieces may beat every
 single LoRA, but the grid's rules mostly give one sharer the weight). The demo knows each user's taste group
-(groups.json), so the same is given for the sharers of the target's group. Could the target find the right
+(groups.json), so the same is given for the sharers of the target's group (a real set has none: those fields are
+empty). Could the target find the right
 sharer itself, without its queries? Each sharer's whole LoRA is also scored by its loss on the target's own
 history, and the lowest-loss sharer's accuracy is reported: a pick that costs one forward per candidate sharer.
 Reads the evidence suite's run folders (benchmarks/evidence.py --out OUT) and the cells' per-query scores
 (results/evidence/<set>-seed<n>/scores.json); writes results/sharer-ceiling.json.
 
     OMP_NUM_THREADS=1 python benchmarks/sharer_ceiling.py --out /work/runs/evidence --cells demo/0 demo/1 demo/2
+    OMP_NUM_THREADS=1 python benchmarks/sharer_ceiling.py --out /work/runs/evidence --cells lastfm/0 \
+        --results benchmarks/results/sharer-ceiling-lastfm.json
 """
 
 import argparse
@@ -30,7 +33,8 @@ from perpcs.training import heldout_loss, history_examples
 from perpcs.utils import read_json, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ROWS = ("non_personalized", "perpcs", "oppu")
+# the cell's rows shown beside the sharers, those it has
+ROWS = ("non_personalized", "perpcs", "oppu", "average", "act-cat-tau16", "task-whole", "task-whole3")
 
 
 def sharer_scores(run: Run, label: str) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, dict[str, float]]]:
@@ -62,20 +66,22 @@ def sharer_scores(run: Run, label: str) -> tuple[dict[str, dict[str, dict[str, f
 def ceiling(cell: Path, result: Path) -> dict:
     """Per target: its group's sharers, the best sharer (oracle) and the best of its group, next to the bench's rows."""
     run = Run(cell / "run")
-    groups = read_json(Path(run.config.data) / "groups.json")
+    known = Path(run.config.data) / "groups.json"  # synthetic sets only; a real set's targets have no group
+    groups = read_json(known) if known.exists() else {}
     rows = read_json(result / "scores.json")  # the cell's per-query scores, by row
     per_target = {}
     scores, losses = sharer_scores(run, f"{cell.parent.name}/{cell.name}")
     for uid, by_sharer in scores.items():
         mean = {s: statistics.mean(v.values()) for s, v in by_sharer.items()}
-        same = [s for s in mean if groups[s] == groups[uid]]
+        same = [s for s in mean if uid in groups and groups[s] == groups[uid]]
         queries = list(next(iter(by_sharer.values())))
         lowest = min(losses[uid], key=losses[uid].get)
         per_target[uid] = {
-            "group": groups[uid], "same_group_sharers": same, "sharers": mean, "history_loss": losses[uid],
+            "group": groups.get(uid), "same_group_sharers": same, "sharers": mean, "history_loss": losses[uid],
             "best_sharer": max(mean.values()), "best_same_group_sharer": max((mean[s] for s in same), default=None),
-            "lowest_loss_sharer": lowest, "lowest_loss_group": groups[lowest], "lowest_loss_pick": mean[lowest],
-            **{r: statistics.mean(rows[r][q] for q in queries) for r in ROWS if all(q in rows[r] for q in queries)}}
+            "lowest_loss_sharer": lowest, "lowest_loss_group": groups.get(lowest), "lowest_loss_pick": mean[lowest],
+            **{r: statistics.mean(rows[r][q] for q in queries)
+               for r in ROWS if r in rows and all(q in rows[r] for q in queries)}}
     return per_target
 
 
@@ -92,7 +98,8 @@ def share(per_target: dict, row: str) -> float | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/evidence"), help="the evidence suite's run folders")
-    ap.add_argument("--cells", nargs="+", default=["demo/0", "demo/1", "demo/2"], help="SET/SEED of demo cells")
+    ap.add_argument("--cells", nargs="+", default=["demo/0", "demo/1", "demo/2"],
+                    help="SET/SEED of cells (a real set has no groups)")
     ap.add_argument("--results", type=Path, default=RESULTS / "sharer-ceiling.json")
     a = ap.parse_args()
     every = {}
