@@ -42,7 +42,9 @@ RULES: dict[str, dict] = {
 # never chosen, and on the real sets it was no better than `act-cat` (benchmarks/README.md). `task-cat`'s keys find
 # the demo users' taste groups far better when summed over positions, but picking per position it scored no better
 # than `act-cat` on the demo cells; on StudEmo it is level with the calibrated default; other real sets not yet.
-# `task-whole` and `task-whole3` pick by those sums: being measured on the evidence cells.
+# `task-whole` and `task-whole3` pick whole sharers by those sums: better than the calibrated default on the demo,
+# significantly worse on Last.fm, where the targets need many sharers mixed, so by the rule fixed before they ran
+# they are not default candidates.
 OPT_IN = ("task-cat", "task-whole", "task-whole3", "act-loss3")
 # Calibration's default candidates: every rule but the opt-in ones, in the same order.
 GRID: dict[str, dict] = {n: r for n, r in RULES.items() if n not in OPT_IN}
