@@ -1,10 +1,12 @@
 """Is calibration's choice what keeps the calibrated default from OPPU, or is it the grid and the pool?
 
 Reads the evidence cells (benchmarks/results/evidence/<set>-seed<n>/, no model runs) and scores, per set over its
-seeds, three ways of picking one rule of the grid per seed, each with the targets' per-query scores the cells
+seeds, four ways of picking one rule of the grid per seed, each with the targets' per-query scores the cells
 already hold (every rule of the grid ran on the targets):
 - `calibrated`: calibration's choice (the simplest rule tied with the validation users' best; the `perpcs` row);
 - `validation best`: the validation users' best rule outright, no tie-break (none where calibration declined);
+- `softest tied`: of the rules tied with that best, the one whose weights are spread over the most sharers (a tie
+  broken toward `average` rather than toward the grid's first rule, which is `act-cat` among these);
 - `targets' best`: the rule best on the targets themselves. An oracle no pool can have: the most any choice of
   this grid could give, so a gap to OPPU that it leaves is the grid's and the pool's, not the choice's.
 
@@ -33,7 +35,11 @@ from evidence import ALL, POOL_CHECKS, RESULTS, ROOT, SETS, _pooled, finished_ce
 from perpcs.stats import method_statistics, paired
 from perpcs.utils import read_json, write_json, write_text
 
-POLICIES = ("calibrated", "validation best", "targets' best")
+POLICIES = ("calibrated", "validation best", "softest tied", "targets' best")
+# `softest tied`'s order: the rules tied with the validation users' best, the one that spreads the weight most first
+# (every sharer equal, then tau 16, 4, then tau 1 at half strength, the exact mixes, one sharer, trained gates)
+SOFTEST_FIRST = ("average", "act-cat-tau16", "act-cat-tau4", "act-cat-half", "act-cat", "act-linear", "act-top1",
+                 "paper")
 PROBE_POLICIES = {"probe": "chosen", "probe, default grid": "chosen_in_grid"}  # policy -> calibration-power field
 DRAWS = 2000  # resamples per power estimate
 SIZES = (16, 64, 256, 1024)  # validation queries per seed at which the power is estimated
@@ -48,8 +54,11 @@ def picks(run: dict, probe: dict[str, str] | None = None) -> dict[str, str]:
     rows = {n: "non_personalized" if n == "none" else n for n in cal["candidates"]}
     oracle = max((n for n in rows if rows[n] in run["methods"]),
                  key=lambda n: sign * run["methods"][rows[n]]["metrics"][primary])
+    tied = cal.get("tied_with_best") or ["none"]
+    softest = min(tied, key=lambda n: SOFTEST_FIRST.index(n) if n in SOFTEST_FIRST else len(SOFTEST_FIRST))
     return {"calibrated": rows[cal["chosen"]], "validation best": rows[cal.get("best") or "none"],
-            "targets' best": rows[oracle]} | {p: rows.get(rule, rule) for p, rule in (probe or {}).items()}
+            "softest tied": rows[softest], "targets' best": rows[oracle]} | {
+        p: rows.get(rule, rule) for p, rule in (probe or {}).items()}
 
 
 def policy_set(pooled: dict[str, dict[str, float]], runs: list[dict], probes: list[dict] | None = None) -> dict:
