@@ -9,6 +9,8 @@ positions), and the sharer whose LoRA did best on them. The pick is scored by th
 target's own queries (`results/sharer-ceiling.json`), so the target generates nothing.
 
     OMP_NUM_THREADS=1 python benchmarks/neighbour_quality.py --out /work/runs/evidence --cells demo/0
+    OMP_NUM_THREADS=1 python benchmarks/neighbour_quality.py --out /work/runs/evidence --cells lastfm/0 \
+        --ceiling benchmarks/results/sharer-ceiling-lastfm.json
     python benchmarks/neighbour_quality.py --summary   # cells in results/neighbour-quality/, pooled
 """
 
@@ -100,15 +102,19 @@ def cell(folder: Path, ceiling: dict) -> dict:
 
 
 def summary(path: Path) -> dict:
-    every = {"cells": {f.stem.replace("-seed", "/"): read_json(f) for f in sorted(CELLS.glob("*.json"))}}
-    pooled = {f"{c}/{u}": t for c, got in every["cells"].items() for u, t in got["targets"].items()}
+    """Per set, its cells' targets pooled: mean of each pick and its share of OPPU's gain on OPPU's targets."""
+    every = {"cells": {f.stem.replace("-seed", "/"): read_json(f) for f in sorted(CELLS.glob("*.json"))}, "sets": {}}
     rows = ["non_personalized", "perpcs", "lowest_loss_pick", *(f"neighbours_{k}_pick" for k in NEIGHBOURS)]
-    every["mean"] = {r: statistics.mean(t[r] for t in pooled.values()) for r in rows}
-    every["share_of_oppu_gain"] = {r: share(pooled, r) for r in rows[1:]}
-    shares = every["share_of_oppu_gain"]
-    for r in rows:
-        print(f"{r}: {every['mean'][r]:.3f} over {len(pooled)} targets"
-              + ("" if r not in shares else f", {shares[r]:.0%} of OPPU's gain"))
+    for name in sorted({c.split("/")[0] for c in every["cells"]}):
+        pooled = {f"{c}/{u}": t for c, got in every["cells"].items() if c.split("/")[0] == name
+                  for u, t in got["targets"].items()}
+        got = every["sets"][name] = {"targets": len(pooled),
+                                     "mean": {r: statistics.mean(t[r] for t in pooled.values()) for r in rows},
+                                     "share_of_oppu_gain": {r: share(pooled, r) for r in rows[1:]}}
+        for r in rows:
+            gain = got["share_of_oppu_gain"].get(r)
+            print(f"{name}: {r}: {got['mean'][r]:.3f} over {len(pooled)} targets"
+                  + ("" if gain is None else f", {gain:.0%} of OPPU's gain"))
     write_json(path, every)
     print(f"wrote {path}")
     return every
@@ -118,13 +124,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/evidence"), help="the evidence suite's run folders")
     ap.add_argument("--cells", nargs="*", default=[], help="SET/SEED of cells with a sharer-ceiling entry")
+    ap.add_argument("--ceiling", type=Path, default=RESULTS / "sharer-ceiling.json", help="sharer_ceiling.py's results")
     ap.add_argument("--results", type=Path, default=RESULTS / "neighbour-quality.json")
     ap.add_argument("--summary", action="store_true", help="pool the cells in --results and print the shares")
     a = ap.parse_args()
-    ceiling = read_json(RESULTS / "sharer-ceiling.json")["cells"]
+    ceiling = read_json(a.ceiling)["cells"]
     for spec in a.cells:
         if spec not in ceiling:
-            raise SystemExit(f"--cells {spec}: not in {RESULTS / 'sharer-ceiling.json'} (run sharer_ceiling.py first)")
+            raise SystemExit(f"--cells {spec}: not in {a.ceiling} (run sharer_ceiling.py first)")
         name, seed = spec.split("/")
         write_json(path := CELLS / f"{name}-seed{seed}.json", cell(a.out / name / f"seed-{seed}", ceiling[spec]))
         print(f"{spec}: wrote {path}")
