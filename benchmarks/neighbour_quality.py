@@ -12,6 +12,8 @@ target's own queries (`results/sharer-ceiling.json`), so the target generates no
     OMP_NUM_THREADS=1 python benchmarks/neighbour_quality.py --out /work/runs/evidence --cells lastfm/0 \
         --ceiling benchmarks/results/sharer-ceiling-lastfm.json
     python benchmarks/neighbour_quality.py --summary   # cells in results/neighbour-quality/, pooled
+    OMP_NUM_THREADS=1 python benchmarks/neighbour_quality.py --out /work/runs/evidence-fresh --cells demo/3 demo/4 \
+        --ceiling benchmarks/results/sharer-ceiling-fresh.json --results benchmarks/results/neighbour-quality-fresh.json
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ from sharer_ceiling import RESULTS, share
 
 NEIGHBOURS = (1, 3, 5)
 KEY_ITEMS = 64  # the newest items a key reads, as the whole-pick rules
-CELLS = RESULTS / "neighbour-quality"  # one file per cell, so workers on other cells write apart
 
 
 @torch.no_grad()
@@ -101,9 +102,16 @@ def cell(folder: Path, ceiling: dict) -> dict:
     return {"validation_users": [u.user_id for u in users], "quality": quality, "targets": out}
 
 
+def cells_dir(results: Path) -> Path:
+    """One file per cell beside the pooled results (results/neighbour-quality/ for results/neighbour-quality.json),
+    so workers on other cells write apart."""
+    return results.with_suffix("")
+
+
 def summary(path: Path) -> dict:
     """Per set, its cells' targets pooled: mean of each pick and its share of OPPU's gain on OPPU's targets."""
-    every = {"cells": {f.stem.replace("-seed", "/"): read_json(f) for f in sorted(CELLS.glob("*.json"))}, "sets": {}}
+    every = {"cells": {f.stem.replace("-seed", "/"): read_json(f) for f in sorted(cells_dir(path).glob("*.json"))},
+             "sets": {}}
     rows = ["non_personalized", "perpcs", "lowest_loss_pick", *(f"neighbours_{k}_pick" for k in NEIGHBOURS)]
     for name in sorted({c.split("/")[0] for c in every["cells"]}):
         pooled = {f"{c}/{u}": t for c, got in every["cells"].items() if c.split("/")[0] == name
@@ -133,7 +141,8 @@ def main() -> None:
         if spec not in ceiling:
             raise SystemExit(f"--cells {spec}: not in {a.ceiling} (run sharer_ceiling.py first)")
         name, seed = spec.split("/")
-        write_json(path := CELLS / f"{name}-seed{seed}.json", cell(a.out / name / f"seed-{seed}", ceiling[spec]))
+        path = cells_dir(a.results) / f"{name}-seed{seed}.json"
+        write_json(path, cell(a.out / name / f"seed-{seed}", ceiling[spec]))
         print(f"{spec}: wrote {path}")
     if a.summary:
         summary(a.results)

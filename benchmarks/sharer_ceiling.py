@@ -12,6 +12,8 @@ Reads the evidence suite's run folders (benchmarks/evidence.py --out OUT) and th
 (results/evidence/<set>-seed<n>/scores.json); writes results/sharer-ceiling.json.
 
     OMP_NUM_THREADS=1 python benchmarks/sharer_ceiling.py --out /work/runs/evidence --cells demo/0 demo/1 demo/2
+    OMP_NUM_THREADS=1 python benchmarks/sharer_ceiling.py --out /work/runs/evidence-fresh --cells demo/3 demo/4 \
+        --evidence benchmarks/results/evidence-fresh --results benchmarks/results/sharer-ceiling-fresh.json
     OMP_NUM_THREADS=1 python benchmarks/sharer_ceiling.py --out /work/runs/evidence --cells lastfm/0 \
         --results benchmarks/results/sharer-ceiling-lastfm.json
 """
@@ -101,11 +103,12 @@ def main() -> None:
     ap.add_argument("--cells", nargs="+", default=["demo/0", "demo/1", "demo/2"],
                     help="SET/SEED of cells (a real set has no groups)")
     ap.add_argument("--results", type=Path, default=RESULTS / "sharer-ceiling.json")
+    ap.add_argument("--evidence", type=Path, default=RESULTS / "evidence", help="the kept cells (as evidence.py)")
     a = ap.parse_args()
     every = {}
     for spec in a.cells:
         name, seed = spec.split("/")
-        every[spec] = ceiling(a.out / name / f"seed-{seed}", RESULTS / "evidence" / f"{name}-seed{seed}")
+        every[spec] = ceiling(a.out / name / f"seed-{seed}", a.evidence / f"{name}-seed{seed}")
     pooled = {f"{c}/{u}": t for c, ts in every.items() for u, t in ts.items()}
     shares = {r: share(pooled, r) for r in ("perpcs", "best_sharer", "best_same_group_sharer", "lowest_loss_pick")}
     for spec, ts in every.items():
