@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from perpcs.cli import app
 from perpcs.data import Dataset, Item, Query, User, load_dataset
+from perpcs.errors import InputError
 from perpcs.importers import import_dataset
 from perpcs.records import ImportOptions, clip
 from perpcs.tasks import get_task
@@ -259,6 +260,10 @@ def test_lastfm_errors(lastfm):
     with open(lastfm / "user_taggedartists.dat", "ab") as f:
         f.write(b"10\t1\t1\t1\tjan\t2009\r\n")
     with pytest.raises(ValueError, match=r"user_taggedartists\.dat: line 16: field 'month': 'jan' is not an integer"):
+        import_dataset("lastfm-tags", [lastfm], opts())
+    # a taggings file with its header only: no label set, said before the task is built (hypothesis found it)
+    write_dat(lastfm / "user_taggedartists.dat", ["userID", "artistID", "tagID", "day", "month", "year"], [])
+    with pytest.raises(InputError, match=r"user_taggedartists\.dat: no taggings after the header"):
         import_dataset("lastfm-tags", [lastfm], opts())
 
 

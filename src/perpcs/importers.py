@@ -222,6 +222,8 @@ def lastfm_tags(sources: list[Path], opts: ImportOptions, report: ImportReport |
         rows.append((r["userID"].strip(), r["artistID"].strip(), r["tagID"].strip(), date))
 
     use = Counter(tag for _, _, tag, _ in rows)
+    if not use:  # no tag, so no label set: say so before the task is built
+        raise InputError(f"{files['taggings']}: no taggings after the header")
     top = sorted(use, key=lambda t: (-use[t], natural_order(t)))[: opts.top_tags]
     for t in top:
         if not tags.get(t):
