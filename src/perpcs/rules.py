@@ -43,7 +43,8 @@ RULES: dict[str, dict] = {
 # history on top of assembly's one, and the default keeps a target's cost at one pass; on the evidence suite it was
 # never chosen, and on the real sets it was no better than `act-cat` (benchmarks/README.md). `task-cat`'s keys find
 # the demo users' taste groups far better when summed over positions, but picking per position it scored no better
-# than `act-cat` on the demo cells; on StudEmo it is level with the calibrated default; other real sets not yet.
+# than `act-cat` on the demo cells; level with the calibrated default on StudEmo, below it on Last.fm and ML Anthology
+# (not significantly).
 # `task-whole` and `task-whole3` pick whole sharers by those sums: better than the calibrated default on the demo,
 # significantly worse on Last.fm, where the targets need many sharers mixed, so by the rule fixed before they ran
 # they are not default candidates. `act-cat-k64` (4x the items) led `act-cat` on the suite's demo cells, where it was
