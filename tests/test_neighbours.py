@@ -1,0 +1,81 @@
+"""NeighbourTable: known nearest users and picks, leave-one-out, its files round trip, bad files refused."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from perpcs.errors import InputError
+from perpcs.neighbours import SCORES, NeighbourTable
+
+
+def table(higher: bool = True) -> NeighbourTable:
+    # three users with orthogonal keys at two positions; sharer s1 is best for u1 and u3, s2 for u2
+    eye = torch.eye(3)
+    return NeighbourTable(users=["u1", "u2", "u3"], sharers=["s1", "s2"],
+                          scores=torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]),
+                          keys={"a": eye.clone(), "b": eye.clone()}, higher_is_better=higher)
+
+
+def key_of(row: int) -> dict[str, torch.Tensor]:
+    return {"a": torch.eye(3)[row], "b": torch.eye(3)[row]}
+
+
+def test_similarities_by_hand():
+    # centred on (1/3, 1/3, 1/3): u2 - c = (-1, 2, -1)/3 equals the target's, u1 - c = (2, -1, -1)/3:
+    # cos = (-2 - 2 + 1) / 6 = -0.5 at both positions
+    assert table().similarities(key_of(1)).tolist() == pytest.approx([-0.5, 1.0, -0.5])
+
+
+def test_pick_reads_the_nearest_users():
+    t = table()
+    assert t.nearest(key_of(1), 1) == ["u2"] and t.pick(key_of(1), 1) == "s2"
+    assert t.nearest(key_of(1), 3) == ["u2", "u1", "u3"]  # u1 and u3 tie: by id
+    assert t.pick(key_of(1), 3) == "s1"  # mean scores (2/3, 1/3)
+    # leave-one-out: u2 scored as if it were a target does not read itself
+    assert t.nearest(key_of(1), 1, exclude="u2") == ["u1"] and t.pick(key_of(1), 1, exclude="u2") == "s1"
+    # a metric where lower is better (MAE) picks the lowest mean
+    assert table(higher=False).pick(key_of(1), 1) == "s1"
+
+
+def test_ties_and_missing_positions():
+    t = NeighbourTable(users=["u1"], sharers=["s2", "s1"], scores=torch.tensor([[0.5, 0.5]]),
+                       keys={"a": torch.ones(1, 2)})
+    assert t.pick({"a": torch.ones(2)}, 5) == "s1"  # tied scores: the smaller id
+    with pytest.raises(ValueError, match="no position b"):
+        table().similarities({"a": torch.ones(3)})
+    with pytest.raises(ValueError, match="no validation user is left"):
+        t.nearest({"a": torch.ones(2)}, 1, exclude="u1")
+
+
+def test_round_trip(tmp_path):
+    t = table(higher=False)
+    t.save_pretrained(tmp_path)
+    back = NeighbourTable.from_pretrained(tmp_path)
+    assert (back.users, back.sharers, back.higher_is_better) == (t.users, t.sharers, False)
+    assert torch.equal(back.scores, t.scores) and all(torch.equal(back.keys[p], t.keys[p]) for p in t.keys)
+
+
+@pytest.mark.parametrize("tensors, message", [
+    ({"scores": torch.tensor([[float("nan"), 0.0]] * 3)}, "NaN or infinite"),
+    ({"scores": torch.zeros(3, 3)}, r"scores have shape \[3, 3\], expected \[3, 2\]"),
+    ({"keys.a": torch.zeros(2, 3)}, r"keys at a have shape \[2, 3\]"),
+])
+def test_bad_files_are_refused_with_the_file_named(tmp_path, tensors, message):
+    t = table()
+    t.save_pretrained(tmp_path)
+    save_file({"scores": t.scores, **{f"keys.{p}": k for p, k in t.keys.items()}, **tensors}, str(tmp_path / SCORES))
+    with pytest.raises(InputError, match=message) as e:
+        NeighbourTable.from_pretrained(tmp_path)
+    assert str(tmp_path) in str(e.value)
+
+
+def test_missing_or_broken_files(tmp_path):
+    with pytest.raises(InputError, match="neighbours.json"):
+        NeighbourTable.from_pretrained(tmp_path)
+    table().save_pretrained(tmp_path)
+    (tmp_path / SCORES).write_bytes(b"not safetensors")
+    with pytest.raises(InputError, match="neighbours.safetensors: could not be read"):
+        NeighbourTable.from_pretrained(tmp_path)
+    save_file({"scores": torch.zeros(3, 2)}, str(tmp_path / SCORES))
+    with pytest.raises(InputError, match="tensor keys.a is missing"):
+        NeighbourTable.from_pretrained(tmp_path)
