@@ -4,8 +4,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import tiny_llama
+from perpcs.assembly import Assembler
 from perpcs.errors import InputError
 from perpcs.neighbours import SCORES, NeighbourTable
+from perpcs.settings import AssemblySettings
+from test_core import HISTORY, L0, TASK, USERS, assemble, make_pool, random_pieces
+from test_whole import target_means
 
 
 def table(higher: bool = True) -> NeighbourTable:
@@ -79,3 +84,23 @@ def test_missing_or_broken_files(tmp_path):
     save_file({"scores": torch.zeros(3, 2)}, str(tmp_path / SCORES))
     with pytest.raises(InputError, match="tensor keys.a is missing"):
         NeighbourTable.from_pretrained(tmp_path)
+
+
+def test_assembly_installs_the_sharer_the_nearest_validation_user_names(tmp_path, tokenizer):
+    """select="neighbours" reads the target's key as the bare model's means (computed here, as test_whole does),
+    and the recipe is the named sharer's whole LoRA, weight 1 where it shares a piece; a validation user scored as
+    a target reads the other one."""
+    pool = make_pool(tmp_path / "pool", {u: random_pieces(i) for i, u in enumerate(USERS)}, shares={"u3": set(L0)})
+    sid = {u: pool.pseudonym(u) for u in USERS}
+    means = target_means(tokenizer)
+    # v1's key is the target's, v2's its opposite about their mean: the target's nearest is v1 (cos 1, v2 -1)
+    nbrs = NeighbourTable(users=["v1", "v2"], sharers=[sid["u3"], sid["u1"]],
+                          scores=torch.tensor([[0.9, 0.1], [0.2, 0.8]]),
+                          keys={p: torch.stack([m, -m]) for p, m in means.items()})
+    for user, sharer in ((None, "u3"), ("v1", "u1")):
+        asm = Assembler(tiny_llama(), pool, AssemblySettings(select="neighbours", neighbours=1), neighbours=nbrs)
+        recipe = asm.recipe(TASK, tokenizer, HISTORY, user=user)
+        assert {p: dict(w) for p, w in recipe.pieces.items()} == {
+            p: ({sid[sharer]: 1.0} if p in pool.positions_of(sid[sharer]) else {}) for p in pool.positions}
+    with pytest.raises(ValueError, match="needs the pool's neighbour table"):
+        assemble(pool, tokenizer, select="neighbours")

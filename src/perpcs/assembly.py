@@ -30,6 +30,7 @@ from perpcs.data import Item
 from perpcs.errors import InputError
 from perpcs.keyindex import KeyIndex
 from perpcs.lora import clear, inference_config, install, lora_layers, mix_pieces
+from perpcs.neighbours import NeighbourTable
 from perpcs.recipe import Recipe
 from perpcs.runfolder import RunFolder
 from perpcs.settings import AssemblySettings, KeyKind, RunConfig
@@ -151,10 +152,12 @@ class Assembler:
     """
 
     def __init__(self, model, pool, settings: AssemblySettings, max_len: int = 256, retrieval_copies: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, neighbours: NeighbourTable | None = None):
         from peft import get_peft_model
 
-        self.pool, self.settings = pool, settings
+        if settings.select == "neighbours" and neighbours is None:
+            raise ValueError("select='neighbours' needs the pool's neighbour table (perpcs.neighbours)")
+        self.pool, self.settings, self.neighbours = pool, settings, neighbours
         self.max_len, self.retrieval_copies, self.seed = max_len, retrieval_copies, seed
         every = settings.select in ("topp", "all") or settings.strength == "auto"
         most = max(len(pool.candidates(p)) for p in pool.positions) if every else settings.top_k
@@ -176,9 +179,11 @@ class Assembler:
         self.keys = ApproximateIndex.of(pool, settings.nprobe) if self.approximate else KeyIndex.of(pool)
 
     @classmethod
-    def for_run(cls, model, pool, config: RunConfig, settings: AssemblySettings | None = None) -> "Assembler":
+    def for_run(cls, model, pool, config: RunConfig, settings: AssemblySettings | None = None,
+                neighbours: NeighbourTable | None = None) -> "Assembler":
         """An assembler with a run's assembly settings (or `settings`) and its history format and seed."""
-        return cls(model, pool, settings or config.assembly, config.max_len, config.retrieval_copies, config.seed)
+        return cls(model, pool, settings or config.assembly, config.max_len, config.retrieval_copies, config.seed,
+                   neighbours)
 
     def unload(self):
         """The merged model without the working LoRA."""
@@ -233,13 +238,8 @@ class Assembler:
         over positions the keys find a sharer like the target far more often than any one position does
         (benchmarks/README.md), and picking a sharer once keeps the first layers' pick from deciding the
         deeper ones. With `task-activation` keys the target is read on the model the keys were taken on."""
-        if not examples:
-            raise ValueError("cannot assemble from an empty history")
         positions = self.pool.positions
-        for pos in positions:
-            clear(self.layers[pos])
-        means = activation_means(self.model, {p: self.layers[p] for p in positions}, examples, pad_id,
-                                 self.settings.batch_size)
+        means = self.bare_means(examples, pad_id)
         scored = {}
         for pos in positions:
             ids, keys = self.keys.keys(pos)
@@ -261,6 +261,32 @@ class Assembler:
             here = {sid: chosen[sid] for sid in sorted(ids) if sid in chosen}
             weights[pos] = {sid: x / sum(here.values()) for sid, x in here.items()}
         return weights
+
+    @torch.no_grad()
+    def bare_means(self, examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+        """{position: mean LN(h) over the tokens that predict outputs}, read in one forward with nothing installed
+        (over all of `examples`, not per batch): a user's key on the task model."""
+        if not examples:
+            raise ValueError("cannot assemble from an empty history")
+        for pos in self.pool.positions:
+            clear(self.layers[pos])
+        return activation_means(self.model, {p: self.layers[p] for p in self.pool.positions}, examples, pad_id,
+                                self.settings.batch_size)
+
+    def whole(self, sharer: str) -> dict[str, dict[str, float]]:
+        """{position: {sharer: 1.0}} wherever `sharer` shares a piece: its whole LoRA as a recipe's weights."""
+        shared = set(self.pool.positions_of(sharer))
+        return {pos: ({sharer: 1.0} if pos in shared else {}) for pos in self.pool.positions}
+
+    def assemble_neighbours(self, examples: Sequence[Example], pad_id: int,
+                            user: str | None = None) -> dict[str, dict[str, float]]:
+        """select="neighbours": the target's key as `assemble_whole` reads it; the neighbour table names the sharer
+        that did best for its nearest validation users, installed whole. `user` (a validation user scored in
+        calibration) is not its own neighbour."""
+        sharer = self.neighbours.pick(self.bare_means(examples, pad_id), self.settings.neighbours, exclude=user)
+        if sharer not in self.pool.sharers():
+            raise ValueError(f"the neighbour table names sharer {sharer}, who is not in this pool")
+        return self.whole(sharer)
 
     def _scores(self, pos: str, h: torch.Tensor, mask: torch.Tensor) -> tuple[list[str], torch.Tensor]:
         """(candidates, their scores) at `pos`: every candidate, or the best the approximate index finds."""
@@ -323,8 +349,7 @@ class Assembler:
             return weights, {}
         wholes, losses = {}, {}
         for sid in tried:
-            shared = set(self.pool.positions_of(sid))
-            wholes[sid] = {pos: ({sid: 1.0} if pos in shared else {}) for pos in self.pool.positions}
+            wholes[sid] = self.whole(sid)
             self.install_weights(wholes[sid], 1.0)
             losses[sid] = heldout_loss(self.model, examples, pad_id, self.settings.batch_size)
         best = min(tried, key=lambda sid: (losses[sid], tried.index(sid)))
@@ -350,6 +375,8 @@ class Assembler:
                        for c in [self.pool.candidates(p)]}
         elif s.select == "whole":
             weights = self.assemble_whole(examples, tokenizer.pad_token_id, trace)
+        elif s.select == "neighbours":
+            weights = self.assemble_neighbours(examples, tokenizer.pad_token_id, user)
         else:
             weights = self.assemble(examples, tokenizer.pad_token_id, trace)
         losses = None

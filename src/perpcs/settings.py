@@ -119,11 +119,15 @@ class AssemblySettings(Settings):
     budget_tokens: int | None = _count(None, "and in tokens: the newest items whose examples fit (at least one item)",
                                        most=10**9)
     batch_size: int = _count(16, "history examples per forward", most=65536)
-    select: Literal["topk", "sample", "topp", "whole", "all", "none"] = Field(
+    select: Literal["topk", "sample", "topp", "whole", "neighbours", "all", "none"] = Field(
         "topk", description="top-k, sampled top-k, or nucleus, per position; whole: the top-k sharers by their "
-        "pieces' mean score, each with every piece it shares (one forward, nothing installed while it reads); all: "
+        "pieces' mean score, each with every piece it shares (one forward, nothing installed while it reads); "
+        "neighbours: the one sharer, whole, that did best for the target's `neighbours` nearest validation users "
+        "(the same one forward; perpcs.neighbours, not in the paper); all: "
         "every candidate, equal weights (the same for every target); none: no piece (the task model); neither of "
         "the last two reads the history")
+    neighbours: int = _count(5, "select=neighbours: how many of the nearest validation users name the sharer",
+                             most=10_000)
     sample_topk: int = _count(10, "select=sample: draw from this many best pieces", most=10_000)
     sample_temperature: float = _positive(1.0, "select=sample: temperature of the draw")
     top_p: float = _positive(0.9, "select=topp: softmax mass of the pieces kept", most=1)
