@@ -104,3 +104,52 @@ def test_assembly_installs_the_sharer_the_nearest_validation_user_names(tmp_path
             p: ({sid[sharer]: 1.0} if p in pool.positions_of(sid[sharer]) else {}) for p in pool.positions}
     with pytest.raises(ValueError, match="needs the pool's neighbour table"):
         assemble(pool, tokenizer, select="neighbours")
+
+
+def test_calibration_builds_the_table_once_and_scores_each_validation_user_without_itself(tmp_path,
+                                                                                          tiny_run_config):
+    """Calibrating with `nbr-whole` keeps the table in RUN/neighbours (validation users x sharers, with the task's
+    per-query metric), counts its generations, and a validation user's answers come from the sharer its nearest
+    *other* validation users name."""
+    from perpcs.calibration import run_validation_users
+    from perpcs.pipeline import Run
+    from perpcs.rules import RULES
+
+    run = Run.create(tmp_path / "run", tiny_run_config(calibration={"enabled": True, "rules": ["nbr-whole"]}))
+    run.task_adapt(), run.select(), run.build_pool()
+    cal = run.calibrate()
+    users = run_validation_users(run)
+    table = NeighbourTable.from_pretrained(run.neighbours_path)
+    assert table.users == [u.user_id for u in users] and table.sharers == run.own_pool().sharers()
+    assert cal["cost"]["generations"] == cal["validation"]["queries"] * (2 + len(table.sharers))  # none, rule, table
+    assert bool(((table.scores >= 0) & (table.scores <= 1)).all())  # mean per-query scores of the tiny task
+    model, tok = run.merged
+    settings = run.config.updated(RULES["nbr-whole"]).assembly
+    asm = Assembler.for_run(model, run.own_pool(), run.config, settings, table)
+    try:
+        for u in users:
+            key = asm.bare_means(asm.examples(run.data.task, tok, u.context, u.profile), tok.pad_token_id)
+            want = table.pick(key, settings.neighbours, exclude=u.user_id)
+            recipe = asm.recipe(run.data.task, tok, u.context, u.profile, user=u.user_id)
+            assert {p: dict(w) for p, w in recipe.pieces.items()} == asm.whole(want)
+    finally:
+        asm.unload()
+    # the table on disk is read again only if it was built for these validation users
+    table.users[0] = "someone else"
+    table.save_pretrained(run.neighbours_path)
+    with pytest.raises(InputError, match="built for other validation users"):
+        from perpcs.calibration import neighbour_table
+        neighbour_table(run, users, settings)
+
+
+def test_a_fixed_nbr_whole_rule_builds_the_table_when_it_assembles(tmp_path, tiny_run_config):
+    from perpcs.pipeline import Run
+    from perpcs.rules import RULES
+
+    run = Run.create(tmp_path / "run", tiny_run_config(**RULES["nbr-whole"]))
+    recipes = run.pipeline()
+    table = NeighbourTable.from_pretrained(run.neighbours_path)
+    for r in recipes.values():  # one sharer of the table, whole, weight 1
+        named = {sid for chosen in r.pieces.values() for sid, _ in chosen}
+        assert len(named) == 1 and named <= set(table.sharers)
+        assert all(w == 1.0 for chosen in r.pieces.values() for _, w in chosen)

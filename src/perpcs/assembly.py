@@ -155,8 +155,6 @@ class Assembler:
                  seed: int = 0, neighbours: NeighbourTable | None = None):
         from peft import get_peft_model
 
-        if settings.select == "neighbours" and neighbours is None:
-            raise ValueError("select='neighbours' needs the pool's neighbour table (perpcs.neighbours)")
         self.pool, self.settings, self.neighbours = pool, settings, neighbours
         self.max_len, self.retrieval_copies, self.seed = max_len, retrieval_copies, seed
         every = settings.select in ("topp", "all") or settings.strength == "auto"
@@ -283,6 +281,8 @@ class Assembler:
         """select="neighbours": the target's key as `assemble_whole` reads it; the neighbour table names the sharer
         that did best for its nearest validation users, installed whole. `user` (a validation user scored in
         calibration) is not its own neighbour."""
+        if self.neighbours is None:
+            raise ValueError("select='neighbours' needs the pool's neighbour table (perpcs.neighbours)")
         sharer = self.neighbours.pick(self.bare_means(examples, pad_id), self.settings.neighbours, exclude=user)
         if sharer not in self.pool.sharers():
             raise ValueError(f"the neighbour table names sharer {sharer}, who is not in this pool")
@@ -400,7 +400,7 @@ def assemble_users(run: RunFolder, user_ids: list[str]) -> dict[str, float]:
     if not user_ids:
         return {}
     model, tok = run.merged
-    assembler = Assembler.for_run(model, run.open_pool(), run.config, run.rule.assembly)
+    assembler = Assembler.for_run(model, run.open_pool(), run.config, run.rule.assembly, run.neighbour_table())
     seconds = {}
     try:
         for uid in tqdm(user_ids, desc="step 5: assemble"):
@@ -425,7 +425,7 @@ def assemble_history(run: RunFolder, user_id: str, history: list[Item], profile:
                          "user id of its own")
     with run.writing():
         model, tok = run.merged
-        assembler = Assembler.for_run(model, run.open_pool(), run.config, run.rule.assembly)
+        assembler = Assembler.for_run(model, run.open_pool(), run.config, run.rule.assembly, run.neighbour_table())
         try:
             recipe = assembler.recipe(run.data.task, tok, history, profile, user=user_id)
         finally:

@@ -33,12 +33,15 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import torch
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 from perpcs.data import Item, User
+from perpcs.errors import InputError
 from perpcs.evaluation import per_query, primary_metric, score
 from perpcs.generation import generate
+from perpcs.neighbours import NeighbourTable
 from perpcs.rules import RULES
 from perpcs.settings import MEAN_KEYS, CalibrationSettings
 from perpcs.stats import RESAMPLES, bootstrap_ci, paired
@@ -176,6 +179,51 @@ def reusable(scored: dict | None, rules: list[str], golds: dict[str, str]) -> di
             if n in scored.get("predictions", {}) and (n == "none" or scored["grid"].get(n) == RULES[n])}
 
 
+def run_validation_users(run) -> list[ValidationUser]:
+    """The run's validation users: candidates that are not its sharers (`validation_users`)."""
+    return validation_users(run.users(run.split["candidates"]), {x.user_id for x in run.select()},
+                            run.config.calibration)
+
+
+def neighbour_table(run, users: list[ValidationUser], settings) -> NeighbourTable:
+    """What select="neighbours" reads (`perpcs.neighbours`), built once per run and kept in RUN/neighbours: each
+    validation user's key (`Assembler.bare_means` over the items `settings` read) and every sharer's whole LoRA
+    scored on its held-out items by the task's per-query metric. Costs a generation per held-out item and sharer."""
+    from perpcs.assembly import Assembler
+
+    ids = [u.user_id for u in users]
+    if (run.neighbours_path / "neighbours.json").exists():
+        table = NeighbourTable.from_pretrained(run.neighbours_path)
+        if table.users != ids:
+            raise InputError(f"{run.neighbours_path}: built for other validation users than this run's; remove it "
+                             "to build it again")
+        return table
+    model, tok = run.merged
+    task = run.data.task
+    pool = run.own_pool()
+    sharers = pool.sharers()
+    budget = answer_budget(task, tok)
+    assembler = Assembler.for_run(model, pool, run.config, settings)
+    scores = torch.zeros(len(users), len(sharers))
+    try:
+        keys = [assembler.bare_means(assembler.examples(task, tok, u.context, u.profile), tok.pad_token_id)
+                for u in tqdm(users, desc="neighbour table: validation keys")]
+        for j, sid in enumerate(tqdm(sharers, desc="neighbour table: sharers")):
+            assembler.install_weights(assembler.whole(sid), 1.0)
+            for i, u in enumerate(users):
+                texts = generate(assembler.model, tok, _prompts(task, u.heldout), budget)
+                golds = {str(k): it.output for k, it in enumerate(u.heldout)}
+                scores[i, j] = float(np.mean(list(per_query(task, golds, {str(k): task.parse_output(t)
+                                                                        for k, t in enumerate(texts)}).values())))
+    finally:
+        assembler.unload()
+    table = NeighbourTable(users=ids, sharers=sharers, scores=scores,
+                           keys={p: torch.stack([k[p] for k in keys]) for p in pool.positions},
+                           higher_is_better=primary_metric(task)[1])
+    table.save_pretrained(run.neighbours_path)
+    return table
+
+
 def calibrate(run, scored: dict | None = None) -> dict:
     """Score every rule of `run.config.calibration.rules` on the run's validation users and choose one.
 
@@ -187,7 +235,7 @@ def calibrate(run, scored: dict | None = None) -> dict:
     rules, left_out = candidates(run.config)
     task = run.data.task
     t0 = time.perf_counter()
-    users = validation_users(run.users(run.split["candidates"]), {x.user_id for x in run.select()}, s)
+    users = run_validation_users(run)
     if not users:  # no evidence: the pool declines, and says why and what to do
         reason = ("no validation users: every sharer candidate is a sharer or has under 2 history items; lower "
                   "n_sharers, or fix the rule (e.g. --set key=activation)")
@@ -202,7 +250,7 @@ def calibrate(run, scored: dict | None = None) -> dict:
     budget = answer_budget(task, tok)
     golds = {f"{u.user_id}#{i}": it.output for u in users for i, it in enumerate(u.heldout)}
     preds: dict[str, dict[str, str]] = reusable(scored, rules, golds)
-    reused, forwards = sorted(preds), 0
+    reused, forwards, table_generations = sorted(preds), 0, 0
 
     def answer(m) -> dict[str, list[str]]:
         return {u.user_id: generate(m, tok, _prompts(task, u.heldout), budget) for u in users}
@@ -221,7 +269,12 @@ def calibrate(run, scored: dict | None = None) -> dict:
     for names in families.values():
         rule = run.config.updated(RULES[names[0]])
         shared = rule.assembly.model_copy(update={"pick_by_loss": 0})
-        assembler = Assembler.for_run(model, run.key_pool(rule.key), run.config, shared)
+        table = None
+        if shared.select == "neighbours":  # a validation user is not its own neighbour (recipe's `user`)
+            built = (run.neighbours_path / "neighbours.json").exists()
+            table = neighbour_table(run, users, shared)
+            table_generations += 0 if built else len(golds) * len(table.sharers)
+        assembler = Assembler.for_run(model, run.key_pool(rule.key), run.config, shared, table)
         texts: dict[str, dict[str, list[str]]] = {n: {} for n in names}
         try:
             for u in tqdm(users, desc=f"calibrate: {', '.join(names)}"):
@@ -250,6 +303,7 @@ def calibrate(run, scored: dict | None = None) -> dict:
                               "target_history_items_mean": float(np.mean(
                                   [len(t.history) for t in run.users(run.split["targets"])]))},
                   cost={"seconds": time.perf_counter() - t0, "assembly_forwards": forwards,
-                        "generations": len(golds) * (len(rules) - len(reused)), "reused": reused},
+                        "generations": len(golds) * (len(rules) - len(reused)) + table_generations,
+                        "reused": reused},
                   predictions=preds, golds=golds)
     return result

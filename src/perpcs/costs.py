@@ -44,7 +44,8 @@ def assembly_seconds(run: RunFolder, model, tok, user_id: str, keep: Path | None
     settings (or the given ones), the Assembler (pool and key index opened) made before the clock
     starts, as in bulk assembly."""
     user = run.data.user(user_id)
-    assembler = Assembler.for_run(model, pool or run.open_pool(), run.config, settings or run.rule.assembly)
+    settings = settings or run.rule.assembly
+    assembler = Assembler.for_run(model, pool or run.open_pool(), run.config, settings, run.neighbour_table(settings))
     try:
         t0 = time.perf_counter()
         recipe = assembler.recipe(run.data.task, tok, user.history, user.profile, user=user_id)

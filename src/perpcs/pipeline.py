@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from perpcs.assembly import activation_means, assemble_history, assemble_users
-from perpcs.calibration import calibrate
+from perpcs.calibration import calibrate, neighbour_table, run_validation_users
 from perpcs.data import Item, data_sha256
 from perpcs.dp import counted_examples, key_generator, key_privacy, lora_privacy, noisy_keys
 from perpcs.errors import InputError
@@ -304,6 +304,9 @@ class Run(RunFolder):
         With an `executor`, users are assembled in chunks, one per worker."""
         user_ids = self.split["targets"] if user_ids is None else user_ids
         todo = [u for u in user_ids if not self.recipe_path(u).exists()]
+        if todo and self.rule.assembly.select == "neighbours":  # a fixed rule that reads the table: built once
+            with self.writing():
+                neighbour_table(self, run_validation_users(self), self.rule.assembly)
         if executor is None:
             self.merged  # loaded before the clock starts: users per hour is the steady rate
         t_all = time.perf_counter()

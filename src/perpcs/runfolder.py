@@ -34,10 +34,11 @@ from pydantic import ValidationError
 from perpcs.data import Dataset, User, data_sha256, format_validation_error, load_dataset, text_problem
 from perpcs.errors import InputError
 from perpcs.models import load_base
+from perpcs.neighbours import NeighbourTable
 from perpcs.pool import Pool
 from perpcs.recipe_format import EXTENSION as RECIPE_EXTENSION
 from perpcs.selection import Selection, load_selection
-from perpcs.settings import RunConfig
+from perpcs.settings import AssemblySettings, RunConfig
 from perpcs.training import history_examples
 from perpcs.utils import check_output_dir, read_json, remove_temp, write_json
 
@@ -235,6 +236,20 @@ class RunFolder:
     @property
     def calibration_path(self) -> Path:
         return self.folder / "calibration.json"
+
+    @property
+    def neighbours_path(self) -> Path:
+        """Where select="neighbours" keeps its table (`perpcs.neighbours`)."""
+        return self.folder / "neighbours"
+
+    def neighbour_table(self, settings: AssemblySettings | None = None) -> NeighbourTable | None:
+        """The neighbour table when the run's rule (or `settings`) reads one, else None."""
+        if (settings or self.rule.assembly).select != "neighbours":
+            return None
+        if not (self.neighbours_path / "neighbours.json").exists():
+            raise InputError(f"{self.neighbours_path}: no neighbour table; `perpcs calibrate --run {self.folder}` "
+                             "or `perpcs assemble` builds it")
+        return NeighbourTable.from_pretrained(self.neighbours_path)
 
     @cached_property
     def rule(self) -> RunConfig:
