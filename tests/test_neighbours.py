@@ -54,9 +54,10 @@ def test_ties_and_missing_positions():
 
 def test_round_trip(tmp_path):
     t = table(higher=False)
+    t.items = 64
     t.save_pretrained(tmp_path)
     back = NeighbourTable.from_pretrained(tmp_path)
-    assert (back.users, back.sharers, back.higher_is_better) == (t.users, t.sharers, False)
+    assert (back.users, back.sharers, back.higher_is_better, back.items) == (t.users, t.sharers, False, 64)
     assert torch.equal(back.scores, t.scores) and all(torch.equal(back.keys[p], t.keys[p]) for p in t.keys)
 
 
@@ -134,11 +135,15 @@ def test_calibration_builds_the_table_once_and_scores_each_validation_user_witho
             assert {p: dict(w) for p, w in recipe.pieces.items()} == asm.whole(want)
     finally:
         asm.unload()
-    # the table on disk is read again only if it was built for these validation users
+    # the table on disk is read again only if it was built for these validation users and this history budget
+    from perpcs.calibration import neighbour_table
+
+    assert table.items == settings.recent_k == 64 and neighbour_table(run, users, settings).users == table.users
+    with pytest.raises(InputError, match="its keys read 64 items, this rule 16"):
+        neighbour_table(run, users, settings.model_copy(update={"recent_k": 16}))
     table.users[0] = "someone else"
     table.save_pretrained(run.neighbours_path)
     with pytest.raises(InputError, match="built for other validation users"):
-        from perpcs.calibration import neighbour_table
         neighbour_table(run, users, settings)
 
 

@@ -194,9 +194,10 @@ def neighbour_table(run, users: list[ValidationUser], settings) -> NeighbourTabl
     ids = [u.user_id for u in users]
     if (run.neighbours_path / "neighbours.json").exists():
         table = NeighbourTable.from_pretrained(run.neighbours_path)
-        if table.users != ids:
-            raise InputError(f"{run.neighbours_path}: built for other validation users than this run's; remove it "
-                             "to build it again")
+        if table.users != ids or table.items != settings.recent_k:
+            raise InputError(f"{run.neighbours_path}: built for other validation users or another history budget "
+                             f"(its keys read {table.items} items, this rule {settings.recent_k}); remove it to build "
+                             "it again")
         return table
     model, tok = run.merged
     task = run.data.task
@@ -219,7 +220,7 @@ def neighbour_table(run, users: list[ValidationUser], settings) -> NeighbourTabl
         assembler.unload()
     table = NeighbourTable(users=ids, sharers=sharers, scores=scores,
                            keys={p: torch.stack([k[p] for k in keys]) for p in pool.positions},
-                           higher_is_better=primary_metric(task)[1])
+                           higher_is_better=primary_metric(task)[1], items=settings.recent_k)
     table.save_pretrained(run.neighbours_path)
     return table
 

@@ -32,6 +32,7 @@ class NeighbourTable:
     scores: torch.Tensor  # [users, sharers]: each sharer's whole LoRA, mean per-query metric on the user's items
     keys: dict[str, torch.Tensor]  # position -> [users, d]
     higher_is_better: bool = True  # False for a metric like MAE
+    items: int | None = None  # the history budget (newest items) the keys were read over, so a target reads as many
 
     def __post_init__(self):
         problem = self.problem()
@@ -91,7 +92,8 @@ class NeighbourTable:
         with atomic_path(folder / SCORES) as tmp:
             save_file(tensors, str(tmp))
         write_json(folder / USERS, {"users": self.users, "sharers": self.sharers,
-                                    "positions": list(self.keys), "higher_is_better": self.higher_is_better})
+                                    "positions": list(self.keys), "higher_is_better": self.higher_is_better,
+                                    "items": self.items})
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "NeighbourTable":
@@ -114,6 +116,7 @@ class NeighbourTable:
         try:
             return cls(users=[str(u) for u in meta["users"]], sharers=[str(s) for s in meta["sharers"]],
                        scores=tensors["scores"], keys={p: tensors[f"keys.{p}"] for p in meta["positions"]},
-                       higher_is_better=bool(meta.get("higher_is_better", True)))
+                       higher_is_better=bool(meta.get("higher_is_better", True)),
+                       items=meta["items"] if isinstance(meta.get("items"), int) else None)
         except ValueError as e:
             raise InputError(f"{folder}: neighbour table: {e}") from None
