@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from perpcs.assembly import activation_means, assemble_history, assemble_users
+from perpcs.assembly import activation_means
 from perpcs.calibration import calibrate, neighbour_table, run_validation_users
 from perpcs.data import Item, data_sha256
 from perpcs.dp import counted_examples, key_generator, key_privacy, lora_privacy, noisy_keys
@@ -31,6 +31,7 @@ from perpcs.models import fingerprint, load_base, prepare_base
 from perpcs.pool import Pool
 from perpcs.recipe import Recipe
 from perpcs.rules import RULES
+from perpcs.run_assembly import assemble_history, assemble_users
 from perpcs.runfolder import RunFolder, safe_name, writes
 from perpcs.selection import Selection, save_selection, select_sharers, share_mask
 from perpcs.settings import SELECTION_STEP, RunConfig, check_later_steps
@@ -326,7 +327,7 @@ class Run(RunFolder):
         return {u: Recipe.load(self.recipe_path(u)) for u in user_ids}
 
     def assemble_history(self, user_id: str, history: list[Item], profile: str | None = None) -> Recipe:
-        """The recipe of a user who need not be in the run's data (`assembly.assemble_history`)."""
+        """The recipe of a user who need not be in the run's data (`run_assembly.assemble_history`)."""
         return assemble_history(self, user_id, history, profile)
 
     def export(self, user_id: str, out: str | Path, force: bool = False) -> Path:

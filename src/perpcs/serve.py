@@ -31,7 +31,6 @@ from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from perpcs.assembly import assemble_history
 from perpcs.data import Item, check_text, text_problem
 from perpcs.errors import InputError
 from perpcs.generation import generate
@@ -40,6 +39,7 @@ from perpcs.models import load_base
 from perpcs.openai_api import BASE_ADAPTER, CODES, RowStreamer, error_response, install_error_handlers, openai_routes
 from perpcs.openai_api import PATHS as OPENAI_PATHS
 from perpcs.recipe import Recipe, materialize
+from perpcs.run_assembly import assemble_history
 from perpcs.runfolder import RunFolder
 
 USER_ID = Field(min_length=1, max_length=200)
