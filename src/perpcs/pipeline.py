@@ -306,8 +306,7 @@ class Run(RunFolder):
         user_ids = self.split["targets"] if user_ids is None else user_ids
         todo = [u for u in user_ids if not self.recipe_path(u).exists()]
         if todo and self.rule.assembly.select == "neighbours":  # a fixed rule that reads the table: built once
-            with self.writing():
-                neighbour_table(self, run_validation_users(self), self.rule.assembly)
+            neighbour_table(self, run_validation_users(self), self.rule.assembly)
         if executor is None:
             self.merged  # loaded before the clock starts: users per hour is the steady rate
         t_all = time.perf_counter()
