@@ -33,19 +33,20 @@ def test_similarities_by_hand():
 
 def test_pick_reads_the_nearest_users():
     t = table()
-    assert t.nearest(key_of(1), 1) == ["u2"] and t.pick(key_of(1), 1) == "s2"
+    assert t.nearest(key_of(1), 1) == ["u2"] and t.pick(key_of(1), 1) == ["s2"]
     assert t.nearest(key_of(1), 3) == ["u2", "u1", "u3"]  # u1 and u3 tie: by id
-    assert t.pick(key_of(1), 3) == "s1"  # mean scores (2/3, 1/3)
+    assert t.pick(key_of(1), 3) == ["s1"]  # mean scores (2/3, 1/3)
+    assert t.pick(key_of(1), 3, top=2) == ["s1", "s2"] and t.pick(key_of(1), 1, top=5) == ["s2", "s1"]
     # leave-one-out: u2 scored as if it were a target does not read itself
-    assert t.nearest(key_of(1), 1, exclude="u2") == ["u1"] and t.pick(key_of(1), 1, exclude="u2") == "s1"
+    assert t.nearest(key_of(1), 1, exclude="u2") == ["u1"] and t.pick(key_of(1), 1, exclude="u2") == ["s1"]
     # a metric where lower is better (MAE) picks the lowest mean
-    assert table(higher=False).pick(key_of(1), 1) == "s1"
+    assert table(higher=False).pick(key_of(1), 1) == ["s1"]
 
 
 def test_ties_and_missing_positions():
     t = NeighbourTable(users=["u1"], sharers=["s2", "s1"], scores=torch.tensor([[0.5, 0.5]]),
                        keys={"a": torch.ones(1, 2)})
-    assert t.pick({"a": torch.ones(2)}, 5) == "s1"  # tied scores: the smaller id
+    assert t.pick({"a": torch.ones(2)}, 5, top=2) == ["s1", "s2"]  # tied scores: the smaller id first
     with pytest.raises(ValueError, match="no position b"):
         table().similarities({"a": torch.ones(3)})
     with pytest.raises(ValueError, match="no validation user is left"):
@@ -99,10 +100,16 @@ def test_assembly_installs_the_sharer_the_nearest_validation_user_names(tmp_path
                           scores=torch.tensor([[0.9, 0.1], [0.2, 0.8]]),
                           keys={p: torch.stack([m, -m]) for p, m in means.items()})
     for user, sharer in ((None, "u3"), ("v1", "u1")):
-        asm = Assembler(tiny_llama(), pool, AssemblySettings(select="neighbours", neighbours=1), neighbours=nbrs)
+        asm = Assembler(tiny_llama(), pool, AssemblySettings(select="neighbours", neighbours=1, top_k=1),
+                        neighbours=nbrs)
         recipe = asm.recipe(TASK, tokenizer, HISTORY, user=user)
         assert {p: dict(w) for p, w in recipe.pieces.items()} == {
             p: ({sid[sharer]: 1.0} if p in pool.positions_of(sid[sharer]) else {}) for p in pool.positions}
+    # top-k 2 installs both, equal weights; u3 shares layer 0 only, so u1 has the other positions alone
+    asm = Assembler(tiny_llama(), pool, AssemblySettings(select="neighbours", neighbours=1, top_k=2), neighbours=nbrs)
+    recipe = asm.recipe(TASK, tokenizer, HISTORY)
+    assert {p: dict(w) for p, w in recipe.pieces.items()} == {
+        p: ({sid["u3"]: 0.5, sid["u1"]: 0.5} if p in L0 else {sid["u1"]: 1.0}) for p in pool.positions}
     with pytest.raises(ValueError, match="needs the pool's neighbour table"):
         assemble(pool, tokenizer, select="neighbours")
 
@@ -130,7 +137,7 @@ def test_calibration_builds_the_table_once_and_scores_each_validation_user_witho
     try:
         for u in users:
             key = asm.bare_means(asm.examples(run.data.task, tok, u.context, u.profile), tok.pad_token_id)
-            want = table.pick(key, settings.neighbours, exclude=u.user_id)
+            want, = table.pick(key, settings.neighbours, exclude=u.user_id)
             recipe = asm.recipe(run.data.task, tok, u.context, u.profile, user=u.user_id)
             assert {p: dict(w) for p, w in recipe.pieces.items()} == asm.whole(want)
     finally:

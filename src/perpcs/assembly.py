@@ -274,15 +274,23 @@ class Assembler:
 
     def assemble_neighbours(self, examples: Sequence[Example], pad_id: int,
                             user: str | None = None) -> dict[str, dict[str, float]]:
-        """select="neighbours": the target's key as `assemble_whole` reads it; the neighbour table names the sharer
-        that did best for its nearest validation users, installed whole. `user` (a validation user scored in
+        """select="neighbours": the target's key as `assemble_whole` reads it; the neighbour table names the top-k
+        sharers that did best for its nearest validation users, each installed whole with equal weight (the
+        table's scores are in the metric's units, which set no softmax scale). `user` (a validation user scored in
         calibration) is not its own neighbour."""
         if self.neighbours is None:
             raise ValueError("select='neighbours' needs the pool's neighbour table (perpcs.neighbours)")
-        sharer = self.neighbours.pick(self.bare_means(examples, pad_id), self.settings.neighbours, exclude=user)
-        if sharer not in self.pool.sharers():
-            raise ValueError(f"the neighbour table names sharer {sharer}, who is not in this pool")
-        return self.whole(sharer)
+        chosen = self.neighbours.pick(self.bare_means(examples, pad_id), self.settings.neighbours, exclude=user,
+                                      top=self.settings.top_k)
+        absent = sorted(set(chosen) - set(self.pool.sharers()))
+        if absent:
+            raise ValueError(f"the neighbour table names sharer {absent[0]}, who is not in this pool")
+        weights = {pos: {} for pos in self.pool.positions}
+        for sid in chosen:
+            for pos, w in self.whole(sid).items():
+                weights[pos].update(w)
+        # where a chosen sharer has no piece, the others share the position
+        return {pos: {sid: 1.0 / len(w) for sid in sorted(w)} for pos, w in weights.items()}
 
     def _scores(self, pos: str, h: torch.Tensor, mask: torch.Tensor) -> tuple[list[str], torch.Tensor]:
         """(candidates, their scores) at `pos`: every candidate, or the best the approximate index finds."""

@@ -4,7 +4,7 @@ Calibration already reads validation users, whose newest items it holds out. Onc
 LoRA answers those held-out queries (`scores`, by the task's per-query metric), and each validation user's key is
 its mean LN(module input) over the tokens that predict answers, per position, on the task model with nothing
 installed (`keys`). A target needs one forward for its own key; its k nearest validation users (cosine of keys
-centred on the validation users' mean, averaged over positions) then name the sharer with the best mean score
+centred on the validation users' mean, averaged over positions) then name the sharers with the best mean score
 over them. Why: on the demo the keys find a target's taste group but not which of the group's sharers learned it
 well, and users like the target have already shown which (benchmarks/README.md, "Neighbour quality").
 """
@@ -78,12 +78,14 @@ class NeighbourTable:
             raise ValueError("no validation user is left to read")
         return near
 
-    def pick(self, target: dict[str, torch.Tensor], k: int, exclude: str | None = None) -> str:
-        """The sharer with the best mean score over the target's k nearest validation users (ties by id)."""
+    def pick(self, target: dict[str, torch.Tensor], k: int, exclude: str | None = None, top: int = 1) -> list[str]:
+        """The `top` sharers with the best mean score over the target's k nearest validation users, best first
+        (ties by id)."""
         rows = [self.users.index(u) for u in self.nearest(target, k, exclude)]
         mean = self.scores[rows].float().mean(0).tolist()
         sign = 1 if self.higher_is_better else -1
-        return self.sharers[min(range(len(self.sharers)), key=lambda j: (-sign * mean[j], self.sharers[j]))]
+        order = sorted(range(len(self.sharers)), key=lambda j: (-sign * mean[j], self.sharers[j]))
+        return [self.sharers[j] for j in order[:top]]
 
     def save_pretrained(self, folder: str | Path) -> None:
         """FOLDER/neighbours.safetensors (scores, keys) and FOLDER/neighbours.json (who the rows and columns are)."""

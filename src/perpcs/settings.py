@@ -122,11 +122,11 @@ class AssemblySettings(Settings):
     select: Literal["topk", "sample", "topp", "whole", "neighbours", "all", "none"] = Field(
         "topk", description="top-k, sampled top-k, or nucleus, per position; whole: the top-k sharers by their "
         "pieces' mean score, each with every piece it shares (one forward, nothing installed while it reads); "
-        "neighbours: the one sharer, whole, that did best for the target's `neighbours` nearest validation users "
-        "(the same one forward; perpcs.neighbours, not in the paper); all: "
+        "neighbours: the top-k sharers, whole and with equal weights, that did best for the target's `neighbours` "
+        "nearest validation users (the same one forward; perpcs.neighbours, not in the paper); all: "
         "every candidate, equal weights (the same for every target); none: no piece (the task model); neither of "
         "the last two reads the history")
-    neighbours: int = _count(5, "select=neighbours: how many of the nearest validation users name the sharer",
+    neighbours: int = _count(5, "select=neighbours: how many of the nearest validation users name the sharers",
                              most=10_000)
     sample_topk: int = _count(10, "select=sample: draw from this many best pieces", most=10_000)
     sample_temperature: float = _positive(1.0, "select=sample: temperature of the draw")
