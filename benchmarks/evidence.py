@@ -41,14 +41,13 @@ from matplotlib.image import thumbnail
 
 from perpcs.bench import BenchSettings, bench
 from perpcs.report import folder_scores
-from perpcs.rules import GRID, OPT_IN, RULES
+from perpcs.rules import GRID, RULES
 from perpcs.settings import RunConfig
 from perpcs.stats import method_statistics, paired
 from perpcs.utils import atomic_path, read_json, write_json, write_text
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "evidence"
-FIXED = [n for n in GRID if n != "none"]  # the grid's fixed rules: "the best fixed rule" is one of them
 BENCHED = [n for n in RULES if n != "none"]  # bench variants: the grid's fixed rules and the opt-in ones
 PLOT_BYTES = 1 << 20  # a plot over 1 MiB is kept at half its resolution (the full one stays in the run folder)
 METHODS = ["non_personalized", "peft_retrieval", "prime", "oppu", "perpcs"]
@@ -259,7 +258,9 @@ def summarize_set(name: str, cells: list[Path]) -> dict:
     sign = 1 if higher else -1
     st = method_statistics(pooled, higher)
     runs = [read_json(c / "results.json") for c in cells]
-    fixed = [n for n in FIXED if n in st]
+    # the rules every seed's calibration chose from: the default grid, or more where a test added candidates
+    grid = [n for n in RULES if all(n in r.get("calibration", {}).get("grid", GRID) for r in runs)]
+    fixed = [n for n in grid if n != "none" and n in st]  # "the best fixed rule" is one of them
     best_fixed = max(fixed, key=lambda n: sign * st[n]["mean"])
     np_ref = "non_personalized"
 
@@ -293,14 +294,14 @@ def summarize_set(name: str, cells: list[Path]) -> dict:
     return {
         "set": name, "task": first["task"], "kind": first["kind"], "metric": first["primary_metric"],
         "seeds": [r["seed"] for r in runs], "queries": len(pooled["perpcs"]),
-        "chosen": [r.get("calibration", {}).get("chosen") for r in runs],
+        "chosen": [r.get("calibration", {}).get("chosen") for r in runs], "grid": grid,
         # seeds without a row for some rule of today's (benchmarks/grid_refresh.py brings a cell up to them)
         "missing_rules": {r["seed"]: missing for r in runs
                           if (missing := [n for n in RULES if n != "none" and n not in r["methods"]])},
-        # opt-in rules (not calibration candidates by default), measured on the targets like the fixed rules
+        # opt-in rules (not calibration candidates), measured on the targets like the fixed rules
         "opt_in": {n: {"mean": st[n]["mean"], "vs_np": vs(n, np_ref), "vs_calibrated": vs(n, "perpcs"),
                        "share_of_oppu_gain": st[n]["gain_share"] if checks["oppu_significant_gain"] else None}
-                   for n in OPT_IN if n in pooled},
+                   for n in RULES if n not in grid and n in pooled},
         "validation_queries": [r.get("calibration", {}).get("validation", {}).get("queries") for r in runs],
         # a seed whose pool declined assembles nothing (no forward), so its ratio says nothing about assembly
         "time_ratio": [r["alternating_costs"]["time_ratio"]["median"] for r in runs if "alternating_costs" in r
@@ -437,8 +438,12 @@ def grid_lines(every: dict) -> list[str]:
     cells has)."""
     missing = [f"{n} seed {seed} ({', '.join(rules)})" for n, s in every.items()
                for seed, rules in s["missing_rules"].items()]
-    return [f"Calibration's default grid: {', '.join(GRID)}; opt-in rules, measured on the targets but not "
-            f"candidates: {', '.join(OPT_IN)}."
+    grids = {tuple(s["grid"]) for s in every.values()}
+    grid = (", ".join(grids.pop()) if len(grids) == 1 else
+            "; ".join(f"{n}: {', '.join(s['grid'])}" for n, s in every.items()))
+    opt_in = [n for n in RULES if all(n not in s["grid"] for s in every.values())]
+    return [f"Calibration's grid (what every cell's calibration chose from): {grid}; opt-in rules, measured on the "
+            f"targets but not candidates: {', '.join(opt_in)}."
             + (f" Cells without a row for some rule: {'; '.join(missing)}." if missing else "")]
 
 

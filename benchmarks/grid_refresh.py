@@ -13,14 +13,17 @@ calibrated default with its OPPU/assembly costs timed again. The kept cell
 (benchmarks/results/evidence/<set>-seed<n>/) then gets those rows in scores.json and results.json, the new
 calibration, refresh.json (what changed and from where) and refresh.md (the refresh bench's own table).
 
-Resumable like the suite: a kept cell whose refresh.json names every rule is skipped, and a worker
+A grid change is tested the same way in a copy of the kept cells: `--candidates RULE ...` has calibration choose
+from the default grid plus those opt-in rules (`--calibrate-only`: no rows for missing rules).
+
+Resumable like the suite: a kept cell with a row for every rule, calibrated over the grid, is skipped, and a worker
 skips a cell another holds. A cell whose run folder is gone (run folders do not outlive the machine) is reported
 and left as it is, or with --rebuild built again: its data and the pipeline up to calibration with the cell's own
 settings (a pool check's derived from its source cell's run, rebuilt first). The seed makes it the same run: the
 refresh then stops unless calibration chooses as the kept cell's did and non_personalized answers as it did.
 
     OMP_NUM_THREADS=1 nice -n 5 python benchmarks/grid_refresh.py [--cells demo/0 studemo/1 ...] [--out runs/evidence]
-        [--rebuild [--data-root ../shared/data]]
+        [--rebuild [--data-root ../shared/data]] [--candidates task-cat --calibrate-only --results COPY]
     python benchmarks/evidence.py --summary-only
 """
 
@@ -41,10 +44,20 @@ from perpcs.settings import RunConfig
 from perpcs.utils import read_json, write_json, write_text
 
 
-def new_rules(res: dict) -> list[str]:
-    """Rules the cell has no row for, or whose definition changed since its calibration scored them."""
-    grid = res["calibration"]["grid"]
-    return [n for n in RULES if n != "none" and (n not in res["methods"] or grid.get(n, RULES[n]) != RULES[n])]
+def todo(res: dict, grid: list[str]) -> tuple[list[str], list[str]]:
+    """(rules the cell has no row for, or whose definition changed since its calibration scored them; rules of
+    `grid` its calibration has not scored as they are today)."""
+    scored = res["calibration"]["grid"]
+    rows = [n for n in RULES if n != "none" and (n not in res["methods"] or scored.get(n, RULES[n]) != RULES[n])]
+    return rows, [n for n in grid if scored.get(n) != RULES[n]]
+
+
+def with_candidates(extra: list[str]) -> list[str]:
+    """The default grid plus `extra` rules, in `RULES` order (simpler first, as calibration's ties read it)."""
+    unknown = [n for n in extra if n not in RULES]
+    if unknown:
+        raise SystemExit(f"--candidates: no rule {unknown[0]!r}; rules: {', '.join(RULES)}")
+    return [n for n in RULES if n in GRID or n in extra]
 
 
 def rebuild(name: str, seed: int, out: Path, data_root: Path) -> Run:
@@ -68,15 +81,20 @@ def rebuild(name: str, seed: int, out: Path, data_root: Path) -> Run:
 
 
 def refresh_cell(name: str, seed: int, out: Path, results: Path = RESULTS,
-                 data_root: Path | None = None) -> Path | None:
+                 data_root: Path | None = None, grid: list[str] = list(GRID), rows: bool = True) -> Path | None:
+    """`grid`: the rules calibration chooses from (the default grid, or more with --candidates); `rows`: bench the
+    rules the cell has no row for (without it, only calibration and, if its choice changes, the default's row)."""
     kept = results / f"{name}-seed{seed}"
     src = out / name / f"seed-{seed}" / "run"
     if not (kept / "results.json").exists():
         print(f"skip {name} seed {seed}: not in {results} (bench it with evidence.py)", flush=True)
         return None
     done = read_json(kept / "refresh.json") if (kept / "refresh.json").exists() else {}
-    if set(done.get("grid", [])) >= set(RULES):
-        print(f"skip {name} seed {seed}: {kept / 'refresh.json'} has every rule", flush=True)
+    added, calibrated = todo(read_json(kept / "results.json"), grid)
+    added = added if rows else []
+    if not added and not calibrated:
+        print(f"skip {name} seed {seed}: {kept} has a row for every rule, calibrated over {', '.join(grid)}",
+              flush=True)
         return None
     if not (src / "calibration.json").exists():
         if data_root is None:
@@ -87,26 +105,27 @@ def refresh_cell(name: str, seed: int, out: Path, results: Path = RESULTS,
                 "chosen"]:
             raise SystemExit(f"{name} seed {seed}: the rebuilt run's calibration chose otherwise than the kept cell's "
                              f"({was}); not the same run, not refreshed")
-    # one folder per round of added rules, so a later round does not resume into an earlier one's bench
-    added = new_rules(read_json(kept / "results.json"))
-    folder = out / name / f"seed-{seed}-refresh{'-' + '-'.join(added) if done else ''}"
+    # one folder per round of added rules or candidates, so a later round does not resume into an earlier one's
+    suffix = "".join([f"-{'-'.join(added)}" if added else "", f"-grid-{'-'.join(calibrated)}" if calibrated else ""])
+    folder = out / name / f"seed-{seed}-refresh{suffix if done else ''}"
     try:
         with FileLock(folder.with_name(folder.name + ".lock"), timeout=0):
-            return _refresh(name, seed, src, folder, kept, added, done)
+            return _refresh(name, seed, src, folder, kept, added, done, grid)
     except Timeout:
         print(f"skip {name} seed {seed}: another worker holds it", flush=True)
         return None
 
 
-def _refresh(name: str, seed: int, src: Path, folder: Path, kept: Path, added: list[str], done: dict) -> Path:
+def _refresh(name: str, seed: int, src: Path, folder: Path, kept: Path, added: list[str], done: dict,
+             grid: list[str]) -> Path:
     """`done`: an earlier round's refresh.json, kept inside this one's (`earlier`), its refresh.md below this one's."""
     t0 = time.perf_counter()
     old = Run(src)
     before = read_json(old.calibration_path)
-    config = old.config.updated({"calibration": {"rules": list(GRID)}})
+    config = old.config.updated({"calibration": {"rules": grid}})
     if not (folder / "run" / "run.json").exists():
         old.derive(folder / "run", config)
-    print(f"cell {name} seed {seed}: calibrate {', '.join(added)} into {folder / 'run'}", flush=True)
+    print(f"cell {name} seed {seed}: calibrate over {', '.join(grid)} into {folder / 'run'}", flush=True)
     after = Run(folder / "run").calibrate(scored=before)
     changed = after["chosen"] != before["chosen"]
     settings = BenchSettings(methods=["non_personalized", *(["perpcs"] if changed else [])],
@@ -130,12 +149,13 @@ def _refresh(name: str, seed: int, src: Path, folder: Path, kept: Path, added: l
         res["alternating_costs"], res["mixing"]["perpcs"] = new["alternating_costs"], new["mixing"]["perpcs"]
     write_json(kept / "scores.json", scores)
     write_json(kept / "results.json", res)
-    write_text(kept / "refresh.md", f"# {name} seed {seed}: refreshed to the rules {', '.join(RULES)}\n\n"
+    write_text(kept / "refresh.md", f"# {name} seed {seed}: refreshed to the rules {', '.join(RULES)}, "
+               f"calibrated over {', '.join(grid)}\n\n"
                f"Rows benched again: non_personalized (answers equal to the cell's), {', '.join(rows)}. "
                f"Calibration chose {before['chosen']} before and {after['chosen']} now.\n\n"
                + (folder / "results.md").read_text()
                + (f"\n\n---\n\n{(kept / 'refresh.md').read_text()}" if done else ""))
-    write_json(kept / "refresh.json", {"grid": list(RULES), "calibrated_over": list(GRID), "added": added, "rows": rows,
+    write_json(kept / "refresh.json", {"grid": list(RULES), "calibrated_over": grid, "added": added, "rows": rows,
                                        "chosen_before": before["chosen"], "chosen_after": after["chosen"],
                                        "non_personalized_equal": True, "seconds": time.perf_counter() - t0,
                                        "calibration_cost": after["cost"], **({"earlier": done} if done else {})})
@@ -150,13 +170,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cells", nargs="*", help="SET/SEED, e.g. demo/0 (default: every cell, seed by seed)")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where the kept cells are (as evidence.py)")
     ap.add_argument("--rebuild", action="store_true", help="build a cell's run folder again if it is gone")
+    ap.add_argument("--candidates", nargs="*", default=[], metavar="RULE",
+                    help="opt-in rules calibration also chooses from (test a grid change in a copy of --results)")
+    ap.add_argument("--calibrate-only", action="store_true",
+                    help="bench no rows for rules a cell lacks: only calibrate, and bench the default if it changes")
     ap.add_argument("--data-root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data",
                     help="the real data sets (with --rebuild, as evidence.py)")
     a = ap.parse_args(argv)
     cells = ([(c.split("/")[0], int(c.split("/")[1])) for c in a.cells] if a.cells else
              [(n, s) for i in range(3) for n in ALL for s in seeds_of(n)[i:i + 1]])
+    grid = with_candidates(a.candidates)
     for name, seed in cells:
-        refresh_cell(name, seed, a.out, a.results, a.data_root if a.rebuild else None)
+        refresh_cell(name, seed, a.out, a.results, a.data_root if a.rebuild else None, grid, not a.calibrate_only)
     print(f"kept cells: {a.results}; the summary: python benchmarks/evidence.py --summary-only --results {a.results}",
           flush=True)
 
