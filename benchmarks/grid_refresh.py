@@ -37,6 +37,7 @@ from filelock import FileLock, Timeout
 
 from evidence import ALL, POOL_CHECKS, RESULTS, SETS, make_data, seeds_of
 from perpcs.bench import BenchSettings, bench
+from perpcs.neighbours import NeighbourTable
 from perpcs.pipeline import Run
 from perpcs.report import folder_scores
 from perpcs.rules import GRID, RULES
@@ -116,6 +117,26 @@ def refresh_cell(name: str, seed: int, out: Path, results: Path = RESULTS,
         return None
 
 
+def lend_table(run: Run, cell: Path, seed: int, grid: list[str]) -> None:
+    """Copy into `run` a neighbour table an earlier refresh of the cell built (`perpcs.neighbours`): on the same pool
+    it is the same table, and building it costs a generation per validation item and sharer. Calibration still
+    checks its validation users; its cost stays with the refresh that built it. A table written before tables
+    recorded their history budget takes it from the settings of the run that built it."""
+    budgets = {run.config.updated(RULES[n]).assembly.recent_k for n in grid
+               if RULES[n].get("assembly", {}).get("select") == "neighbours"}
+    if len(budgets) != 1:  # no rule reads a table, or rules that read tables over different budgets
+        return
+    sharers = run.own_pool().sharers()
+    for donor in sorted(cell.glob(f"seed-{seed}-refresh*/**/neighbours/neighbours.json")):
+        table = NeighbourTable.from_pretrained(donor.parent)
+        if table.items is None:
+            table.items = Run(donor.parents[1]).config.assembly.recent_k
+        if (table.sharers, table.items) == (sharers, *budgets):
+            table.save_pretrained(run.neighbours_path)
+            print(f"neighbour table lent from {donor.parent}", flush=True)
+            return
+
+
 def _refresh(name: str, seed: int, src: Path, folder: Path, kept: Path, added: list[str], done: dict,
              grid: list[str]) -> Path:
     """`done`: an earlier round's refresh.json, kept inside this one's (`earlier`), its refresh.md below this one's."""
@@ -124,7 +145,7 @@ def _refresh(name: str, seed: int, src: Path, folder: Path, kept: Path, added: l
     before = read_json(old.calibration_path)
     config = old.config.updated({"calibration": {"rules": grid}})
     if not (folder / "run" / "run.json").exists():
-        old.derive(folder / "run", config)
+        lend_table(old.derive(folder / "run", config), folder.parent, seed, grid)
     print(f"cell {name} seed {seed}: calibrate over {', '.join(grid)} into {folder / 'run'}", flush=True)
     after = Run(folder / "run").calibrate(scored=before)
     changed = after["chosen"] != before["chosen"]
