@@ -49,7 +49,8 @@ RULES: dict[str, dict] = {
 # never chosen, and on the real sets it was no better than `act-cat` (benchmarks/README.md). `task-cat`'s keys find
 # the demo users' taste groups far better when summed over positions, but picking per position it scored no better
 # than `act-cat` on the demo cells; level with the calibrated default on StudEmo, below it on Last.fm and ML Anthology
-# (not significantly).
+# (not significantly). As a candidate on the suite's cells and two fresh ones calibration never chose it (a simpler
+# rule was tied with it wherever it led), so it would cost every pool a key pass for nothing.
 # `task-whole` and `task-whole3` pick whole sharers by those sums: better than the calibrated default on the demo,
 # significantly worse on Last.fm, where the targets need many sharers mixed, so by the rule fixed before they ran
 # they are not default candidates. `act-cat-k64` (4x the items) led `act-cat` on the suite's demo cells, where it was
