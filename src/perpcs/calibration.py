@@ -117,16 +117,24 @@ def holm(pvalues: dict[str, float]) -> dict[str, float]:
     return adjusted
 
 
-def choose_rule(task: Task, golds: dict[str, str], preds: dict[str, dict[str, str]], alpha: float,
-                seed: int = 0) -> dict:
-    """Each rule's metrics, CI and paired comparison with "none"; the choice (see the module's docstring)."""
-    metric, higher = selection_metric(task)
-    sign = 1 if higher else -1
+def comparer(task: Task, golds: dict[str, str], preds: dict[str, dict[str, str]], seed: int = 0):
+    """compare(a, b): calibration's paired test of rule a against rule b on the validation answers (the macro-F1
+    bootstrap for classification, else the sign test on per-query scores)."""
+    higher = selection_metric(task)[1]
     scores = {name: per_query(task, golds, p) for name, p in preds.items()}
 
     def compare(a: str, b: str) -> dict:
         return (_f1_paired(task, golds, preds[a], preds[b], seed) if task.kind == "classification"
                 else {**paired(scores[a], scores[b], higher, seed), "test": "sign test"})
+    return compare, scores
+
+
+def choose_rule(task: Task, golds: dict[str, str], preds: dict[str, dict[str, str]], alpha: float,
+                seed: int = 0) -> dict:
+    """Each rule's metrics, CI and paired comparison with "none"; the choice (see the module's docstring)."""
+    metric, higher = selection_metric(task)
+    sign = 1 if higher else -1
+    compare, scores = comparer(task, golds, preds, seed)
 
     table: dict[str, dict] = {}
     for name, p in preds.items():
