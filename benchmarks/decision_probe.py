@@ -69,7 +69,11 @@ def main() -> None:
     out = a.results or ROOT / "results" / f"decision-probe-{a.rule}.json"
     rows = []
     for cell in a.cells:
+        if cell.count(":") != 1:
+            raise SystemExit(f"--cells {cell!r}: expected RUN:KEPT, a run folder and a kept results folder")
         folder, kept = (Path(p) for p in cell.split(":"))
+        if not (folder / "calibration.json").is_file() or not (kept / "results.json").is_file():
+            raise SystemExit(f"--cells {cell!r}: needs {folder / 'calibration.json'} and {kept / 'results.json'}")
         run = Run(folder)
         cal = read_json(run.calibration_path)
         res = read_json(kept / "results.json")
