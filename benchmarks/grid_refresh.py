@@ -169,7 +169,8 @@ def _refresh(name: str, seed: int, src: Path, folder: Path, kept: Path, added: l
     if changed:
         res["alternating_costs"], res["mixing"]["perpcs"] = new["alternating_costs"], new["mixing"]["perpcs"]
     write_json(kept / "scores.json", scores)
-    write_json(kept / "results.json", res)
+    # compact: a kept cell carries every rule's per-target, per-layer mixing (Beauty's 70 targets passed 1 MiB indented)
+    write_json(kept / "results.json", res, indent=None)
     write_text(kept / "refresh.md", f"# {name} seed {seed}: refreshed to the rules {', '.join(RULES)}, "
                f"calibrated over {', '.join(grid)}\n\n"
                f"Rows benched again: non_personalized (answers equal to the cell's), {', '.join(rows)}. "
