@@ -7,7 +7,7 @@ import torch
 
 from perpcs.calibration import choose_rule, holm, reusable, validation_users
 from perpcs.data import Item, User
-from perpcs.mixing import effective_sharers, spread, summarize
+from perpcs.mixing import effective_sharers, per_layer, spread, summarize
 from perpcs.pipeline import Run
 from perpcs.recipe import Recipe, apply_recipe
 from perpcs.rules import GRID, OPT_IN, PAPER_RULE, RULES, fixes_rule, with_rule_fixed
@@ -160,6 +160,11 @@ def test_effective_sharers_and_spread_by_hand():
     assert spread(same) == 0.0
     assert spread(apart) == pytest.approx(0.5)  # mean (0.5, 0.5); each target is 0.5 away in total variation
     assert summarize(apart)["effective_sharers_mean"] == 1.0
+    # per layer: layer 0 has a one-hot and an even pair (mean 1.5), layer 1 one even pair; no layer in the name is -1
+    layered = recipe({"model.layers.0.q": [("a", 1.0)], "model.layers.0.o": [("a", 0.5), ("b", 0.5)],
+                      "model.layers.1.q": [("a", 0.5), ("b", 0.5)], "lm_head": [("a", 1.0)]})
+    assert per_layer(layered) == {-1: 1.0, 0: pytest.approx(1.5), 1: pytest.approx(2.0)}
+    assert "per_layer" not in summarize({"t": layered})  # curves stay out of results.json
 
 
 # --- the step in a tiny pipeline ---

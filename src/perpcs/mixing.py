@@ -43,19 +43,27 @@ def spread(recipes: dict[str, Recipe]) -> float | None:
     return statistics.mean(distances) if distances else None
 
 
+def per_layer(recipe: Recipe) -> dict[int, float]:
+    """Mean effective sharers of a recipe's positions, layer by layer (the curve of `selection.png`)."""
+    layers: dict[int, list[float]] = {}
+    for pos, chosen in recipe.pieces.items():
+        layers.setdefault(layer_of(pos), []).append(effective_sharers(chosen))
+    return {layer: statistics.mean(v) for layer, v in sorted(layers.items())}
+
+
 def summarize(recipes: dict[str, Recipe]) -> dict:
-    """Per target: mean effective sharers over positions, and per layer; the mean over targets; the spread."""
-    per_target, per_layer = {}, {}
+    """Per target: mean effective sharers over positions; the mean over targets; the spread.
+
+    Per-layer curves stay out: a bench keeps this for every Per-Pcs row, and with 30 layers x targets x
+    rules they made most of a results file (`per_layer` draws them from the recipes instead).
+    """
+    per_target = {}
     for uid, r in recipes.items():
-        eff = {pos: effective_sharers(chosen) for pos, chosen in r.pieces.items()}
-        per_target[uid] = statistics.mean(eff.values()) if eff else 0.0
-        layers: dict[int, list[float]] = {}
-        for pos, e in eff.items():
-            layers.setdefault(layer_of(pos), []).append(e)
-        per_layer[uid] = {str(layer): statistics.mean(v) for layer, v in sorted(layers.items())}
+        eff = [effective_sharers(chosen) for chosen in r.pieces.values()]
+        per_target[uid] = statistics.mean(eff) if eff else 0.0
     return {"effective_sharers": per_target,
             "effective_sharers_mean": statistics.mean(per_target.values()) if per_target else None,
-            "spread": spread(recipes), "per_layer": per_layer}
+            "spread": spread(recipes)}
 
 
 def mixing(run) -> dict:

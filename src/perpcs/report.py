@@ -25,7 +25,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from perpcs.evaluation import per_query, read_lamp_outputs, resolve_task
-from perpcs.mixing import layer_of, summarize
+from perpcs.mixing import layer_of, per_layer, summarize
 from perpcs.recipe import Recipe
 from perpcs.results import BenchResults
 from perpcs.runfolder import RunFolder
@@ -129,8 +129,8 @@ def selection_plot(run: RunFolder, path: str | Path, groups: dict[str, int] | No
     mix = summarize(recipes)
     ax = mix_fig.subplots()
     for uid in targets:
-        layers = mix["per_layer"][uid]
-        ax.plot([int(x) for x in layers], list(layers.values()), marker=".", label=uid)
+        layers = per_layer(recipes[uid])
+        ax.plot(list(layers), list(layers.values()), marker=".", label=uid)
     ax.set_xlabel("layer", fontsize=7)
     ax.set_ylabel("effective sharers\n(exp entropy)", fontsize=7)
     ax.set_ylim(bottom=0)
