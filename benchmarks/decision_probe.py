@@ -19,25 +19,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from perpcs.calibration import comparer, holm
-from perpcs.evaluation import per_query
+from perpcs.calibration import choose_rule, comparer
 from perpcs.pipeline import Run
-from perpcs.stats import paired
 from perpcs.utils import read_json, write_json
 
 ROOT = Path(__file__).resolve().parent
 
 
 def by_accuracy(task, cal: dict, alpha: float) -> str:
-    acc = {n: per_query(task, cal["golds"], p) for n, p in cal["predictions"].items() if n in cal["grid"]}
-    vs_none = {n: paired(a, acc["none"], True) for n, a in acc.items() if n != "none"}
-    adjusted = holm({n: c["p"] for n, c in vs_none.items()})
-    better = [n for n in acc if n != "none" and vs_none[n]["diff"] > 0 and adjusted[n] < alpha]
-    if not better:
-        return "none"
-    mean = {n: sum(acc[n].values()) / len(acc[n]) for n in better}
-    best = max(better, key=lambda n: (mean[n], -better.index(n)))
-    return next(n for n in better if n == best or paired(acc[n], acc[best], True)["p"] >= alpha)
+    preds = {n: p for n, p in cal["predictions"].items() if n in cal["grid"]}
+    return choose_rule(task, cal["golds"], preds, alpha, macro_f1=False)["chosen"]
 
 
 def stepwise(task, cal: dict, alpha: float) -> str:

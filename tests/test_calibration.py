@@ -66,6 +66,19 @@ def test_a_constant_answer_does_not_win_by_class_balance():
     assert result["chosen"] == "act-cat"
 
 
+def test_by_accuracy_the_constant_answer_wins():
+    """`macro_f1=False` (decision_probe's accuracy rule) selects classification by accuracy and the sign test."""
+    golds = {f"q{i}": ("a" if i < 54 else "bc"[i % 2]) for i in range(60)}  # 90% a
+    constant = {q: "a" for q in golds}  # accuracy 0.9, macro-F1 (108/114) / 3 = 0.316
+    faithful = {q: (g if g != "a" or i % 2 else "zzz") for i, (q, g) in enumerate(golds.items())}  # 0.55, 0.889
+    preds = {"none": {q: "zzz" for q in golds}, "average": constant, "act-cat": faithful}
+    by_f1 = choose_rule(TASK, golds, preds, alpha=0.05)
+    by_accuracy = choose_rule(TASK, golds, preds, alpha=0.05, macro_f1=False)
+    assert by_f1["chosen"] == "act-cat" and by_f1["candidates"]["act-cat"]["metrics"]["f1"] == pytest.approx(8 / 9)
+    assert by_accuracy["metric"] == "accuracy" and by_accuracy["chosen"] == "average"
+    assert by_accuracy["candidates"]["act-cat"]["vs_best"]["test"] == "sign test"
+
+
 def test_exact_ties_go_to_the_simpler_rule():
     p = preds_with(GOLDS, 30)
     result = choose_rule(TASK, GOLDS, {"none": preds_with(GOLDS, 0), "average": p, "act-cat": dict(p)}, alpha=0.05)

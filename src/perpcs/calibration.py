@@ -75,9 +75,10 @@ def validation_users(candidates: list[User], sharers: set[str], settings: Calibr
             for u, n in zip(users, held) if n]
 
 
-def selection_metric(task: Task) -> tuple[str, bool]:
-    """What the choice maximises: macro-F1 for classification, else the primary metric."""
-    return ("f1", True) if task.kind == "classification" else primary_metric(task)
+def selection_metric(task: Task, macro_f1: bool = True) -> tuple[str, bool]:
+    """What the choice maximises: macro-F1 for classification, else the primary metric (`macro_f1=False`: the
+    primary metric for classification too, as `benchmarks/decision_probe.py` tries)."""
+    return ("f1", True) if macro_f1 and task.kind == "classification" else primary_metric(task)
 
 
 def _f1_paired(task: Task, golds: dict[str, str], a: dict[str, str], b: dict[str, str], seed: int) -> dict:
@@ -117,24 +118,25 @@ def holm(pvalues: dict[str, float]) -> dict[str, float]:
     return adjusted
 
 
-def comparer(task: Task, golds: dict[str, str], preds: dict[str, dict[str, str]], seed: int = 0):
+def comparer(task: Task, golds: dict[str, str], preds: dict[str, dict[str, str]], seed: int = 0,
+             macro_f1: bool = True):
     """compare(a, b): calibration's paired test of rule a against rule b on the validation answers (the macro-F1
     bootstrap for classification, else the sign test on per-query scores)."""
-    higher = selection_metric(task)[1]
+    metric, higher = selection_metric(task, macro_f1)
     scores = {name: per_query(task, golds, p) for name, p in preds.items()}
 
     def compare(a: str, b: str) -> dict:
-        return (_f1_paired(task, golds, preds[a], preds[b], seed) if task.kind == "classification"
+        return (_f1_paired(task, golds, preds[a], preds[b], seed) if metric == "f1"
                 else {**paired(scores[a], scores[b], higher, seed), "test": "sign test"})
     return compare, scores
 
 
 def choose_rule(task: Task, golds: dict[str, str], preds: dict[str, dict[str, str]], alpha: float,
-                seed: int = 0) -> dict:
+                seed: int = 0, macro_f1: bool = True) -> dict:
     """Each rule's metrics, CI and paired comparison with "none"; the choice (see the module's docstring)."""
-    metric, higher = selection_metric(task)
+    metric, higher = selection_metric(task, macro_f1)
     sign = 1 if higher else -1
-    compare, scores = comparer(task, golds, preds, seed)
+    compare, scores = comparer(task, golds, preds, seed, macro_f1)
 
     table: dict[str, dict] = {}
     for name, p in preds.items():
