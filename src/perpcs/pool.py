@@ -369,11 +369,7 @@ class Pool:
         key index (keyindex.py) over thousands of sharers then does not keep their files mapped."""
         idx, file = self._sharer(sharer_id)
         shared = self._shared(idx)
-        try:
-            h = safe_open(self.path / file, framework="pt", device="cpu")
-        except SafetensorError as e:
-            raise InputError(f"{self.path / file}: not a readable safetensors file ({e})") from None
-        with h:
+        with self._map(file) as h:
             # cloned: a tensor read from a memory map may keep the whole file mapped while it lives
             return {pos: self._read(h, file, pos, self.key).clone() for pos in shared}
 
@@ -382,14 +378,19 @@ class Pool:
         Correct because a sharer file's name carries its content hash and is never rewritten."""
         h = self._handles.pop(file, None)
         if h is None:
-            try:
-                h = safe_open(self.path / file, framework="pt", device="cpu")
-            except SafetensorError as e:  # the hash matches, yet the file is no safetensors (a bad pool)
-                raise InputError(f"{self.path / file}: not a readable safetensors file ({e})") from None
+            h = self._map(file)
         self._handles[file] = h
         if len(self._handles) > _MAX_OPEN:
             self._handles.popitem(last=False)
         return h
+
+    def _map(self, file: str) -> Any:
+        """A new safe_open handle on a sharer file; a file that is no safetensors (its hash may still match: a bad
+        pool) is an InputError naming it."""
+        try:
+            return safe_open(self.path / file, framework="pt", device="cpu")
+        except SafetensorError as e:
+            raise InputError(f"{self.path / file}: not a readable safetensors file ({e})") from None
 
     # --- size ---
 
