@@ -385,8 +385,7 @@ class Pool:
         return h
 
     def _map(self, file: str) -> Any:
-        """A new safe_open handle on a sharer file; a file that is no safetensors (its hash may still match: a bad
-        pool) is an InputError naming it."""
+        """A new handle on a sharer file; one that is no safetensors (a bad pool, hash or not) is an InputError."""
         try:
             return safe_open(self.path / file, framework="pt", device="cpu")
         except SafetensorError as e:
