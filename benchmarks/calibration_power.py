@@ -5,6 +5,8 @@ At 128 validation queries calibration could not separate `act-loss3` from `act-c
 README.md). This derives a run on each cell's pool (same task model, sharers and keys) with the given
 `calibration` settings, calibrates it, and reports each rule's validation metric, its paired comparison with
 the best, its value on the kept cell's targets, the choice, and the choice among the default grid's rules only.
+`--statistic likelihood` scores each rule by each validation query's output loss instead of its answer
+(`calibration.statistic`), on the same validation queries when the other settings are the kept cell's.
 Nothing new is benched on the targets; `choice_policy.py --probe LABEL` scores the choices there.
 
     OMP_NUM_THREADS=1 nice -n 5 python benchmarks/calibration_power.py --out /work/runs/evidence --cells demo/0 \
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from perpcs.calibration import choose_rule
+from perpcs.calibration import choose_by_loss, choose_rule
 from perpcs.pipeline import Run
 from perpcs.rules import GRID
 from perpcs.utils import read_json, write_json
@@ -33,10 +35,13 @@ def probe(src: Path, folder: Path, calibration: dict, kept: Path) -> dict:
     config = old.config.updated({"calibration": calibration})
     run = Run(folder) if (folder / "run.json").exists() else old.derive(folder, config)
     cal = run.calibrate()
-    methods = read_json(kept / "results.json")["methods"] if (kept / "results.json").exists() else {}
-    targets = {"none" if n == "non_personalized" else n: r["metrics"].get(cal["metric"]) for n, r in methods.items()}
-    in_grid = {n: p for n, p in cal["predictions"].items() if n in GRID}  # dict order: simpler rules first
-    grid_choice = choose_rule(run.data.task, cal["golds"], in_grid, cal["alpha"], run.config.seed)
+    bench = read_json(kept / "results.json") if (kept / "results.json").exists() else {"methods": {}}
+    metric = bench["primary_metric"]["name"] if cal["metric"] == "loss" else cal["metric"]  # the targets have no loss
+    targets = {"none" if n == "non_personalized" else n: r["metrics"].get(metric) for n, r in bench["methods"].items()}
+    field = "losses" if cal.get("statistic") == "likelihood" else "predictions"
+    in_grid = {n: p for n, p in cal[field].items() if n in GRID}  # dict order: simpler rules first
+    grid_choice = (choose_by_loss(in_grid, cal["alpha"], run.config.seed) if field == "losses"
+                   else choose_rule(run.data.task, cal["golds"], in_grid, cal["alpha"], run.config.seed))
     return {"queries": cal["validation"]["queries"], "users": len(cal["validation"]["users"]),
             "context_items_mean": cal["validation"]["context_items_mean"],
             "chosen": cal["chosen"], "best": cal["best"], "tied_with_best": cal["tied_with_best"],
@@ -56,6 +61,8 @@ def main() -> None:
     ap.add_argument("--rules", nargs="+", default=["act-cat", "act-loss3"])
     ap.add_argument("--max-users", type=int, default=16, help="calibration.max_users (more users, more queries)")
     ap.add_argument("--items", type=int, default=32, help="calibration.items: queries per validation user at most")
+    ap.add_argument("--statistic", choices=["metric", "likelihood"], default="metric",
+                    help="calibration.statistic: score rules by their answers or by each query's output loss")
     ap.add_argument("--label", help="names the probe's run folders and results rows (default: q<queries>); one label "
                                     "per settings, since a probe's folder is reused as it is")
     ap.add_argument("--kept", type=Path, default=Path(__file__).parent / "results" / "evidence",
@@ -67,7 +74,8 @@ def main() -> None:
         name, seed = cell.split("/")
         src = a.out / name / f"seed-{seed}" / "run"
         row = probe(src, a.out / name / f"seed-{seed}-{label}" / "run",
-                    {"queries": a.queries, "rules": a.rules, "max_users": a.max_users, "items": a.items},
+                    {"queries": a.queries, "rules": a.rules, "max_users": a.max_users, "items": a.items,
+                     "statistic": a.statistic},
                     a.kept / f"{name}-seed{seed}")
         with FileLock(a.out / "calibration-power.lock"):  # one results file, several workers
             results = read_json(a.results) if a.results.exists() else {}

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from perpcs.calibration import choose_rule, holm, reusable, validation_users
+from perpcs.calibration import choose_by_loss, choose_rule, holm, reusable, validation_users
 from perpcs.data import Item, User
 from perpcs.mixing import effective_sharers, per_layer, spread, summarize
 from perpcs.pipeline import Run
@@ -121,6 +121,29 @@ def test_rating_uses_the_sign_test_on_absolute_errors():
     assert vs["p"] == pytest.approx(2 * 0.5 ** 20)
 
 
+def test_by_loss_sign_test_holm_and_the_tie_by_hand():
+    """Statistic "likelihood": per-query losses, lower is better. act-cat beats none on 10 of 10 queries (sign
+    test p = 2 / 2**10, x2 rules by Holm); average on 8 of 10 (p = 0.109): not chosen. act-cat-tau16 is lower
+    than act-cat on 6 of 10 queries (p = 0.754) with the lower mean: the best, tied, and act-cat, simpler, wins."""
+    none = {f"q{i}": 2.0 for i in range(10)}
+    average = {q: (1.5 if i < 8 else 2.5) for i, q in enumerate(none)}
+    act_cat = {q: 1.0 for q in none}
+    tau16 = {q: (0.5 if i < 6 else 1.1) for i, q in enumerate(none)}  # mean 0.74
+    result = choose_by_loss({"none": none, "average": average, "act-cat": act_cat, "act-cat-tau16": tau16}, 0.05)
+    table = result["candidates"]
+    assert result["metric"] == "loss" and not result["higher_is_better"]
+    assert table["act-cat"]["metrics"]["loss"] == pytest.approx(1.0)
+    assert table["act-cat-tau16"]["metrics"]["loss"] == pytest.approx(0.74)
+    assert table["act-cat"]["vs_none"]["p"] == pytest.approx(2 / 2 ** 10)
+    assert table["act-cat"]["vs_none"]["p_holm"] == pytest.approx(3 * 2 / 2 ** 10)
+    assert table["average"]["vs_none"]["p"] == pytest.approx(2 * (1 + 10 + 45) / 2 ** 10)
+    assert result["best"] == "act-cat-tau16" and result["tied_with_best"] == ["act-cat", "act-cat-tau16"]
+    assert result["chosen"] == "act-cat" and table["act-cat"]["vs_best"]["p"] == pytest.approx(2 * 386 / 2 ** 10)
+    assert "| - |" in "\n".join(calibration_lines({**result, "validation": {"users": ["u"], "queries": 10},
+                                                    "cost": {"seconds": 1, "assembly_forwards": 2, "generations": 0,
+                                                             "loss_forwards": 40}}))
+
+
 # --- which settings fix the rule ---
 
 def test_rule_fields_turn_calibration_off_unless_asked():
@@ -215,6 +238,58 @@ def test_the_known_best_rule_is_chosen_and_used_for_targets(tmp_path, tiny_run_c
     for r in recipes.values():
         assert (r.strength, r.mix, r.top_k) == (0.5, "cat", 3)
         assert all(len(chosen) <= 3 for chosen in r.pieces.values())
+
+
+def test_by_likelihood_each_query_scores_its_own_output_loss_and_the_known_best_rule_wins(tmp_path, tiny_run_config,
+                                                                                         monkeypatch):
+    """Statistic "likelihood": no generation; a validation query's loss under "none" and under act-cat is the
+    output loss of that query's own answer with the task model, and with the user's act-cat recipe installed (as
+    a target would get it). With losses low only at strength 0.5, act-cat-half is chosen, as by answers above."""
+    import perpcs.assembly
+    import perpcs.calibration
+    from perpcs.training import history_examples, output_losses
+
+    config = tiny_run_config(calibration={"enabled": True, "statistic": "likelihood",
+                                          "rules": ["act-cat", "act-cat-half", "average"]})
+    run = Run.create(tmp_path / "run", config)
+    run.task_adapt()
+    run.build_pool()
+    monkeypatch.setattr(perpcs.calibration, "generate", None)  # never called
+    cal = run.calibrate()
+    assert cal["statistic"] == "likelihood" and "predictions" not in cal and cal["cost"]["generations"] == 0
+    assert cal["cost"]["loss_forwards"] == cal["validation"]["queries"] * 4 and set(cal["losses"]) == set(cal["grid"])
+    model, tok = run.merged
+    u = validation_users(run.users(run.split["candidates"]), {x.user_id for x in run.select()},
+                         run.config.calibration)[0]
+    examples = history_examples(run.data.task, tok, u.heldout, run.config.max_len)
+    assert [cal["losses"]["none"][f"{u.user_id}#{i}"] for i in range(len(u.heldout))] == pytest.approx(
+        output_losses(model, examples, tok.pad_token_id))
+    from perpcs.assembly import Assembler
+    asm = Assembler.for_run(model, run.own_pool(), run.config, run.config.updated(RULES["act-cat"]).assembly)
+    try:
+        recipe = asm.recipe(run.data.task, tok, u.context, u.profile)
+        asm.install_weights({p: dict(c) for p, c in recipe.pieces.items()}, recipe.strength)
+        with_recipe = output_losses(asm.model, examples, tok.pad_token_id)
+    finally:
+        asm.unload()
+    assert [cal["losses"]["act-cat"][f"{u.user_id}#{i}"] for i in range(len(u.heldout))] == pytest.approx(with_recipe)
+    assert with_recipe != pytest.approx(output_losses(model, examples, tok.pad_token_id))  # the recipe did something
+
+    strength = {"now": None}
+    install = perpcs.assembly.Assembler.install_weights
+
+    def spy(self, weights, alpha):
+        strength["now"] = alpha
+        return install(self, weights, alpha)
+
+    def fake_losses(model, examples, pad_id, batch_size=1):
+        right, strength["now"] = strength["now"] == 0.5, None
+        return [0.1 if right else 1.0] * len(examples)
+    monkeypatch.setattr(perpcs.assembly.Assembler, "install_weights", spy)
+    monkeypatch.setattr(perpcs.calibration, "output_losses", fake_losses)
+    again = run.derive(tmp_path / "again", config.updated({"calibration": {"alpha": 0.01}})).calibrate()
+    assert again["chosen"] == "act-cat-half"
+    assert again["candidates"]["act-cat-half"]["metrics"]["loss"] == pytest.approx(0.1)
 
 
 def test_a_pool_of_noise_declines_and_targets_get_the_task_model(tmp_path, tiny_run_config, monkeypatch):

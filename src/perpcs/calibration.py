@@ -31,6 +31,7 @@ and the settings are in `rules` (`GRID`, `RULES`) and `settings` (`CalibrationSe
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -46,6 +47,7 @@ from perpcs.rules import RULES
 from perpcs.settings import MEAN_KEYS, CalibrationSettings
 from perpcs.stats import RESAMPLES, bootstrap_ci, paired
 from perpcs.tasks import Task, answer_budget
+from perpcs.training import history_examples, output_losses
 
 
 class ValidationUser(BaseModel):
@@ -135,21 +137,37 @@ def choose_rule(task: Task, golds: dict[str, str], preds: dict[str, dict[str, st
                 seed: int = 0, macro_f1: bool = True) -> dict:
     """Each rule's metrics, CI and paired comparison with "none"; the choice (see the module's docstring)."""
     metric, higher = selection_metric(task, macro_f1)
-    sign = 1 if higher else -1
     compare, scores = comparer(task, golds, preds, seed, macro_f1)
+    table = {name: {"metrics": score(task, golds, p), "ci": list(bootstrap_ci(scores[name].values(), seed)),
+                    "answers": len(set(p.values())),
+                    "top_answer_share": max(list(p.values()).count(v) for v in p.values()) / len(p)}
+             for name, p in preds.items()}
+    return _choose(table, compare, metric, higher, alpha)
 
-    table: dict[str, dict] = {}
-    for name, p in preds.items():
-        row = {"metrics": score(task, golds, p), "ci": list(bootstrap_ci(scores[name].values(), seed)),
-               "answers": len(set(p.values())),
-               "top_answer_share": max(list(p.values()).count(v) for v in p.values()) / len(p)}
+
+def choose_by_loss(losses: dict[str, dict[str, float]], alpha: float, seed: int = 0) -> dict:
+    """`choose_rule` with each validation query scored by its output's loss under the rule (statistic
+    "likelihood"): the same tests and tie rule, on a continuous score, so the sign test rarely sees a tie."""
+    table = {name: {"metrics": {"loss": float(np.mean(list(q.values()))), "n": len(q)},
+                    "ci": list(bootstrap_ci(q.values(), seed))} for name, q in losses.items()}
+
+    def compare(a: str, b: str) -> dict:
+        return {**paired(losses[a], losses[b], False, seed), "test": "sign test"}
+    return _choose(table, compare, "loss", False, alpha)
+
+
+def _choose(table: dict[str, dict], compare, metric: str, higher: bool, alpha: float) -> dict:
+    """The choice from each rule's row (`table`, simplest rule first, "none" among them) and a paired test
+    `compare(a, b)`: every rule tested against none (Holm), the best of those that beat it, and the simplest
+    rule the test cannot tell from the best. Adds each row's comparisons to `table`."""
+    sign = 1 if higher else -1
+    for name in table:
         if name != "none":
-            row["vs_none"] = compare(name, "none")
-        table[name] = row
+            table[name]["vs_none"] = compare(name, "none")
     adjusted = holm({n: r["vs_none"]["p"] for n, r in table.items() if n != "none"})
     for name, p_holm in adjusted.items():
         table[name]["vs_none"]["p_holm"] = p_holm
-    order = list(preds)
+    order = list(table)
     better = [n for n in order if n != "none" and sign * table[n]["vs_none"]["diff"] > 0 and adjusted[n] < alpha]
     best, tied = None, []
     if better:
@@ -177,16 +195,16 @@ def _prompts(task: Task, items: list[Item]) -> list[str]:
     return [task.format_prompt(it.input) for it in items]
 
 
-def reusable(scored: dict | None, rules: list[str], golds: dict[str, str]) -> dict[str, dict[str, str]]:
-    """The predictions of `rules` that an earlier calibration on the same pool, task model and validation queries
-    (`scored`: its calibration.json, e.g. the source of a derived run) already made with the same rule definition:
-    a grid grown by a rule then scores only that rule."""
-    if not scored:
+def reusable(scored: dict | None, rules: list[str], golds: dict[str, str], field: str = "predictions") -> dict:
+    """The predictions (`field`; "losses" for the likelihood statistic) of `rules` that an earlier calibration on
+    the same pool, task model and validation queries (`scored`: its calibration.json, e.g. the source of a derived
+    run) already made with the same rule definition: a grid grown by a rule then scores only that rule."""
+    if not scored or field not in scored:
         return {}
     if scored.get("golds") != golds:
         raise ValueError("the earlier calibration scored other validation queries: its predictions do not carry over")
-    return {n: scored["predictions"][n] for n in rules
-            if n in scored.get("predictions", {}) and (n == "none" or scored["grid"].get(n) == RULES[n])}
+    return {n: scored[field][n] for n in rules
+            if n in scored[field] and (n == "none" or scored["grid"].get(n) == RULES[n])}
 
 
 def run_validation_users(run) -> list[ValidationUser]:
@@ -245,32 +263,38 @@ def calibrate(run, scored: dict | None = None) -> dict:
     s = run.config.calibration
     rules, left_out = candidates(run.config)
     task = run.data.task
+    likelihood = s.statistic == "likelihood"
+    field = "losses" if likelihood else "predictions"
     t0 = time.perf_counter()
     users = run_validation_users(run)
     if not users:  # no evidence: the pool declines, and says why and what to do
         reason = ("no validation users: every sharer candidate is a sharer or has under 2 history items; lower "
                   "n_sharers, or fix the rule (e.g. --set key=activation)")
-        metric, higher = selection_metric(task)
+        metric, higher = ("loss", False) if likelihood else selection_metric(task)
         return {"chosen": "none", "declined": True, "reason": reason, "best": None, "tied_with_best": [],
                 "metric": metric, "higher_is_better": higher, "alpha": s.alpha, "candidates": {},
                 "rule": RULES["none"], "grid": {n: RULES[n] for n in rules}, "left_out": left_out,
                 "validation": {"users": [], "queries": 0, "heldout_items": {}},
                 "cost": {"seconds": time.perf_counter() - t0, "assembly_forwards": 0, "generations": 0, "reused": []},
-                "predictions": {}, "golds": {}}
+                field: {}, "golds": {}}
     model, tok = run.merged
     budget = answer_budget(task, tok)
     golds = {f"{u.user_id}#{i}": it.output for u in users for i, it in enumerate(u.heldout)}
-    preds: dict[str, dict[str, str]] = reusable(scored, rules, golds)
+    preds: dict[str, dict] = reusable(scored, rules, golds, field)
     reused, forwards, table_generations = sorted(preds), 0, 0
+    queries = {u.user_id: history_examples(task, tok, u.heldout, run.config.max_len) for u in users if likelihood}
 
-    def answer(m) -> dict[str, list[str]]:
-        return {u.user_id: generate(m, tok, _prompts(task, u.heldout), budget) for u in users}
+    def answer(m, u: ValidationUser) -> list:
+        """What the rule installed in `m` gives each of u's queries: its loss, or its parsed answer."""
+        if likelihood:
+            return output_losses(m, queries[u.user_id], tok.pad_token_id, run.config.assembly.batch_size)
+        return [task.parse_output(t) for t in generate(m, tok, _prompts(task, u.heldout), budget)]
 
-    def store(name: str, texts: dict[str, list[str]]) -> None:
-        preds[name] = {f"{u.user_id}#{i}": task.parse_output(t) for u in users for i, t in enumerate(texts[u.user_id])}
+    def store(name: str, out: dict[str, list]) -> None:
+        preds[name] = {f"{u.user_id}#{i}": x for u in users for i, x in enumerate(out[u.user_id])}
 
     if "none" not in preds:
-        store("none", answer(model))
+        store("none", {u.user_id: answer(model, u) for u in users})
     families: dict[tuple, list[str]] = {}  # rules that differ only in strength and pick_by_loss share one assembly
     for name in rules:
         if name not in preds:
@@ -286,7 +310,7 @@ def calibrate(run, scored: dict | None = None) -> dict:
             table = neighbour_table(run, users, shared)
             table_generations += 0 if built else len(golds) * len(table.sharers)
         assembler = Assembler.for_run(model, run.key_pool(rule.key), run.config, shared, table)
-        texts: dict[str, dict[str, list[str]]] = {n: {} for n in names}
+        measured: dict[str, dict[str, list]] = {n: {} for n in names}
         try:
             for u in tqdm(users, desc=f"calibrate: {', '.join(names)}"):
                 recipe = assembler.recipe(task, tok, u.context, u.profile, user=u.user_id)
@@ -300,12 +324,14 @@ def calibrate(run, scored: dict | None = None) -> dict:
                                                                 tok.pad_token_id, settings.pick_by_loss)
                         forwards += len(losses)
                     assembler.install_weights(chosen, settings.strength)
-                    texts[n][u.user_id] = generate(assembler.model, tok, _prompts(task, u.heldout), budget)
+                    measured[n][u.user_id] = answer(assembler.model, u)
         finally:
             assembler.unload()
         for n in names:
-            store(n, texts[n])
-    result = choose_rule(task, golds, {n: preds[n] for n in rules}, s.alpha, run.config.seed)
+            store(n, measured[n])
+    scored_now = len(golds) * (len(rules) - len(reused))  # answers or loss forwards this calibration made
+    result = (choose_by_loss if likelihood else partial(choose_rule, task, golds))(
+        {n: preds[n] for n in rules}, s.alpha, run.config.seed)
     result.update(rule=RULES[result["chosen"]], grid={n: RULES[n] for n in rules}, left_out=left_out,
                   validation={"users": [u.user_id for u in users], "queries": len(golds),
                               "heldout_items": {u.user_id: len(u.heldout) for u in users},
@@ -314,7 +340,8 @@ def calibrate(run, scored: dict | None = None) -> dict:
                               "target_history_items_mean": float(np.mean(
                                   [len(t.history) for t in run.users(run.split["targets"])]))},
                   cost={"seconds": time.perf_counter() - t0, "assembly_forwards": forwards,
-                        "generations": len(golds) * (len(rules) - len(reused)) + table_generations,
+                        "generations": (0 if likelihood else scored_now) + table_generations,
+                        **({"loss_forwards": scored_now} if likelihood else {}),
                         "reused": reused},
-                  predictions=preds, golds=golds)
+                  statistic=s.statistic, **{field: preds}, golds=golds)
     return result

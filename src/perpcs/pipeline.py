@@ -286,7 +286,7 @@ class Run(RunFolder):
                                    if k != self.config.key)
                 result["cost"]["other_key_pool_seconds"] = gate_seconds
                 write_json(self.pool_path / "calibration.json",
-                           {k: v for k, v in result.items() if k not in ("predictions", "golds")})
+                           {k: v for k, v in result.items() if k not in ("predictions", "losses", "golds")})
                 write_json(self.calibration_path, result)
                 self.record("calibrate", result["cost"])
         return read_json(self.calibration_path)

@@ -187,6 +187,11 @@ class CalibrationSettings(Settings):
                                                 "long users give as much evidence as many short ones")
     alpha: float = Field(0.05, gt=0, lt=1, description="a rule replaces the non-personalized model only if better "
                                                        "on the validation queries at this level (paired, Holm)")
+    statistic: Literal["metric", "likelihood"] = Field(
+        "metric", description="what each rule is scored and tested by on a validation query: metric, its answer "
+                              "by the task's selection metric (generates); likelihood, the loss of the query's own "
+                              "output under the rule's adapter (no generation: one forward per query, and a "
+                              "continuous score for the paired tests)")
 
     @field_validator("rules")
     @classmethod

@@ -169,7 +169,8 @@ def calibration_lines(cal: dict, gate_seconds: float | None = None) -> list[str]
              f"{v['queries']} of their newest history items: {verdict}. Selection by {metric} "
              f"({'higher' if cal['higher_is_better'] else 'lower'} is better); a rule must beat none, paired, "
              f"Holm-corrected p < {cal['alpha']}. Cost {cal['cost']['seconds']:.0f} s "
-             f"({cal['cost']['assembly_forwards']} assembly forwards, {cal['cost']['generations']} answers)"
+             f"({cal['cost']['assembly_forwards']} assembly forwards, {cal['cost']['generations']} answers"
+             + (f", {n} loss forwards" if (n := cal["cost"].get("loss_forwards")) else "") + ")"
              + (f", plus {gate_seconds:.0f} s of gate training for the rules with gate keys." if gate_seconds else ".")
              + (f" Carried over from an earlier calibration of this pool: {', '.join(r)}." if (
                  r := cal["cost"].get("reused")) else "")
@@ -183,7 +184,7 @@ def calibration_lines(cal: dict, gate_seconds: float | None = None) -> list[str]
         mark = f"**{name}**" if name == cal["chosen"] else name
         best = "best" if name == cal.get("best") else (_num(row["vs_best"]["p"]) if "vs_best" in row else "-")
         lines.append(f"| {mark} | " + " | ".join(f"{row['metrics'][k]:.4f}" for k in names)
-                     + f" | [{row['ci'][0]:.3f}, {row['ci'][1]:.3f}] | {row['answers']} | {cmp} | {best} |")
+                     + f" | [{row['ci'][0]:.3f}, {row['ci'][1]:.3f}] | {row.get('answers', '-')} | {cmp} | {best} |")
     return lines
 
 

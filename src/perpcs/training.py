@@ -142,13 +142,17 @@ def split_heldout(items: Sequence, settings: TrainSettings) -> tuple[list, list]
 
 
 @torch.no_grad()
-def heldout_loss(model, examples: Sequence[Example], pad_id: int, batch_size: int = 1) -> float:
-    """Mean over examples of each one's output-token loss (no gradient, dropout off), `batch_size` per forward."""
+def output_losses(model, examples: Sequence[Example], pad_id: int, batch_size: int = 1) -> list[float]:
+    """Each example's mean output-token loss (no gradient, dropout off), `batch_size` per forward."""
     device = next(model.parameters()).device
     model.eval()
-    total = sum(example_losses(model, collate(examples[i : i + batch_size], pad_id, device)).sum().item()
-                for i in range(0, len(examples), batch_size))
-    return total / len(examples)
+    return [x for i in range(0, len(examples), batch_size)
+            for x in example_losses(model, collate(examples[i : i + batch_size], pad_id, device)).tolist()]
+
+
+def heldout_loss(model, examples: Sequence[Example], pad_id: int, batch_size: int = 1) -> float:
+    """Mean over examples of each one's output-token loss (`output_losses`)."""
+    return sum(output_losses(model, examples, pad_id, batch_size)) / len(examples)
 
 
 def train(model, params: list[torch.nn.Parameter], examples: Sequence[Example], settings: TrainSettings,
