@@ -499,6 +499,23 @@ def test_assembler_installs_cat_mix_of_chosen_pieces(tmp_path, tokenizer):
     asm.unload()
 
 
+def test_a_recipe_naming_more_sharers_than_top_k_installs_as_apply_recipe_builds_it(tmp_path, tokenizer):
+    """A recipe averages its history batches' picks: top-1 over 3 batches can name 3 sharers at a position. The
+    working LoRA must hold them (it once had rank r * top_k, and calibration's act-cat-k64 crashed), and
+    installing the recipe must give the model a target gets from it."""
+    pool = make_pool(tmp_path / "pool", {u: random_pieces(i) for i, u in enumerate(USERS)})
+    asm = Assembler(tiny_llama(), pool, AssemblySettings(top_k=1, mix="cat", batch_size=2, recent_k=6))
+    recipe = asm.recipe(TASK, tokenizer, HISTORY)
+    assert max(len(chosen) for chosen in recipe.pieces.values()) > 1  # the case this is about
+    asm.install_weights({p: dict(c) for p, c in recipe.pieces.items()}, recipe.strength)
+    ids = collate(history_examples(TASK, tokenizer, HISTORY[:2]), tokenizer.pad_token_id)
+    inputs = {"input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"]}
+    with torch.no_grad():
+        installed = asm.model(**inputs).logits
+        built = apply_recipe(tiny_llama(), recipe, pool)(**inputs).logits
+    assert torch.allclose(installed, built, atol=1e-5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_sampled_assembly_on_cuda_matches_cpu(tmp_path, tokenizer):
     pool = make_pool(tmp_path / "pool", {u: random_pieces(i) for i, u in enumerate(USERS)})
