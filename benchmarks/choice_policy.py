@@ -20,7 +20,7 @@ And, with `--probe LABEL`, two more: the choice of a calibration run again on th
 (`benchmarks/calibration_power.py`, e.g. more validation queries), over all its rules and over the default grid's
 only, for the sets it covered at every seed.
 
-    python benchmarks/choice_policy.py [--probe grid-q384]   # results/evidence/choice-policy.{md,json}
+    python benchmarks/choice_policy.py [--probe grid-q384] [--out NAME]   # results/evidence/NAME.{md,json}
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ def policy_set(pooled: dict[str, dict[str, float]], runs: list[dict], probes: li
     vs_oppu = st["oppu"]["vs"]["non_personalized"] if "oppu" in st else None
     out["oppu_beats_np"] = bool(vs_oppu and (vs_oppu["diff"] > 0) == higher and vs_oppu["p"] < 0.05)
     out["policies"] = {p: {"mean": st[p]["mean"], "n": st[p]["n"], "vs_np": st[p]["vs"]["non_personalized"],
+                           "vs_calibrated": paired(scores[p], scores["calibrated"], higher),
                            "gain_share": st[p]["gain_share"]} for p in policies}
     return out
 
@@ -114,6 +115,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--probe", help="a label of benchmarks/results/calibration-power.json: its choices as policies")
     ap.add_argument("--probes", type=Path, default=ROOT / "results" / "calibration-power.json")
+    ap.add_argument("--out", default="choice-policy", help="the results' name: results/evidence/OUT.{md,json}")
     ap.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), metavar="N",
                     help="validation queries per seed at which the power is estimated")
     a = ap.parse_args()
@@ -138,14 +140,16 @@ def main() -> None:
              "`targets' best` is an oracle: the most any choice of this grid could give."
              + (f" `probe`: calibration's choice with the settings `{a.probe}` of calibration-power.json; `probe, "
                 "default grid`: its choice among the default grid's rules only." if a.probe else ""), "",
-             "| set | policy | rules picked per seed | mean | vs NP | share of OPPU's gain |",
-             "|---|---|---|---|---|---|"]
+             "| set | policy | rules picked per seed | mean | vs NP | vs calibrated | share of OPPU's gain |",
+             "|---|---|---|---|---|---|---|"]
     for name, s in sets.items():
         for policy, r in s["policies"].items():
             share = "-" if r["gain_share"] is None else f"{r['gain_share'] + 0:.0%}"
-            vs = r["vs_np"]
+            vs, cal = r["vs_np"], r["vs_calibrated"]
             lines.append(f"| {name} | {policy} | {', '.join(s['picks'][policy])} | {r['mean']:.3f} | "
-                         f"{vs['diff']:+.3f} (p={vs['p']:.2g}) | {share} |")
+                         f"{vs['diff']:+.3f} (p={vs['p']:.2g}) | "
+                         + ("" if policy == "calibrated" else f"{cal['diff']:+.3f} (p={cal['p']:.2g})")
+                         + f" | {share} |")
     suite = [s for n, s in sets.items() if n not in POOL_CHECKS and s["oppu_beats_np"]]
     shares = {p: [s["policies"][p]["gain_share"] for s in suite] for p in POLICIES}
     lines += ["", "Mean share of OPPU's gain over the suite's sets where OPPU beats NP significantly: "
@@ -168,10 +172,10 @@ def main() -> None:
         vs, used = pw["vs_np"], pw["validation_queries_used"]
         lines.append(f"| {name} | {pw['rule']} | {vs['wins']} / {vs['losses']} / {vs['ties']} (p={vs['p']:.2g}) | "
                      f"{cell(pw, used)} ({used}) | " + " | ".join(cell(pw, n) for n in a.sizes) + " |")
-    write_json(RESULTS / "choice-policy.json", {"sets": sets, "power": powers})
-    write_text(RESULTS / "choice-policy.md", "\n".join(lines) + "\n")
+    write_json(RESULTS / f"{a.out}.json", {"sets": sets, "power": powers})
+    write_text(RESULTS / f"{a.out}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"wrote {RESULTS / 'choice-policy.md'} and {RESULTS / 'choice-policy.json'}")
+    print(f"wrote {RESULTS / (a.out + '.md')} and {RESULTS / (a.out + '.json')}")
 
 
 if __name__ == "__main__":
