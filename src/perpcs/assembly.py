@@ -140,11 +140,10 @@ class _Done(Exception):
 class Assembler:
     """Assembles recipes for target users from one pool on a merged (task-adapted) model.
 
-    The model is wrapped in place with a working LoRA on the pool's positions, of rank r
-    (linear) or r times the most pieces one position can take (cat: top-k per history batch, since
-    the recipe averages the batches' picks; with strength "auto" all of a position's candidates);
-    `unload()` gives it back. History examples are formatted with `max_len` and `retrieval_copies`
-    (a run's: `for_run`); `seed` seeds select="sample".
+    The model is wrapped in place with a working LoRA on the pool's positions, of rank r (linear) or r times
+    the most pieces one position can take (cat: top-k per history batch, since the recipe averages the
+    batches' picks; with strength "auto" all of a position's candidates); `unload()` gives it back. History
+    examples are formatted with `max_len` and `retrieval_copies` (a run's: `for_run`); `seed` seeds "sample".
     """
 
     def __init__(self, model, pool, settings: AssemblySettings, max_len: int = 256, retrieval_copies: bool = False,
@@ -153,14 +152,12 @@ class Assembler:
 
         self.pool, self.settings, self.neighbours = pool, settings, neighbours
         self.max_len, self.retrieval_copies, self.seed = max_len, retrieval_copies, seed
-        every = settings.select in ("topp", "all") or settings.strength == "auto"
         candidates = max(len(pool.candidates(p)) for p in pool.positions)
         # a recipe averages its history batches' picks, so it can name top_k sharers per batch at a position
         batches = -(-settings.recent_k * (2 if retrieval_copies else 1) // settings.batch_size)
-        per_batch = settings.top_k * (batches if settings.select in ("topk", "sample") else 1)
-        most = candidates if every else min(candidates, per_batch)
-        r = int(pool.lora_config["r"])
-        rank = r if settings.mix == "linear" else r * most
+        most = (candidates if settings.select in ("topp", "all") or settings.strength == "auto" else
+                min(candidates, settings.top_k * (batches if settings.select in ("topk", "sample") else 1)))
+        rank = int(pool.lora_config["r"]) * (1 if settings.mix == "linear" else most)
         self.model = get_peft_model(model, inference_config(pool.lora_config, rank)).eval()
         self.layers = lora_layers(self.model)
         missing = set(pool.positions) - set(self.layers)
