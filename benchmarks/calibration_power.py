@@ -21,7 +21,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from perpcs.calibration import choose_by_loss, choose_rule
+from perpcs.calibration import MEASURED, choose
 from perpcs.pipeline import Run
 from perpcs.rules import GRID
 from perpcs.utils import read_json, write_json
@@ -38,10 +38,9 @@ def probe(src: Path, folder: Path, calibration: dict, kept: Path) -> dict:
     bench = read_json(kept / "results.json") if (kept / "results.json").exists() else {"methods": {}}
     metric = bench["primary_metric"]["name"] if cal["metric"] == "loss" else cal["metric"]  # the targets have no loss
     targets = {"none" if n == "non_personalized" else n: r["metrics"].get(metric) for n, r in bench["methods"].items()}
-    field = "losses" if cal.get("statistic") == "likelihood" else "predictions"
-    in_grid = {n: p for n, p in cal[field].items() if n in GRID}  # dict order: simpler rules first
-    grid_choice = (choose_by_loss(in_grid, cal["alpha"], run.config.seed) if field == "losses"
-                   else choose_rule(run.data.task, cal["golds"], in_grid, cal["alpha"], run.config.seed))
+    statistic = cal.get("statistic", "metric")  # calibrations before the setting scored answers
+    in_grid = {n: p for n, p in cal[MEASURED[statistic]].items() if n in GRID}  # dict order: simpler rules first
+    grid_choice = choose(run.data.task, cal["golds"], in_grid, statistic, cal["alpha"], run.config.seed)
     return {"queries": cal["validation"]["queries"], "users": len(cal["validation"]["users"]),
             "context_items_mean": cal["validation"]["context_items_mean"],
             "chosen": cal["chosen"], "best": cal["best"], "tied_with_best": cal["tied_with_best"],

@@ -31,7 +31,6 @@ and the settings are in `rules` (`GRID`, `RULES`) and `settings` (`CalibrationSe
 from __future__ import annotations
 
 import time
-from functools import partial
 
 import numpy as np
 import torch
@@ -126,11 +125,14 @@ def comparer(task: Task, golds: dict[str, str], preds: dict[str, dict[str, str]]
     bootstrap for classification, else the sign test on per-query scores)."""
     metric, higher = selection_metric(task, macro_f1)
     scores = {name: per_query(task, golds, p) for name, p in preds.items()}
+    if metric != "f1":
+        return _sign_test(scores, higher, seed), scores
+    return (lambda a, b: _f1_paired(task, golds, preds[a], preds[b], seed)), scores
 
-    def compare(a: str, b: str) -> dict:
-        return (_f1_paired(task, golds, preds[a], preds[b], seed) if metric == "f1"
-                else {**paired(scores[a], scores[b], higher, seed), "test": "sign test"})
-    return compare, scores
+
+def _sign_test(scores: dict[str, dict[str, float]], higher: bool, seed: int):
+    """compare(a, b): the bench's sign test of rule a against rule b on their per-query scores."""
+    return lambda a, b: {**paired(scores[a], scores[b], higher, seed), "test": "sign test"}
 
 
 def choose_rule(task: Task, golds: dict[str, str], preds: dict[str, dict[str, str]], alpha: float,
@@ -150,10 +152,19 @@ def choose_by_loss(losses: dict[str, dict[str, float]], alpha: float, seed: int 
     "likelihood"): the same tests and tie rule, on a continuous score, so the sign test rarely sees a tie."""
     table = {name: {"metrics": {"loss": float(np.mean(list(q.values()))), "n": len(q)},
                     "ci": list(bootstrap_ci(q.values(), seed))} for name, q in losses.items()}
+    return _choose(table, _sign_test(losses, False, seed), "loss", False, alpha)
 
-    def compare(a: str, b: str) -> dict:
-        return {**paired(losses[a], losses[b], False, seed), "test": "sign test"}
-    return _choose(table, compare, "loss", False, alpha)
+
+# What a calibration keeps per rule and validation query, by `calibration.statistic`: answers, or losses.
+MEASURED = {"metric": "predictions", "likelihood": "losses"}
+
+
+def choose(task: Task, golds: dict[str, str], measured: dict[str, dict], statistic: str, alpha: float,
+           seed: int = 0) -> dict:
+    """The choice from every rule's answers (`choose_rule`) or losses (`choose_by_loss`), as `statistic` says."""
+    if statistic == "likelihood":
+        return choose_by_loss(measured, alpha, seed)
+    return choose_rule(task, golds, measured, alpha, seed)
 
 
 def _choose(table: dict[str, dict], compare, metric: str, higher: bool, alpha: float) -> dict:
@@ -263,8 +274,7 @@ def calibrate(run, scored: dict | None = None) -> dict:
     s = run.config.calibration
     rules, left_out = candidates(run.config)
     task = run.data.task
-    likelihood = s.statistic == "likelihood"
-    field = "losses" if likelihood else "predictions"
+    likelihood, field = s.statistic == "likelihood", MEASURED[s.statistic]
     t0 = time.perf_counter()
     users = run_validation_users(run)
     if not users:  # no evidence: the pool declines, and says why and what to do
@@ -330,8 +340,7 @@ def calibrate(run, scored: dict | None = None) -> dict:
         for n in names:
             store(n, measured[n])
     scored_now = len(golds) * (len(rules) - len(reused))  # answers or loss forwards this calibration made
-    result = (choose_by_loss if likelihood else partial(choose_rule, task, golds))(
-        {n: preds[n] for n in rules}, s.alpha, run.config.seed)
+    result = choose(task, golds, {n: preds[n] for n in rules}, s.statistic, s.alpha, run.config.seed)
     result.update(rule=RULES[result["chosen"]], grid={n: RULES[n] for n in rules}, left_out=left_out,
                   validation={"users": [u.user_id for u in users], "queries": len(golds),
                               "heldout_items": {u.user_id: len(u.heldout) for u in users},
