@@ -71,6 +71,14 @@ def test_every_numeric_setting_has_a_constraint():
             build_config("d", overrides=[f"assembly.strengths={value}"])
 
 
+def test_a_list_setting_given_as_commas_is_refused_with_its_json_form():
+    with pytest.raises(InputError, match=r'--set calibration\.rules=act-cat,paper: Input should be a valid list '
+                                         r'\(a list is written in JSON: \["act-cat","paper"\]\)'):
+        build_config("d", overrides=["calibration.rules=act-cat,paper"])
+    assert build_config("d", overrides=['calibration.rules=["act-cat","paper"]']).calibration.rules == [
+        "none", "act-cat", "paper"]
+
+
 @pytest.fixture
 def no_training(monkeypatch):
     def trained(*a, **k):

@@ -81,6 +81,8 @@ def setting_errors(e: ValidationError, origins: list[tuple[str, Any]], written: 
                 name = ".".join(loc[:n])  # given here, or a value where a union's branch failed (strength.float)
                 where = {"--set": f"--set {written.get(name, f'{name}={json.dumps(value)}')}",
                          "flags": f"{FLAGS.get(name, name)} {value}"}.get(how, f"{how}: field '{name}'")
+                if err["type"] == "list_type" and isinstance(value, str):  # `--set x=a,b` reads as text
+                    msg += f" (a list is written in JSON: {json.dumps(value.split(','), separators=(',', ':'))})"
                 break
         parts.setdefault(where, []).append(msg)
     return InputError("; ".join(f"{where}: {' or '.join(msgs)}" for where, msgs in parts.items()))
