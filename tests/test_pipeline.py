@@ -315,6 +315,8 @@ def test_parse_variants():
 
     assert parse_variants(["act:key=activation,assembly.mix=cat", "k5:assembly.top_k=5"]) == \
         {"act": {"key": "activation", "assembly": {"mix": "cat"}}, "k5": {"assembly": {"top_k": 5}}}
+    assert parse_variants(['two:calibration.rules=["act-cat","paper"],assembly.strengths=[0.5,1],seed=3']) == \
+        {"two": {"calibration": {"rules": ["act-cat", "paper"]}, "assembly": {"strengths": [0.5, 1]}, "seed": 3}}
     for bad in ("act", "act:", ":key=gate"):
         with pytest.raises(ValueError, match="expected NAME:KEY=VALUE"):
             parse_variants([bad])

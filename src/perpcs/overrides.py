@@ -5,6 +5,7 @@ layered into one validated `RunConfig`; a refused value is named as the user wro
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +45,14 @@ def parse_overrides(pairs: list[str], what: str = "--set") -> dict:
 
 
 def parse_variants(specs: list[str]) -> dict[str, dict]:
-    """'NAME:KEY=VALUE,KEY=VALUE' -> {NAME: nested settings}, e.g. 'act:key=activation,assembly.mix=cat'."""
+    """'NAME:KEY=VALUE,KEY=VALUE' -> {NAME: nested settings}, e.g. 'act:key=activation,assembly.mix=cat'. A pair
+    starts only at a comma followed by KEY=, so a JSON list value keeps its commas ('x:calibration.rules=["a","b"]')."""
     out = {}
     for spec in specs:
         name, sep, pairs = spec.partition(":")
         if not sep or not name or not pairs:
             raise InputError(f"--variant {spec!r}: expected NAME:KEY=VALUE[,KEY=VALUE...]")
-        out[name] = parse_overrides(pairs.split(","), f"--variant {name}:")
+        out[name] = parse_overrides(re.split(r",(?=[A-Za-z_][\w.]*=)", pairs), f"--variant {name}:")
     return out
 
 
