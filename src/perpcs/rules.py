@@ -54,10 +54,11 @@ RULES: dict[str, dict] = {
 # `task-whole` and `task-whole3` pick whole sharers by those sums: better than the calibrated default on the demo,
 # significantly worse on Last.fm, where the targets need many sharers mixed, so by the rule fixed before they ran
 # they are not default candidates. `act-cat-k64` (4x the items) led `act-cat` on the suite's demo cells, where it was
-# proposed, but not on fresh demo seeds, so the budget stays 16. `nbr-whole` led the calibrated default on the
-# demo but was significantly worse on StudEmo, so by the rule written before its first cell (benchmarks/README.md,
-# "Neighbour quality") it is not a default candidate; as a candidate calibration never chose it (tied with `act-cat`
-# where it led) and it moved Last.fm seed 0's choice to a worse rule. `nbr-whole3` failed its first test.
+# proposed, but not on fresh demo seeds (6 or 12 sharers), so the budget stays 16. `nbr-whole` led the calibrated
+# default on the demo but was significantly worse on StudEmo, so by the rule written before its first cell
+# (benchmarks/README.md, "Neighbour quality") it is not a default candidate; as a candidate calibration never chose it
+# (tied with `act-cat` where it led) and it moved Last.fm seed 0's choice to a worse rule. `nbr-whole3` failed its
+# first test.
 OPT_IN = ("task-cat", "task-whole", "task-whole3", "act-cat-k64", "nbr-whole", "nbr-whole3", "act-loss3")
 # Calibration's default candidates: every rule but the opt-in ones, in the same order.
 GRID: dict[str, dict] = {n: r for n, r in RULES.items() if n not in OPT_IN}
