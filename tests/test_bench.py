@@ -290,6 +290,52 @@ def test_alternating_costs_in_results(benched, tmp_path):
     assert f"History budget of assembly: the {a['history_budget']['recent_k']} newest items." in md
 
 
+def test_an_interrupted_bench_resumes_at_its_rows(benched, tmp_path, monkeypatch):
+    """A bench into a folder that holds finished rows generates nothing for them (nor times costs again), and
+    its results equal the first bench's; a row runs again when its answers are gone or a setting it depends on
+    changed, and a kept row that is not one is refused by name."""
+    import shutil
+
+    import perpcs.bench as bench_module
+    from perpcs.errors import InputError
+
+    out, run = benched
+    shutil.copytree(out, tmp_path / "b", symlinks=True)
+    out = tmp_path / "b"
+    first = read_json(out / "results.json")
+    generated = []
+    real_generate = bench_module.generate
+
+    def counting(model, tok, prompts, *args):
+        generated.append(len(prompts))
+        return real_generate(model, tok, prompts, *args)
+
+    def no_costs(*args, **kwargs):
+        raise AssertionError("costs were kept: nothing to time again")
+
+    monkeypatch.setattr(bench_module, "generate", counting)
+    monkeypatch.setattr(bench_module, "alternating_costs", no_costs)
+    config = run.config.model_copy(update={"data_sha256": None})
+    again = bench(config.data, out, config, BenchSettings(variants=VARIANTS))
+    assert generated == []
+    assert again["methods"] == first["methods"] and again["alternating_costs"] == first["alternating_costs"]
+    assert sorted(p.stem for p in (out / "rows").glob("*.json")) == sorted([*ROWS, "costs"])
+
+    (out / "preds" / "rag.json").unlink()  # its answers are gone: the row runs again, the others stay kept
+    b = Bench(Run(out / "run"), BenchSettings(), out)
+    r = b.evaluate({"rag": "rag", "non_personalized": "non_personalized"})
+    assert generated == [2, 2]  # rag's two targets, two queries each; non_personalized kept
+    assert r["non_personalized"] == first["methods"]["non_personalized"]
+    assert r["rag"]["metrics"] == first["methods"]["rag"]["metrics"]  # same seed, same answers
+    generated.clear()
+    Bench(Run(out / "run"), BenchSettings(gen_batch_size=1), out).evaluate({"non_personalized": "non_personalized"})
+    assert generated == [2, 2]  # a setting that reaches the row changed: it ran again
+
+    (out / "rows" / "non_personalized.json").write_text("[]")
+    with pytest.raises(InputError, match="rows/non_personalized.json: not a row this bench kept"):
+        b.evaluate({"non_personalized": "non_personalized"})
+
+
 # --- the method registry ---
 
 

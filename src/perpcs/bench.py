@@ -3,7 +3,8 @@
 Splits users (targets: the most active), runs the pipeline, personalises every target user with
 every method, generates greedy answers to their queries, scores them, and writes
 OUT/results.json, OUT/results.md (the table to read first, with CIs and paired comparisons: see
-`stats`), OUT/results.png, OUT/selection.png (see `report`) and OUT/preds/<method>.json.
+`stats`), OUT/results.png, OUT/selection.png (see `report`) and OUT/preds/<method>.json. A bench into
+the same folder resumes: the pipeline's finished steps and the finished rows (OUT/rows, see `resume`) are reused.
 Seconds are `time.perf_counter` around the personalisation work only (model loading is reported
 separately); bytes are what must be stored for that user.
 """
@@ -32,6 +33,7 @@ from perpcs.pipeline import Run
 from perpcs.recipe import Recipe
 from perpcs.report import bench_statistics, results_plot, selection_plot
 from perpcs.results import BenchResults
+from perpcs.resume import keep, kept
 from perpcs.retrieval import prompts
 from perpcs.rules import with_rule_fixed
 from perpcs.runfolder import RunFolder
@@ -80,9 +82,15 @@ class Bench:
         results = {}
         for name, row in rows.items():
             cls, _ = method_of(row)
+            users = targets[: self.settings.oppu_targets] if cls.trains_per_target else targets
+            key = self.row_key(row, users)
+            kept_at, preds_at = self.out / "rows" / f"{name}.json", self.out / "preds" / f"{name}.json"
+            if (done := kept(kept_at, key, preds_at, set(key["queries"]))) is not None:
+                print(f"bench: {name}: kept from {kept_at}", flush=True)
+                results[name] = done
+                continue
             self.ctx.prepare(cls.needs)
             preds, seconds, nbytes, answers = {}, [], [], []
-            users = targets[: self.settings.oppu_targets] if cls.trains_per_target else targets
             for user in tqdm(users, desc=f"bench: {name}"):
                 with self.personalize(row, user) as p:
                     texts = generate(p.model, self.tok, prompts(task, user, p.rag_k), self.budget,
@@ -91,12 +99,19 @@ class Bench:
                 preds.update({q.id: task.parse_output(t) for q, t in zip(user.queries, texts)})
                 seconds.append(p.seconds)
                 nbytes.append(p.nbytes)
-            write_lamp_outputs(self.out / "preds" / f"{name}.json", task.name, preds)
+            write_lamp_outputs(preds_at, task.name, preds)
             results[name] = {"metrics": score(task, {q: golds[q] for q in preds}, preds),
                              "personalize_seconds_per_user": statistics.mean(seconds),
                              "bytes_per_user": statistics.mean(nbytes),
                              "cut_short": cut_short(task, answers, self.tok, self.budget)}
+            keep(kept_at, key, results[name])
         return results
+
+    def row_key(self, row: str, users: list[User]) -> dict:
+        """Everything a row's answers depend on, so that a resumed bench reuses a row only when nothing changed."""
+        return {"row": row, "run": self.run.config.model_dump(mode="json"), "task_model": self.run.merged_fingerprint,
+                "bench": self.settings.model_dump(mode="json", exclude={"methods", "variants", "cost_targets"}),
+                "users": [u.user_id for u in users], "queries": [q.id for u in users for q in u.queries]}
 
 
 def group_diagnostics(run: RunFolder, groups: dict[str, int], recipes: dict[str, Recipe] | None = None) -> dict:
@@ -118,7 +133,7 @@ def group_diagnostics(run: RunFolder, groups: dict[str, int], recipes: dict[str,
 
 
 # What a bench writes into its output folder (and finds there when it resumes); `perpcs demo` adds its data
-OUTPUTS = {"run", "variants", "preds", "prime", "golds.json", "results.json", "results.md", "results.png",
+OUTPUTS = {"run", "variants", "preds", "rows", "prime", "golds.json", "results.json", "results.md", "results.png",
            "selection.png", "selection-*.png", "data"}
 BUDGET_KEYS = ("steps", "epochs", "best_epoch", "stopped_early", "val_losses", "seconds")
 
@@ -148,9 +163,12 @@ def bench(data: str | Path, out: str | Path, config: RunConfig, settings: BenchS
     b = Bench(run, settings, out)
     load_seconds = time.perf_counter() - t0
     # first, so that the bench's OPPU reuses the adapters trained while timing (no target trains twice)
-    costs = (alternating_costs(run, run.split["targets"][:settings.cost_targets],
-                               oppu_dir=partial(oppu_dir, run, history_k=settings.history_k))
-             if settings.cost_targets else None)
+    timed = run.split["targets"][:settings.cost_targets]
+    costs_key = {"run": run.config.model_dump(mode="json"), "users": timed, "history_k": settings.history_k}
+    costs = kept(out / "rows" / "costs.json", costs_key) if timed else None
+    if timed and costs is None:
+        costs = alternating_costs(run, timed, oppu_dir=partial(oppu_dir, run, history_k=settings.history_k))
+        keep(out / "rows" / "costs.json", costs_key, costs)
     methods = b.evaluate()
     stats = run.stats()
     name, higher = primary_metric(run.data.task)

@@ -1,0 +1,44 @@
+"""What a bench keeps between its runs, so that an interrupted bench resumes at the row it stopped at.
+
+The pipeline's steps already resume from the run folder; a bench's rows (a method's answers to every target's
+queries, with its costs) are the rest of its time, an hour or more on the real sets. Each finished row is kept
+in OUT/rows/<row>.json beside OUT/preds/<row>.json, with a key of everything its answers depend on (the
+run's settings, the task model, the bench settings that reach a row, the queries). A later bench into the same
+folder reuses a row only when its key is equal, and its answers are still there for exactly those queries;
+otherwise the row runs again. The alternating cost timings are kept the same way (OUT/rows/costs.json).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from perpcs.errors import InputError
+from perpcs.evaluation import read_lamp_outputs
+from perpcs.utils import read_json, write_json
+
+
+def kept(path: Path, key: dict, preds: Path | None = None, queries: set[str] | None = None) -> dict | None:
+    """The result kept at `path` under `key`, or None if there is none, its key differs, or (given `preds`)
+    its answers are gone or do not cover exactly `queries`."""
+    if not path.exists():
+        return None
+    saved = read_json(path)
+    if not isinstance(saved, dict) or not isinstance(saved.get("result"), dict) or "key" not in saved:
+        raise InputError(f"{path}: not a row this bench kept (no 'key' and 'result'); delete it to run the row again")
+    if saved["key"] != _plain(key):
+        return None
+    if preds is not None:
+        if not preds.exists() or set(read_lamp_outputs(preds)[1]) != queries:
+            return None
+    return saved["result"]
+
+
+def keep(path: Path, key: dict, result: dict) -> None:
+    """Keep a finished row's (or the costs') result under its key; written whole or not at all."""
+    write_json(path, {"key": _plain(key), "result": result})
+
+
+def _plain(key: dict) -> dict:
+    """The key as it reads back from JSON (tuples become lists, keys text), so that equal keys compare equal."""
+    return json.loads(json.dumps(key))
