@@ -292,8 +292,8 @@ def test_alternating_costs_in_results(benched, tmp_path):
 
 def test_an_interrupted_bench_resumes_at_its_rows(benched, tmp_path, monkeypatch):
     """A bench into a folder that holds finished rows generates nothing for them (nor times costs again), and
-    its results equal the first bench's; a row runs again when its answers are gone or a setting it depends on
-    changed, and a kept row that is not one is refused by name."""
+    its results equal the first bench's; a row runs again when its answers are gone or not those it wrote, or a
+    setting it depends on changed; a kept row that is not one is refused by name."""
     import shutil
 
     import perpcs.bench as bench_module
@@ -321,12 +321,15 @@ def test_an_interrupted_bench_resumes_at_its_rows(benched, tmp_path, monkeypatch
     assert again["methods"] == first["methods"] and again["alternating_costs"] == first["alternating_costs"]
     assert sorted(p.stem for p in (out / "rows").glob("*.json")) == sorted([*ROWS, "costs"])
 
-    (out / "preds" / "rag.json").unlink()  # its answers are gone: the row runs again, the others stay kept
+    (out / "preds" / "rag.json").unlink()  # its answers are gone
+    edited = out / "preds" / "oppu.json"  # answers that are not the ones it wrote
+    edited.write_text(edited.read_text().replace('"output": "', '"output": "x', 1))
     b = Bench(Run(out / "run"), BenchSettings(), out)
-    r = b.evaluate({"rag": "rag", "non_personalized": "non_personalized"})
-    assert generated == [2, 2]  # rag's two targets, two queries each; non_personalized kept
+    r = b.evaluate({m: m for m in ("rag", "oppu", "non_personalized")})
+    assert generated == [2, 2, 2, 2]  # rag and oppu ran again (two targets, two queries each); NP was kept
     assert r["non_personalized"] == first["methods"]["non_personalized"]
-    assert r["rag"]["metrics"] == first["methods"]["rag"]["metrics"]  # same seed, same answers
+    for m in ("rag", "oppu"):  # same seed, same answers
+        assert r[m]["metrics"] == first["methods"][m]["metrics"]
     generated.clear()
     Bench(Run(out / "run"), BenchSettings(gen_batch_size=1), out).evaluate({"non_personalized": "non_personalized"})
     assert generated == [2, 2]  # a setting that reaches the row changed: it ran again

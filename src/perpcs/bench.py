@@ -85,7 +85,7 @@ class Bench:
             users = targets[: self.settings.oppu_targets] if cls.trains_per_target else targets
             key = self.row_key(row, users)
             kept_at, preds_at = self.out / "rows" / f"{name}.json", self.out / "preds" / f"{name}.json"
-            if (done := kept(kept_at, key, preds_at, set(key["queries"]))) is not None:
+            if (done := kept(kept_at, key, preds_at)) is not None:
                 print(f"bench: {name}: kept from {kept_at}", flush=True)
                 results[name] = done
                 continue
@@ -104,7 +104,7 @@ class Bench:
                              "personalize_seconds_per_user": statistics.mean(seconds),
                              "bytes_per_user": statistics.mean(nbytes),
                              "cut_short": cut_short(task, answers, self.tok, self.budget)}
-            keep(kept_at, key, results[name])
+            keep(kept_at, key, results[name], preds_at)
         return results
 
     def row_key(self, row: str, users: list[User]) -> dict:

@@ -2,10 +2,10 @@
 
 The pipeline's steps already resume from the run folder; a bench's rows (a method's answers to every target's
 queries, with its costs) are the rest of its time, an hour or more on the real sets. Each finished row is kept
-in OUT/rows/<row>.json beside OUT/preds/<row>.json, with a key of everything its answers depend on (the
-run's settings, the task model, the bench settings that reach a row, the queries). A later bench into the same
-folder reuses a row only when its key is equal, and its answers are still there for exactly those queries;
-otherwise the row runs again. The alternating cost timings are kept the same way (OUT/rows/costs.json).
+in OUT/rows/<row>.json with a key of everything its answers depend on (the run's settings, the task model, the
+bench settings that reach a row, the queries) and the hash of its answers, OUT/preds/<row>.json. A later bench
+into the same folder reuses a row only when its key is equal and its answers are those it wrote; otherwise the
+row runs again. The alternating cost timings are kept the same way (OUT/rows/costs.json).
 """
 
 from __future__ import annotations
@@ -14,13 +14,12 @@ import json
 from pathlib import Path
 
 from perpcs.errors import InputError
-from perpcs.evaluation import read_lamp_outputs
-from perpcs.utils import read_json, write_json
+from perpcs.utils import read_json, sha256_file, write_json
 
 
-def kept(path: Path, key: dict, preds: Path | None = None, queries: set[str] | None = None) -> dict | None:
+def kept(path: Path, key: dict, preds: Path | None = None) -> dict | None:
     """The result kept at `path` under `key`, or None if there is none, its key differs, or (given `preds`)
-    its answers are gone or do not cover exactly `queries`."""
+    the answers file is gone or is not the one the row wrote."""
     if not path.exists():
         return None
     saved = read_json(path)
@@ -28,15 +27,15 @@ def kept(path: Path, key: dict, preds: Path | None = None, queries: set[str] | N
         raise InputError(f"{path}: not a row this bench kept (no 'key' and 'result'); delete it to run the row again")
     if saved["key"] != _plain(key):
         return None
-    if preds is not None:
-        if not preds.exists() or set(read_lamp_outputs(preds)[1]) != queries:
-            return None
+    if preds is not None and (not preds.exists() or sha256_file(preds) != saved.get("preds_sha256")):
+        return None
     return saved["result"]
 
 
-def keep(path: Path, key: dict, result: dict) -> None:
-    """Keep a finished row's (or the costs') result under its key; written whole or not at all."""
-    write_json(path, {"key": _plain(key), "result": result})
+def keep(path: Path, key: dict, result: dict, preds: Path | None = None) -> None:
+    """Keep a finished row's (or the costs') result under its key, with its answers' hash; written whole or
+    not at all."""
+    write_json(path, {"key": _plain(key), "result": result, **({"preds_sha256": sha256_file(preds)} if preds else {})})
 
 
 def _plain(key: dict) -> dict:
