@@ -186,6 +186,9 @@ def test_cli_bench_quick(tiny_base, tiny_data, tmp_path, cli):
     assert r["config"]["calibration"]["enabled"] and "Calibration on" in (tmp_path / "results.md").read_text()
     assert set(r["mixing"]) == {"perpcs", "act"}
     assert not read_json(tmp_path / "variants" / "act" / "run" / "run.json")["calibration"]["enabled"]
+    rule = Run(tmp_path / "run").rule  # the calibrated row is kept under the rule calibration chose
+    assert rule != Run(tmp_path / "run").config, cal["chosen"]
+    assert read_json(tmp_path / "rows" / "perpcs.json")["key"]["run"] == rule.model_dump(mode="json")
 
 
 def test_cli_bench_bad_input_exits_2_before_any_work(tiny_base, tiny_data, tmp_path, cli):

@@ -108,8 +108,9 @@ class Bench:
         return results
 
     def row_key(self, row: str, users: list[User]) -> dict:
-        """Everything a row's answers depend on, so that a resumed bench reuses a row only when nothing changed."""
-        return {"row": row, "run": self.run.config.model_dump(mode="json"), "task_model": self.run.merged_fingerprint,
+        """Everything a row's answers depend on, so that a resumed bench reuses a row only when nothing changed
+        (`run`: the run's settings with the rule calibration chose, which a recalibrated run may change)."""
+        return {"row": row, "run": self.run.rule.model_dump(mode="json"), "task_model": self.run.merged_fingerprint,
                 "bench": self.settings.model_dump(mode="json", exclude={"methods", "variants", "cost_targets"}),
                 "users": [u.user_id for u in users], "queries": [q.id for u in users for q in u.queries]}
 
