@@ -1,6 +1,7 @@
 """The bench harness and `perpcs bench`, end to end on a tiny random Llama (numbers mean nothing; the
 accounting does)."""
 
+import json
 import statistics
 
 import pytest
@@ -334,10 +335,16 @@ def test_an_interrupted_bench_resumes_at_its_rows(benched, tmp_path, monkeypatch
     for m in ("rag", "oppu"):  # same seed, same answers
         assert r[m]["metrics"] == first["methods"][m]["metrics"]
     generated.clear()
-    Bench(Run(out / "run"), BenchSettings(gen_batch_size=1), out).evaluate({"non_personalized": "non_personalized"})
+    b = Bench(Run(out / "run"), BenchSettings(gen_batch_size=1), out)
+    b.evaluate({"non_personalized": "non_personalized"})
     assert generated == [2, 2]  # a setting that reaches the row changed: it ran again
 
-    (out / "rows" / "non_personalized.json").write_text("[]")
+    row = out / "rows" / "non_personalized.json"
+    saved = read_json(row)
+    row.write_text(json.dumps(saved | {"result": saved["result"] | {"cut_short": "none"}}))
+    with pytest.raises(InputError, match="rows/non_personalized.json: result: field 'cut_short'"):
+        b.evaluate({"non_personalized": "non_personalized"})
+    row.write_text("[]")
     with pytest.raises(InputError, match="rows/non_personalized.json: not a row this bench kept"):
         b.evaluate({"non_personalized": "non_personalized"})
 

@@ -32,7 +32,7 @@ from perpcs.mixing import mixing
 from perpcs.pipeline import Run
 from perpcs.recipe import Recipe
 from perpcs.report import bench_statistics, results_plot, selection_plot
-from perpcs.results import BenchResults
+from perpcs.results import AlternatingCosts, BenchResults, MethodResult
 from perpcs.resume import keep, kept
 from perpcs.retrieval import prompts
 from perpcs.rules import with_rule_fixed
@@ -85,7 +85,7 @@ class Bench:
             users = targets[: self.settings.oppu_targets] if cls.trains_per_target else targets
             key = self.row_key(row, users)
             kept_at, preds_at = self.out / "rows" / f"{name}.json", self.out / "preds" / f"{name}.json"
-            if (done := kept(kept_at, key, preds_at)) is not None:
+            if (done := kept(kept_at, key, MethodResult, preds_at)) is not None:
                 print(f"bench: {name}: kept from {kept_at}", flush=True)
                 results[name] = done
                 continue
@@ -166,7 +166,7 @@ def bench(data: str | Path, out: str | Path, config: RunConfig, settings: BenchS
     # first, so that the bench's OPPU reuses the adapters trained while timing (no target trains twice)
     timed = run.split["targets"][:settings.cost_targets]
     costs_key = {"run": run.config.model_dump(mode="json"), "users": timed, "history_k": settings.history_k}
-    costs = kept(out / "rows" / "costs.json", costs_key) if timed else None
+    costs = kept(out / "rows" / "costs.json", costs_key, AlternatingCosts) if timed else None
     if timed and costs is None:
         costs = alternating_costs(run, timed, oppu_dir=partial(oppu_dir, run, history_k=settings.history_k))
         keep(out / "rows" / "costs.json", costs_key, costs)

@@ -13,13 +13,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pydantic import BaseModel, ValidationError
+
+from perpcs.data import format_validation_error
 from perpcs.errors import InputError
 from perpcs.utils import read_json, sha256_file, write_json
 
 
-def kept(path: Path, key: dict, preds: Path | None = None) -> dict | None:
-    """The result kept at `path` under `key`, or None if there is none, its key differs, or (given `preds`)
-    the answers file is gone or is not the one the row wrote."""
+def kept(path: Path, key: dict, schema: type[BaseModel], preds: Path | None = None) -> dict | None:
+    """The result kept at `path` under `key`, checked against `schema` (results.json's own for that section),
+    or None if there is none, its key differs, or (given `preds`) the answers file is gone or is not the one
+    the row wrote."""
     if not path.exists():
         return None
     saved = read_json(path)
@@ -29,6 +33,10 @@ def kept(path: Path, key: dict, preds: Path | None = None) -> dict | None:
         return None
     if preds is not None and (not preds.exists() or sha256_file(preds) != saved.get("preds_sha256")):
         return None
+    try:
+        schema.model_validate(saved["result"])
+    except ValidationError as e:
+        raise InputError(f"{format_validation_error(f'{path}: result', e)}; delete it to run the row again") from None
     return saved["result"]
 
 
