@@ -167,7 +167,9 @@ def bench(data: str | Path, out: str | Path, config: RunConfig, settings: BenchS
     timed = run.split["targets"][:settings.cost_targets]
     costs_key = {"run": run.config.model_dump(mode="json"), "users": timed, "history_k": settings.history_k}
     costs = kept(out / "rows" / "costs.json", costs_key, AlternatingCosts) if timed else None
-    if timed and costs is None:
+    if costs is not None:
+        print(f"costs: kept from {out / 'rows' / 'costs.json'}", flush=True)
+    elif timed:
         costs = alternating_costs(run, timed, oppu_dir=partial(oppu_dir, run, history_k=settings.history_k))
         keep(out / "rows" / "costs.json", costs_key, costs)
     methods = b.evaluate()
