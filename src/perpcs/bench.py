@@ -165,7 +165,7 @@ def bench(data: str | Path, out: str | Path, config: RunConfig, settings: BenchS
     load_seconds = time.perf_counter() - t0
     # first, so that the bench's OPPU reuses the adapters trained while timing (no target trains twice)
     timed = run.split["targets"][:settings.cost_targets]
-    costs_key = {"run": run.config.model_dump(mode="json"), "users": timed, "history_k": settings.history_k}
+    costs_key = {"run": run.rule.model_dump(mode="json"), "users": timed, "history_k": settings.history_k}
     costs = kept(out / "rows" / "costs.json", costs_key, AlternatingCosts) if timed else None
     if costs is not None:
         print(f"costs: kept from {out / 'rows' / 'costs.json'}", flush=True)
