@@ -11,19 +11,8 @@ import argparse
 from pathlib import Path
 from statistics import mean
 
+from evidence import _pooled
 from perpcs.stats import paired
-from perpcs.utils import read_json
-
-
-def pooled(results: Path, name: str, seeds: list[int]) -> tuple[dict[str, dict[str, float]], bool]:
-    """Per-query scores of every row, keyed seed/query, and whether higher is better."""
-    rows: dict[str, dict[str, float]] = {}
-    for seed in seeds:
-        cell = results / f"{name}-seed{seed}"
-        for row, scores in read_json(cell / "scores.json").items():
-            rows.setdefault(row, {}).update({f"{seed}/{q}": v for q, v in scores.items()})
-    higher = read_json(results / f"{name}-seed{seeds[0]}" / "results.json")["primary_metric"]["higher_is_better"]
-    return rows, higher
 
 
 def line(label: str, a: dict[str, float], b: dict[str, float], higher: bool) -> str:
@@ -38,7 +27,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, nargs="+", required=True)
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results/evidence-fresh"))
     args = ap.parse_args(argv)
-    rows, higher = pooled(args.results, args.set, args.seeds)
+    first, rows = _pooled([args.results / f"{args.set}-seed{seed}" for seed in args.seeds])
+    higher = first["primary_metric"]["higher_is_better"]
     base = rows["non_personalized"]
     for row in rows:
         if row != "non_personalized":
