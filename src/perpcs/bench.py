@@ -166,12 +166,13 @@ def bench(data: str | Path, out: str | Path, config: RunConfig, settings: BenchS
     # first, so that the bench's OPPU reuses the adapters trained while timing (no target trains twice)
     timed = run.split["targets"][:settings.cost_targets]
     costs_key = {"run": run.rule.model_dump(mode="json"), "users": timed, "history_k": settings.history_k}
-    costs = kept(out / "rows" / "costs.json", costs_key, AlternatingCosts) if timed else None
+    costs_at = out / "rows" / "costs.json"
+    costs = kept(costs_at, costs_key, AlternatingCosts) if timed else None
     if costs is not None:
-        print(f"costs: kept from {out / 'rows' / 'costs.json'}", flush=True)
+        print(f"costs: kept from {costs_at}", flush=True)
     elif timed:
         costs = alternating_costs(run, timed, oppu_dir=partial(oppu_dir, run, history_k=settings.history_k))
-        keep(out / "rows" / "costs.json", costs_key, costs)
+        keep(costs_at, costs_key, costs)
     methods = b.evaluate()
     stats = run.stats()
     name, higher = primary_metric(run.data.task)
